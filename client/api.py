@@ -1,0 +1,165 @@
+"""`FHEClient(url).model(name).predict(X)`: keys, encryption, transport and decryption in one place.
+
+Private keys live only under the client's cache directory (default `~/.cache/fhe-bento`, or
+`FHE_BENTO_CLIENT_CACHE`), one folder per model `client_sha256`; nothing sent to the server holds
+plaintext or a private key.
+"""
+
+from __future__ import annotations
+
+import hashlib
+import os
+import threading
+from concurrent.futures import ThreadPoolExecutor
+from pathlib import Path
+from typing import Protocol
+
+import numpy as np
+from tqdm.auto import tqdm
+
+from client.http_transport import FHEServiceError, HTTPTransport
+
+
+class Transport(Protocol):
+    def get_model(self, name: str) -> dict: ...
+
+    def get_client_zip(self, name: str) -> tuple[bytes, str]: ...
+
+    def has_key(self, name: str, key_id: str) -> bool: ...
+
+    def put_key(self, name: str, key: bytes, on_progress) -> dict: ...
+
+    def predict_batch(self, name: str, key_id: str | None, rows: list[bytes]) -> list[bytes]: ...
+
+
+def default_cache_dir() -> Path:
+    return Path(os.environ.get("FHE_BENTO_CLIENT_CACHE", Path.home() / ".cache" / "fhe-bento"))
+
+
+class RemoteModel:
+    """One served model, as seen by a data owner holding its own keys."""
+
+    def __init__(
+        self, transport: Transport, name: str, cache_dir: Path, batch_size: int, concurrency: int, progress: bool
+    ) -> None:
+        from concrete.ml.deployment import FHEModelClient
+
+        self.transport = transport
+        self.name = name
+        self.info = transport.get_model(name)
+        self.batch_size = batch_size
+        self.concurrency = concurrency
+        self.progress = progress
+        folder = cache_dir / self.info["client_sha256"]
+        self._ensure_client_zip(folder)
+        self.fhe = FHEModelClient(str(folder), key_dir=str(folder / "keys"))
+        self._key_id: str | None = None
+        self._key_lock = threading.Lock()
+
+    def _ensure_client_zip(self, folder: Path) -> None:
+        expected = self.info["client_sha256"]
+        target = folder / "client.zip"
+        if target.is_file() and hashlib.sha256(target.read_bytes()).hexdigest() == expected:
+            return
+        data, header = self.transport.get_client_zip(self.name)
+        actual = hashlib.sha256(data).hexdigest()
+        if actual != expected or (header and header != expected):
+            raise FHEServiceError(0, "client_zip_mismatch", f"client.zip hashes to {actual}, expected {expected}")
+        folder.mkdir(parents=True, exist_ok=True)
+        tmp = folder / "client.zip.tmp"
+        tmp.write_bytes(data)
+        tmp.replace(target)
+
+    def evaluation_key(self) -> bytes:
+        """The serialized evaluation key, generated on first use and kept in the key cache folder."""
+        self.fhe.generate_private_and_evaluation_keys(force=False)
+        return self.fhe.get_serialized_evaluation_keys()
+
+    def ensure_key(self, force_upload: bool = False) -> str | None:
+        """Register the evaluation key unless the server has it; returns the key id (None if unneeded)."""
+        if not self.info["needs_key"]:
+            return None
+        with self._key_lock:
+            if self._key_id and not force_upload:
+                return self._key_id
+            key = self.evaluation_key()
+            key_id = hashlib.sha256(key).hexdigest()
+            if force_upload or not self.transport.has_key(self.name, key_id):
+                with tqdm(
+                    total=len(key), unit="B", unit_scale=True, desc=f"upload key {self.name}", disable=not self.progress
+                ) as bar:
+                    answer = self.transport.put_key(self.name, key, bar.update)
+                if answer["key_id"] != key_id:
+                    raise FHEServiceError(0, "key_id_mismatch", "the server computed another key id")
+            self._key_id = key_id
+            return key_id
+
+    def encrypt(self, x: np.ndarray) -> list[bytes]:
+        return [self.fhe.quantize_encrypt_serialize(row.reshape(1, -1)) for row in x]
+
+    def _run_batch(self, rows: list[bytes]) -> list[bytes]:
+        key_id = self.ensure_key()
+        try:
+            return self.transport.predict_batch(self.name, key_id, rows)
+        except FHEServiceError as exc:
+            if exc.code != "unknown_key":
+                raise
+            # Evicted or deleted on the server: upload once more and retry this batch once.
+            return self.transport.predict_batch(self.name, self.ensure_key(force_upload=True), rows)
+
+    def predict_proba(self, x: np.ndarray) -> np.ndarray:
+        x = np.asarray(x, dtype=np.float64)
+        if x.ndim != 2 or x.shape[1] != self.info["n_features"]:
+            raise ValueError(f"{self.name} takes rows of {self.info['n_features']} features, got shape {x.shape}")
+        self.ensure_key()
+        batches = [x[i : i + self.batch_size] for i in range(0, len(x), self.batch_size)]
+        with tqdm(total=len(x), unit="row", desc=f"predict {self.name}", disable=not self.progress) as bar:
+
+            def run(batch: np.ndarray) -> list[np.ndarray]:
+                answers = self._run_batch(self.encrypt(batch))
+                bar.update(len(batch))
+                return [np.asarray(self.fhe.deserialize_decrypt_dequantize(a)).reshape(-1) for a in answers]
+
+            with ThreadPoolExecutor(self.concurrency) as pool:
+                rows = [row for result in pool.map(run, batches) for row in result]
+        return np.vstack(rows)
+
+    def predict(self, x: np.ndarray) -> np.ndarray:
+        scores = self.predict_proba(x)
+        classes = self.info.get("classes")
+        if not classes:  # a regressor: the dequantized output is the prediction
+            return scores[:, 0] if scores.shape[1] == 1 else scores
+        return np.asarray(classes)[np.argmax(scores, axis=1)]
+
+
+class FHEClient:
+    """Entry point: `FHEClient("http://127.0.0.1:3000").model("breast-cancer-xgb").predict(X)`."""
+
+    def __init__(
+        self,
+        url: str | None = None,
+        *,
+        transport: Transport | None = None,
+        cache_dir: Path | str | None = None,
+        batch_size: int = 8,
+        concurrency: int = 4,
+        progress: bool = True,
+        timeout: float = 600.0,
+    ) -> None:
+        if transport is None:
+            if url is None:
+                raise ValueError("give a server url or a transport")
+            transport = HTTPTransport(url, timeout=timeout)
+        self.transport = transport
+        self.cache_dir = Path(cache_dir) if cache_dir else default_cache_dir()
+        self.batch_size = batch_size
+        self.concurrency = concurrency
+        self.progress = progress
+        self._models: dict[str, RemoteModel] = {}
+
+    def model(self, name: str) -> RemoteModel:
+        if name not in self._models:
+            self._models[name] = RemoteModel(
+                self.transport, name, self.cache_dir, self.batch_size, self.concurrency, self.progress
+            )
+        return self._models[name]

@@ -1,0 +1,81 @@
+"""The native HTTP API of an fhe-bento server, spoken with httpx. One method per route."""
+
+from __future__ import annotations
+
+from collections.abc import Callable, Iterator
+
+import httpx
+
+from service import wire
+
+KEY_ID_HEADER = "X-FHE-Key-Id"
+CLIENT_SHA_HEADER = "X-FHE-Client-SHA256"
+UPLOAD_CHUNK = 1 << 20
+
+
+class FHEServiceError(RuntimeError):
+    """An error answer of the service: HTTP status plus the JSON error code and message."""
+
+    def __init__(self, status: int, code: str, message: str) -> None:
+        super().__init__(f"{status} {code}: {message}")
+        self.status = status
+        self.code = code
+        self.message = message
+
+
+def _raise_for_error(response: httpx.Response) -> httpx.Response:
+    if response.status_code < 400:
+        return response
+    try:
+        error = response.json()["error"]
+        code, message = error["code"], error["message"]
+    except Exception:
+        code, message = "http_error", response.text[:200] or response.reason_phrase
+    raise FHEServiceError(response.status_code, code, message)
+
+
+class HTTPTransport:
+    def __init__(self, url: str, timeout: float = 600.0, client: httpx.Client | None = None) -> None:
+        self.url = url.rstrip("/")
+        self.http = client or httpx.Client(base_url=self.url, timeout=httpx.Timeout(timeout, connect=10.0))
+
+    def close(self) -> None:
+        self.http.close()
+
+    def list_models(self) -> list[dict]:
+        return _raise_for_error(self.http.get("/v1/models")).json()
+
+    def get_model(self, name: str) -> dict:
+        return _raise_for_error(self.http.get(f"/v1/models/{name}")).json()
+
+    def get_client_zip(self, name: str) -> tuple[bytes, str]:
+        response = _raise_for_error(self.http.get(f"/v1/models/{name}/client.zip"))
+        return response.content, response.headers.get(CLIENT_SHA_HEADER, "")
+
+    def has_key(self, name: str, key_id: str) -> bool:
+        response = self.http.head(f"/v1/models/{name}/keys/{key_id}")
+        if response.status_code == 404:
+            return False
+        _raise_for_error(response)
+        return True
+
+    def put_key(self, name: str, key: bytes, on_progress: Callable[[int], None]) -> dict:
+        def chunks() -> Iterator[bytes]:
+            for offset in range(0, len(key), UPLOAD_CHUNK):
+                chunk = key[offset : offset + UPLOAD_CHUNK]
+                yield chunk
+                on_progress(len(chunk))
+
+        response = self.http.post(
+            f"/v1/models/{name}/keys",
+            content=chunks(),
+            headers={"Content-Type": "application/octet-stream", "Content-Length": str(len(key))},
+        )
+        return _raise_for_error(response).json()
+
+    def predict_batch(self, name: str, key_id: str | None, rows: list[bytes]) -> list[bytes]:
+        headers = {"Content-Type": wire.CONTENT_TYPE}
+        if key_id:
+            headers[KEY_ID_HEADER] = key_id
+        response = self.http.post(f"/v1/models/{name}/predict_batch", content=wire.encode_batch(rows), headers=headers)
+        return wire.decode_batch(_raise_for_error(response).content, max_rows=len(rows))

@@ -1,0 +1,74 @@
+"""The embedded demo models, trained and compiled from scikit-learn's bundled breast-cancer data.
+
+No download: `load_breast_cancer` ships inside scikit-learn. The split and seeds are fixed, so the
+tests can rebuild the same clear models to compare predictions against.
+"""
+
+from __future__ import annotations
+
+import tempfile
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Any
+
+import numpy as np
+
+SEED = 42
+
+
+@dataclass
+class DemoData:
+    x_train: np.ndarray
+    x_test: np.ndarray
+    y_train: np.ndarray
+    y_test: np.ndarray
+
+
+def load_data() -> DemoData:
+    from sklearn.datasets import load_breast_cancer
+    from sklearn.model_selection import train_test_split
+
+    x, y = load_breast_cancer(return_X_y=True)
+    return DemoData(*train_test_split(x, y, test_size=0.2, random_state=SEED, stratify=y))
+
+
+def demo_estimators() -> dict[str, Any]:
+    """Name -> unfitted concrete-ml estimator. The XGB model bootstraps, so it needs an evaluation key."""
+    from concrete.ml.sklearn import LogisticRegression, XGBClassifier
+
+    return {
+        "breast-cancer-logreg": LogisticRegression(n_bits=8),
+        "breast-cancer-xgb": XGBClassifier(n_bits=6, n_estimators=10, max_depth=3, random_state=SEED),
+    }
+
+
+def train(names: list[str] | None = None) -> tuple[dict[str, Any], DemoData]:
+    """Fit and compile the demo estimators (all, or those named)."""
+    data = load_data()
+    models = {}
+    for name, estimator in demo_estimators().items():
+        if names is None or name in names:
+            estimator.fit(data.x_train, data.y_train)
+            estimator.compile(data.x_train)
+            models[name] = estimator
+    return models, data
+
+
+def save_dev_folder(model: Any, folder: Path) -> Path:
+    from concrete.ml.deployment import FHEModelDev
+
+    FHEModelDev(str(folder), model).save()
+    return folder
+
+
+def build_and_import(names: list[str] | None = None) -> list[str]:
+    """Train, compile and import the demo models into the BentoML store; returns their tags."""
+    from modelkit.importer import import_model
+
+    models, _ = train(names)
+    tags = []
+    with tempfile.TemporaryDirectory(prefix="fhe-bento-demo-") as tmp:
+        for name, model in models.items():
+            folder = save_dev_folder(model, Path(tmp) / name)
+            tags.append(str(import_model(folder, name, classes=[int(c) for c in model.classes_])))
+    return tags

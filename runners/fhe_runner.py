@@ -1,0 +1,186 @@
+"""The FHE runner: a BentoML service whose workers hold concrete-ml `FHEModelServer`s and a key cache.
+
+It runs as its own worker processes (`bentoml.depends` from the HTTP service), so FHE never blocks the
+HTTP event loop, and each sync API method runs in a thread (concrete releases the GIL while it computes).
+Runner methods return a `RunnerReply` instead of raising, so that error codes cross the process hop.
+"""
+
+from __future__ import annotations
+
+import logging
+import os
+import time
+from concurrent.futures import ThreadPoolExecutor
+from pathlib import Path
+from typing import Any
+
+import bentoml
+
+from runners import metrics
+from runners.errors import FHEBentoError, RunnerReply, bad_request, not_found, unprocessable
+from runners.key_cache import KeyCache
+from runners.key_store import open_store
+from runners.model_repo import ModelSpec, load_specs
+from runners.settings import get_settings
+
+log = logging.getLogger("bentoml.fhe_bento.runner")
+settings = get_settings()
+
+
+def _fhe():
+    from concrete import fhe  # imported lazily: this module is also imported by the HTTP process
+
+    return fhe
+
+
+class LoadedModel:
+    def __init__(self, spec: ModelSpec) -> None:
+        from concrete.ml.deployment import FHEModelServer
+
+        self.spec = spec
+        self.server = FHEModelServer(str(spec.path))
+        # A model without bootstrapping has an empty keyset: its whole evaluation key is the header.
+        self.builtin_key = None
+        if not spec.meta.needs_key:
+            self.builtin_key = _fhe().EvaluationKeys.deserialize(bytes.fromhex(spec.meta.eval_key_header))
+
+    def check_fits(self, key: bytes) -> None:
+        meta = self.spec.meta
+        if len(key) != meta.eval_key_bytes or not key.startswith(bytes.fromhex(meta.eval_key_header)):
+            raise unprocessable(
+                "key_mismatch",
+                f"this evaluation key was not made for model {self.spec.name!r} "
+                f"(expected {meta.eval_key_bytes} bytes with this model's key parameters)",
+            )
+
+
+def _classify_run_error(exc: Exception) -> FHEBentoError:
+    text = str(exc)
+    if "incompatible type info" in text:
+        return unprocessable("ciphertext_mismatch", "the ciphertext was not made for this model")
+    return bad_request("invalid_ciphertext", "the ciphertext could not be deserialized")
+
+
+@bentoml.service(
+    name="fhe_runner",
+    workers=settings.workers,
+    traffic={"timeout": settings.request_timeout},
+)
+class FHERunner:
+    def __init__(self) -> None:
+        self.models = {name: LoadedModel(spec) for name, spec in load_specs(settings).items()}
+        self.store = open_store(settings.key_store_url())
+        self.cache = KeyCache(settings.key_cache_bytes)
+        threads = max(1, (os.cpu_count() or 1) // settings.workers)
+        self.rows_pool = ThreadPoolExecutor(threads, thread_name_prefix="fhe-row")
+        log.info("FHE runner ready: models=%s row_threads=%d", sorted(self.models), threads)
+
+    @bentoml.api
+    def ready(self) -> bool:
+        return True
+
+    def _model(self, name: str) -> LoadedModel:
+        try:
+            return self.models[name]
+        except KeyError:
+            raise not_found("unknown_model", f"no model named {name!r} is served") from None
+
+    def _evaluation_key(self, model: LoadedModel, key_id: str | None) -> Any:
+        if model.builtin_key is not None:
+            return model.builtin_key
+        if not key_id:
+            raise bad_request("missing_key_id", "this model needs an evaluation key: send X-FHE-Key-Id")
+        scope = model.spec.key_scope
+        if not self.store.has(scope, key_id):
+            self.cache.discard((scope, key_id))  # deleted elsewhere: a cached copy must not outlive it
+            raise not_found("unknown_key", f"key {key_id} is not registered for model {model.spec.name!r}")
+
+        def load() -> tuple[Any, int]:
+            data = self.store.read(scope, key_id)
+            return _fhe().EvaluationKeys.deserialize(data), len(data)
+
+        key, hit = self.cache.get_or_load((scope, key_id), load)
+        metrics.KEY_CACHE.labels(model=model.spec.name, result="hit" if hit else "miss").inc()
+        return key
+
+    def _run_row(self, model: LoadedModel, key: Any, ciphertext: bytes) -> bytes:
+        started = time.perf_counter()
+        try:
+            result = model.server.run(ciphertext, key)
+        except (RuntimeError, ValueError, AssertionError) as exc:
+            metrics.ROWS.labels(model=model.spec.name, outcome="error").inc()
+            raise _classify_run_error(exc) from exc
+        metrics.FHE_RUN_SECONDS.labels(model=model.spec.name).observe(time.perf_counter() - started)
+        metrics.ROWS.labels(model=model.spec.name, outcome="ok").inc()
+        return result
+
+    @bentoml.api
+    def predict(self, model: str, key_id: str | None, ciphertext: bytes) -> RunnerReply:
+        try:
+            loaded = self._model(model)
+            return RunnerReply(payload=self._run_row(loaded, self._evaluation_key(loaded, key_id), ciphertext))
+        except FHEBentoError as exc:
+            return RunnerReply.failed(exc)
+
+    @bentoml.api
+    def predict_batch(self, model: str, key_id: str | None, ciphertexts: list[bytes]) -> RunnerReply:
+        try:
+            loaded = self._model(model)
+            key = self._evaluation_key(loaded, key_id)
+            results = list(self.rows_pool.map(lambda ct: self._run_row(loaded, key, ct), ciphertexts))
+            return RunnerReply(payload=results)
+        except FHEBentoError as exc:
+            return RunnerReply.failed(exc)
+
+    @bentoml.api
+    def register_key(self, model: str, key_id: str, staged_path: str) -> RunnerReply:
+        """Verify a spooled upload and store it; the caller deletes the spool file."""
+        try:
+            loaded = self._model(model)
+            return RunnerReply(info=self._register(loaded, key_id, Path(staged_path)))
+        except FHEBentoError as exc:
+            metrics.KEY_UPLOADS.labels(model=model, outcome="rejected").inc()
+            log.info("key upload rejected: model=%s bytes=%s code=%s", model, _size(staged_path), exc.code)
+            return RunnerReply.failed(exc)
+
+    def _register(self, model: LoadedModel, key_id: str, staged: Path) -> dict:
+        scope = model.spec.key_scope
+        size = staged.stat().st_size
+        if self.store.has(scope, key_id):
+            metrics.KEY_UPLOADS.labels(model=model.spec.name, outcome="exists").inc()
+            return {"key_id": key_id, "bytes": size, "created": False}
+        data = staged.read_bytes()
+        try:
+            key = _fhe().EvaluationKeys.deserialize(data)
+        except RuntimeError:
+            raise bad_request("invalid_key", "the body is not a serialized concrete evaluation key") from None
+        model.check_fits(data)
+        if self.store.total_bytes() + size > settings.max_store_bytes:
+            raise FHEBentoError(
+                413, "key_store_full", f"the key store is full (FHE_BENTO_MAX_STORE_BYTES={settings.max_store_bytes})"
+            )
+        created = self.store.put(scope, key_id, staged, {"model": model.spec.name, "bytes": size})
+        self.cache.put((scope, key_id), key, size)
+        metrics.KEY_UPLOADS.labels(model=model.spec.name, outcome="created" if created else "exists").inc()
+        log.info("key registered: model=%s key_id=%s bytes=%d created=%s", model.spec.name, key_id, size, created)
+        return {"key_id": key_id, "bytes": size, "created": created}
+
+    @bentoml.api
+    def forget_key(self, model: str, key_id: str) -> RunnerReply:
+        try:
+            loaded = self._model(model)
+            scope = loaded.spec.key_scope
+            self.cache.discard((scope, key_id))
+            if not self.store.delete(scope, key_id):
+                raise not_found("unknown_key", f"key {key_id} is not registered for model {model!r}")
+            log.info("key deleted: model=%s key_id=%s", model, key_id)
+            return RunnerReply(status=204)
+        except FHEBentoError as exc:
+            return RunnerReply.failed(exc)
+
+
+def _size(path: str) -> int | None:
+    try:
+        return os.path.getsize(path)
+    except OSError:
+        return None

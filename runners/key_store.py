@@ -1,0 +1,101 @@
+"""Evaluation-key storage, content-addressed by SHA-256 and scoped per model (its `client_sha256`).
+
+Stores are chosen by URL (`FHE_BENTO_KEY_STORE`). `file://` is the embedded default: a key becomes
+visible under its final name only by an atomic rename of a complete, verified file, so a crash can never
+leave a partial key behind, and everything survives a restart.
+"""
+
+from __future__ import annotations
+
+import json
+import os
+import re
+import shutil
+import time
+import uuid
+from pathlib import Path
+from typing import Protocol
+from urllib.parse import unquote, urlparse
+
+from runners.errors import FHEBentoError, bad_request
+
+KEY_ID = re.compile(r"^[0-9a-f]{64}$")
+
+
+def check_key_id(key_id: str) -> str:
+    if not KEY_ID.match(key_id):
+        raise bad_request("invalid_key_id", "a key id is the 64-character lowercase hex SHA-256 of the key")
+    return key_id
+
+
+class KeyStore(Protocol):
+    def has(self, scope: str, key_id: str) -> bool: ...
+
+    def read(self, scope: str, key_id: str) -> bytes: ...
+
+    def put(self, scope: str, key_id: str, source: Path, info: dict) -> bool:
+        """Store a verified key file; False when it was already there (idempotent)."""
+
+    def delete(self, scope: str, key_id: str) -> bool: ...
+
+    def total_bytes(self) -> int: ...
+
+
+class FileKeyStore:
+    def __init__(self, root: Path) -> None:
+        self.root = root
+        self.root.mkdir(parents=True, exist_ok=True)
+
+    def _key_path(self, scope: str, key_id: str) -> Path:
+        check_key_id(key_id)
+        if not KEY_ID.match(scope):
+            raise ValueError(f"bad key scope {scope!r}")
+        return self.root / scope / f"{key_id}.key"
+
+    def has(self, scope: str, key_id: str) -> bool:
+        return self._key_path(scope, key_id).is_file()
+
+    def read(self, scope: str, key_id: str) -> bytes:
+        return self._key_path(scope, key_id).read_bytes()
+
+    def put(self, scope: str, key_id: str, source: Path, info: dict) -> bool:
+        final = self._key_path(scope, key_id)
+        if final.is_file():
+            return False
+        final.parent.mkdir(parents=True, exist_ok=True)
+        tmp = final.parent / f".tmp-{uuid.uuid4().hex}"
+        try:
+            _write_synced(final.with_suffix(".json"), json.dumps({**info, "created": time.time()}).encode())
+            shutil.copyfile(source, tmp)
+            with tmp.open("rb") as fh:
+                os.fsync(fh.fileno())
+            os.replace(tmp, final)  # atomic: readers see no key or the whole key
+        finally:
+            tmp.unlink(missing_ok=True)
+        return True
+
+    def delete(self, scope: str, key_id: str) -> bool:
+        final = self._key_path(scope, key_id)
+        existed = final.is_file()
+        final.unlink(missing_ok=True)
+        final.with_suffix(".json").unlink(missing_ok=True)
+        return existed
+
+    def total_bytes(self) -> int:
+        return sum(path.stat().st_size for path in self.root.glob("*/*.key"))
+
+
+def _write_synced(path: Path, data: bytes) -> None:
+    tmp = path.parent / f".tmp-{uuid.uuid4().hex}"
+    with tmp.open("wb") as fh:
+        fh.write(data)
+        fh.flush()
+        os.fsync(fh.fileno())
+    os.replace(tmp, path)
+
+
+def open_store(url: str) -> KeyStore:
+    parsed = urlparse(url)
+    if parsed.scheme == "file":
+        return FileKeyStore(Path(unquote(parsed.path)))
+    raise FHEBentoError(500, "bad_key_store", f"unsupported key store URL {url!r} (use file:///path)")

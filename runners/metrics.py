@@ -1,0 +1,27 @@
+"""Prometheus metrics of fhe-bento, exported on BentoML's `/metrics` next to BentoML's own."""
+
+from __future__ import annotations
+
+import bentoml
+
+FHE_RUN_SECONDS = bentoml.metrics.Histogram(
+    name="fhe_bento_fhe_run_seconds",
+    documentation="Seconds of FHE evaluation per ciphertext row",
+    labelnames=["model"],
+    buckets=(0.005, 0.01, 0.05, 0.1, 0.5, 1, 2, 4, 8, 16, 32, 64),
+)
+KEY_CACHE = bentoml.metrics.Counter(
+    name="fhe_bento_key_cache",
+    documentation="Evaluation-key lookups in the worker cache, by result (hit or miss)",
+    labelnames=["model", "result"],
+)
+KEY_UPLOADS = bentoml.metrics.Counter(
+    name="fhe_bento_key_uploads",
+    documentation="Evaluation-key uploads by outcome (created, exists, rejected)",
+    labelnames=["model", "outcome"],
+)
+ROWS = bentoml.metrics.Counter(
+    name="fhe_bento_rows",
+    documentation="Ciphertext rows evaluated, by outcome (ok or error)",
+    labelnames=["model", "outcome"],
+)

@@ -1,0 +1,160 @@
+"""Where served models come from and what we know about them.
+
+A served model is a folder with concrete-ml's `client.zip` + `server.zip` and our `fhe-bento.json`
+(written by `fhe-bento import`). Folders come from the BentoML model store (`FHE_BENTO_MODELS`) or from a
+plain directory of model folders (`FHE_BENTO_MODEL_DIR`, `/opt/ml/model` in the SageMaker image).
+
+This module reads only JSON and zip entries: it must stay importable without concrete, so the HTTP
+process starts fast and never loads FHE code.
+"""
+
+from __future__ import annotations
+
+import hashlib
+import json
+import platform
+import zipfile
+from importlib.metadata import PackageNotFoundError, version
+from pathlib import Path
+
+from pydantic import BaseModel
+
+from runners.settings import Settings
+
+METADATA_FILE = "fhe-bento.json"
+CHECKED_PACKAGES = ("concrete-python", "concrete-ml")
+
+
+class ModelMetadata(BaseModel):
+    """Facts derived once at import time, stored beside the zips."""
+
+    model_class: str
+    n_features: int
+    classes: list[int | float | str] | None = None
+    n_outputs: int
+    client_sha256: str
+    needs_key: bool
+    # Size and leading bytes shared by every evaluation key of this circuit: a key that differs here was
+    # made for another circuit. Such a key must never reach concrete, which aborts the process on it.
+    eval_key_bytes: int
+    eval_key_header: str
+    versions: dict[str, str]
+    machine: str
+
+
+class ModelSpec(BaseModel):
+    name: str
+    version: str
+    path: Path
+    meta: ModelMetadata
+
+    def public(self) -> dict:
+        """The model as `GET /v1/models` shows it."""
+        return {
+            "name": self.name,
+            "version": self.version,
+            "model_class": self.meta.model_class,
+            "n_features": self.meta.n_features,
+            "n_outputs": self.meta.n_outputs,
+            "classes": self.meta.classes,
+            "client_sha256": self.meta.client_sha256,
+            "needs_key": self.meta.needs_key,
+            "eval_key_bytes": self.meta.eval_key_bytes,
+        }
+
+    @property
+    def key_scope(self) -> str:
+        return self.meta.client_sha256
+
+
+class ModelLoadError(RuntimeError):
+    pass
+
+
+def sha256_file(path: Path) -> str:
+    digest = hashlib.sha256()
+    with path.open("rb") as fh:
+        for block in iter(lambda: fh.read(1 << 20), b""):
+            digest.update(block)
+    return digest.hexdigest()
+
+
+def zip_versions(zip_path: Path) -> dict[str, str]:
+    with zipfile.ZipFile(zip_path) as archive:
+        return json.loads(archive.read("versions.json"))
+
+
+def check_compatible(name: str, folder: Path, meta: ModelMetadata) -> None:
+    """Refuse, at load time, a circuit this machine cannot run (never later, at the first request)."""
+    built_with = zip_versions(folder / "server.zip")
+    for package in CHECKED_PACKAGES:
+        try:
+            installed = version(package)
+        except PackageNotFoundError:  # the HTTP-only image has no concrete; the runner checks again
+            continue
+        if built_with.get(package) != installed:
+            raise ModelLoadError(
+                f"model {name!r} was compiled with {package}=={built_with.get(package)} "
+                f"but this server has {package}=={installed}; recompile it or pin {package}"
+            )
+    if meta.machine != platform.machine():
+        raise ModelLoadError(
+            f"model {name!r} was compiled on {meta.machine} but this server is {platform.machine()}"
+        )
+
+
+def load_folder(folder: Path, name: str, model_version: str | None = None) -> ModelSpec:
+    for required in ("client.zip", "server.zip", METADATA_FILE):
+        if not (folder / required).is_file():
+            raise ModelLoadError(
+                f"model {name!r}: {folder / required} is missing; "
+                "import FHEModelDev folders with `fhe-bento import`"
+            )
+    meta = ModelMetadata.model_validate_json((folder / METADATA_FILE).read_text())
+    if sha256_file(folder / "client.zip") != meta.client_sha256:
+        raise ModelLoadError(f"model {name!r}: client.zip does not match its recorded SHA-256")
+    check_compatible(name, folder, meta)
+    return ModelSpec(
+        name=name, version=model_version or meta.client_sha256[:12], path=folder, meta=meta
+    )
+
+
+def _from_bentoml_store(tag: str) -> ModelSpec:
+    import bentoml
+
+    try:
+        model = bentoml.models.get(tag)
+    except bentoml.exceptions.NotFound as exc:
+        raise ModelLoadError(
+            f"model {tag!r} is not in the BentoML model store; run `fhe-bento demo-models` "
+            "or `fhe-bento import DIR --name NAME`"
+        ) from exc
+    return load_folder(Path(model.path), model.tag.name, model.tag.version)
+
+
+def _from_model_dir(root: Path) -> list[ModelSpec]:
+    if not root.is_dir():
+        raise ModelLoadError(f"model dir {root} does not exist")
+    specs = [load_folder(p, p.name) for p in sorted(root.iterdir()) if p.is_dir()]
+    if not specs:
+        raise ModelLoadError(f"model dir {root} holds no model folders")
+    return specs
+
+
+def load_specs(settings: Settings) -> dict[str, ModelSpec]:
+    """Every configured model, validated. Raises ModelLoadError with a message meant for operators."""
+    if settings.model_dir is not None:
+        specs = _from_model_dir(settings.model_dir)
+    else:
+        specs = [_from_bentoml_store(tag) for tag in settings.model_tags()]
+    if not specs:
+        raise ModelLoadError("no models configured: set FHE_BENTO_MODELS or FHE_BENTO_MODEL_DIR")
+    return {spec.name: spec for spec in specs}
+
+
+def default_model(settings: Settings, specs: dict[str, ModelSpec]) -> ModelSpec:
+    if settings.default_model is None:
+        return next(iter(specs.values()))
+    if settings.default_model not in specs:
+        raise ModelLoadError(f"FHE_BENTO_DEFAULT_MODEL={settings.default_model!r} is not served")
+    return specs[settings.default_model]

@@ -1,0 +1,65 @@
+"""Server settings, read once from `FHE_BENTO_*` environment variables.
+
+Every field here is documented in the README's settings table with its default; keep the two in step.
+"""
+
+from __future__ import annotations
+
+import os
+from functools import lru_cache
+from pathlib import Path
+
+from pydantic import Field
+from pydantic_settings import BaseSettings, SettingsConfigDict
+
+DEMO_MODELS = ("breast-cancer-xgb:latest", "breast-cancer-logreg:latest")
+MiB = 1024 * 1024
+
+
+def _bentoml_home() -> Path:
+    return Path(os.environ.get("BENTOML_HOME", Path.home() / "bentoml"))
+
+
+class Settings(BaseSettings):
+    model_config = SettingsConfigDict(env_prefix="FHE_BENTO_", extra="ignore")
+
+    models: str = Field(
+        default=",".join(DEMO_MODELS),
+        description="Comma-separated BentoML model tags to serve (ignored when model_dir is set).",
+    )
+    model_dir: Path | None = Field(
+        default=None, description="A folder of model folders; wins over `models` when set."
+    )
+    default_model: str | None = Field(
+        default=None, description="Model behind the Zama-compatible routes; the first model if unset."
+    )
+    key_store: str = Field(
+        default="", description="Key store URL; empty means file://$BENTOML_HOME/fhe-bento/keys."
+    )
+    key_cache_bytes: int = Field(default=512 * MiB, ge=0)
+    max_key_bytes: int = Field(default=256 * MiB, gt=0)
+    max_store_bytes: int = Field(default=20 * 1024 * MiB, gt=0)
+    max_ciphertext_bytes: int = Field(default=1 * MiB, gt=0)
+    max_batch_bytes: int = Field(default=64 * MiB, gt=0)
+    max_batch_rows: int = Field(default=256, gt=0)
+    workers: int = Field(default=1, gt=0, description="FHE runner worker processes.")
+    request_timeout: int = Field(default=600, gt=0, description="Seconds one request may take.")
+    staging_dir: Path | None = Field(
+        default=None, description="Where uploads are spooled before they are verified."
+    )
+
+    def model_tags(self) -> list[str]:
+        return [tag.strip() for tag in self.models.split(",") if tag.strip()]
+
+    def key_store_url(self) -> str:
+        return self.key_store or (_bentoml_home() / "fhe-bento" / "keys").resolve().as_uri()
+
+    def staging_path(self) -> Path:
+        path = self.staging_dir or _bentoml_home() / "fhe-bento" / "staging"
+        path.mkdir(parents=True, exist_ok=True)
+        return path
+
+
+@lru_cache(maxsize=1)
+def get_settings() -> Settings:
+    return Settings()

@@ -1,0 +1,1 @@
+"""HTTP ingress of fhe-bento: routes, validation, errors and the SageMaker adapter."""

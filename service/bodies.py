@@ -1,0 +1,78 @@
+"""Reading request bodies within limits: checked against Content-Length first, then counted while
+streaming, so an oversized body is refused before it is held in memory or on disk."""
+
+from __future__ import annotations
+
+import hashlib
+import uuid
+from collections.abc import AsyncIterator
+from pathlib import Path
+
+from starlette.requests import ClientDisconnect, Request
+
+from runners.errors import FHEBentoError, bad_request, too_large
+
+OCTET_STREAM = "application/octet-stream"
+
+
+def require_content_type(request: Request, *allowed: str) -> None:
+    media_type = request.headers.get("content-type", "").split(";")[0].strip().lower()
+    if media_type not in allowed:
+        raise FHEBentoError(
+            415, "unsupported_media_type", f"send Content-Type {' or '.join(allowed)}, not {media_type or 'nothing'}"
+        )
+
+
+def declared_length(request: Request, limit: int, required: bool = False) -> None:
+    declared = request.headers.get("content-length")
+    if declared is None and required:
+        raise FHEBentoError(411, "length_required", "send a Content-Length header")
+    if declared is not None and declared.isdigit() and int(declared) > limit:
+        raise too_large(f"the body is {declared} bytes; the limit here is {limit}")
+
+
+async def read_limited(request: Request, limit: int) -> bytes:
+    declared_length(request, limit)
+    chunks, size = [], 0
+    try:
+        async for chunk in request.stream():
+            size += len(chunk)
+            if size > limit:
+                raise too_large(f"the body is over the limit of {limit} bytes")
+            chunks.append(chunk)
+    except ClientDisconnect:
+        raise bad_request("incomplete_body", "the client closed the connection before the body ended") from None
+    body = b"".join(chunks)
+    if not body:
+        raise bad_request("empty_body", "the request body is empty")
+    return body
+
+
+async def spool_limited(request: Request, limit: int, directory: Path) -> tuple[Path, str, int]:
+    """Stream the body to a file under `directory`; see `spool_chunks`."""
+    declared_length(request, limit)
+    return await spool_chunks(request.stream(), limit, directory)
+
+
+async def spool_chunks(chunks: AsyncIterator[bytes], limit: int, directory: Path) -> tuple[Path, str, int]:
+    """Write chunks to a new file under `directory`, hashing as they come; returns (path, sha256 hex,
+    size). The caller deletes the file; on any error the partial file is removed here."""
+    path = directory / f"upload-{uuid.uuid4().hex}"
+    digest, size = hashlib.sha256(), 0
+    try:
+        with path.open("wb") as fh:
+            async for chunk in chunks:
+                size += len(chunk)
+                if size > limit:
+                    raise too_large(f"the body is over the limit of {limit} bytes")
+                digest.update(chunk)
+                fh.write(chunk)
+        if size == 0:
+            raise bad_request("empty_body", "the request body is empty")
+    except ClientDisconnect:
+        path.unlink(missing_ok=True)
+        raise bad_request("incomplete_body", "the client closed the connection before the body ended") from None
+    except BaseException:
+        path.unlink(missing_ok=True)
+        raise
+    return path, digest.hexdigest(), size
