@@ -56,7 +56,7 @@ class LoadedModel:
 
 def _classify_run_error(exc: Exception) -> FHEBentoError:
     text = str(exc)
-    if "incompatible type info" in text:
+    if "incompatible" in text:  # type info or variance of another circuit
         return unprocessable("ciphertext_mismatch", "the ciphertext was not made for this model")
     return bad_request("invalid_ciphertext", "the ciphertext could not be deserialized")
 

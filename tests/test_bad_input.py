@@ -1,0 +1,165 @@
+"""Bad input gets the documented 4xx with the JSON error shape, and the server keeps serving."""
+
+from __future__ import annotations
+
+import hashlib
+from collections.abc import Iterator
+
+import httpx
+import pytest
+
+from client import FHEClient
+from conftest import LOGREG, XGB
+from service import wire
+
+OCTET = {"Content-Type": "application/octet-stream"}
+
+
+@pytest.fixture(scope="module")
+def material(server, demo, client_cache):
+    """Real ciphertexts and keys of both demo models, made by the fhe-bento client."""
+    client = FHEClient(server.url, cache_dir=client_cache, progress=False)
+    xgb, logreg = client.model(XGB), client.model(LOGREG)
+    row = demo.x_test[:1]
+    return {
+        "xgb_key_id": xgb.ensure_key(),
+        "xgb_key": xgb.evaluation_key(),
+        "logreg_key": logreg.evaluation_key(),
+        "xgb_ct": xgb.encrypt(row)[0],
+        "logreg_ct": logreg.encrypt(row)[0],
+        "logreg": logreg,
+        "row": row,
+    }
+
+
+def assert_error(response: httpx.Response, status: int, code: str) -> None:
+    assert response.status_code == status, response.text
+    body = response.json()
+    assert set(body) == {"error"} and body["error"]["code"] == code
+    assert isinstance(body["error"]["message"], str) and body["error"]["message"]
+
+
+@pytest.fixture(autouse=True)
+def still_serving(server, demo, material):
+    """After each bad request, the server still answers health checks and correct predictions."""
+    yield
+    assert httpx.get(f"{server.url}/ping", timeout=10).status_code == 200
+    row = demo.x_test[:1]
+    assert material["logreg"].predict(row)[0] == demo.clear_predict(LOGREG, row)[0]
+
+
+def predict(server, model: str, body: bytes, key_id: str | None = None, **headers: str) -> httpx.Response:
+    headers = {**OCTET, **headers}
+    if key_id:
+        headers["X-FHE-Key-Id"] = key_id
+    return httpx.post(f"{server.url}/v1/models/{model}/predict", content=body, headers=headers, timeout=120)
+
+
+@pytest.mark.parametrize(
+    ("body", "status", "code"),
+    [
+        (b"\x00garbage" * 50, 400, "invalid_ciphertext"),
+        (b"", 400, "empty_body"),
+        ("truncated", 400, "invalid_ciphertext"),
+        ("other_model", 422, "ciphertext_mismatch"),
+    ],
+)
+def test_bad_ciphertexts(server, material, body, status, code):
+    if body == "truncated":
+        body = material["xgb_ct"][: len(material["xgb_ct"]) // 2]
+    elif body == "other_model":
+        body = material["logreg_ct"]
+    assert_error(predict(server, XGB, body, material["xgb_key_id"]), status, code)
+
+
+def test_ciphertext_of_xgb_sent_to_logreg(server, material):
+    assert_error(predict(server, LOGREG, material["xgb_ct"]), 422, "ciphertext_mismatch")
+
+
+def test_unknown_model(server, material):
+    assert_error(predict(server, "no-such-model", material["xgb_ct"]), 404, "unknown_model")
+    assert_error(httpx.get(f"{server.url}/v1/models/no-such-model"), 404, "unknown_model")
+
+
+def test_unknown_and_malformed_key_ids(server, material):
+    unknown = hashlib.sha256(b"never uploaded").hexdigest()
+    assert_error(predict(server, XGB, material["xgb_ct"], unknown), 404, "unknown_key")
+    assert httpx.head(f"{server.url}/v1/models/{XGB}/keys/{unknown}").status_code == 404
+    assert_error(predict(server, XGB, material["xgb_ct"], "../../etc/passwd"), 400, "invalid_key_id")
+    assert_error(predict(server, XGB, material["xgb_ct"]), 400, "missing_key_id")
+
+
+def upload_key(server, body, model: str = XGB, **headers: str) -> httpx.Response:
+    return httpx.post(f"{server.url}/v1/models/{model}/keys", content=body, headers={**OCTET, **headers}, timeout=120)
+
+
+def test_bad_keys_are_refused_and_not_stored(server, material, server_workdir):
+    key = material["xgb_key"]
+    cases = [
+        (b"not a key at all" * 1000, 400, "invalid_key"),
+        (key[: len(key) // 3], 400, "invalid_key"),
+        (material["logreg_key"], 422, "key_mismatch"),
+    ]
+    for body, status, code in cases:
+        assert_error(upload_key(server, body), status, code)
+        key_id = hashlib.sha256(body).hexdigest()
+        assert httpx.head(f"{server.url}/v1/models/{XGB}/keys/{key_id}").status_code == 404
+    assert not list((server_workdir / "keys").rglob(".tmp-*")), "a partial key file was left behind"
+    assert not list((server_workdir / "staging").iterdir()), "an upload spool file was left behind"
+
+
+def test_key_upload_is_idempotent(server, material):
+    answer = upload_key(server, material["xgb_key"])
+    assert answer.status_code == 200  # registered earlier in this module: known, not created
+    assert answer.json() == {"key_id": material["xgb_key_id"], "bytes": len(material["xgb_key"])}
+
+
+def test_oversized_bodies(server, material):
+    too_big = b"\x00" * (2 * 1024 * 1024)  # over the 1 MiB ciphertext default
+    assert_error(predict(server, XGB, too_big, material["xgb_key_id"]), 413, "payload_too_large")
+
+    def stream() -> Iterator[bytes]:  # no Content-Length: the limit holds while streaming
+        for _ in range(65):
+            yield b"\x00" * (1024 * 1024)
+
+    assert_error(upload_key(server, stream()), 413, "payload_too_large")
+
+
+def test_wrong_content_type(server, material):
+    response = httpx.post(
+        f"{server.url}/v1/models/{XGB}/predict", content=material["xgb_ct"],
+        headers={"Content-Type": "application/json", "X-FHE-Key-Id": material["xgb_key_id"]},
+    )
+    assert_error(response, 415, "unsupported_media_type")
+    assert_error(upload_key(server, material["xgb_key"], **{"Content-Type": "text/plain"}), 415,
+                 "unsupported_media_type")
+
+
+@pytest.mark.parametrize(
+    "body",
+    [b"garbage", wire.MAGIC, wire.MAGIC + b"\x00\x00\x00\x02\x00\x00\x00\x05abc", wire.MAGIC + b"\xff\xff\xff\xff"],
+)
+def test_bad_batch_framing(server, material, body):
+    response = httpx.post(
+        f"{server.url}/v1/models/{LOGREG}/predict_batch", content=body,
+        headers={"Content-Type": wire.CONTENT_TYPE},
+    )
+    assert_error(response, 400, "invalid_batch")
+
+
+def test_batch_with_one_bad_row_is_refused_whole(server, material):
+    body = wire.encode_batch([material["logreg_ct"], b"\x01garbage"])
+    response = httpx.post(
+        f"{server.url}/v1/models/{LOGREG}/predict_batch", content=body, headers={"Content-Type": wire.CONTENT_TYPE}
+    )
+    assert_error(response, 400, "invalid_ciphertext")
+
+
+def test_delete_key_then_client_reuploads_transparently(server, demo, client_cache):
+    remote = FHEClient(server.url, cache_dir=client_cache, progress=False).model(XGB)
+    key_id = remote.ensure_key()
+    assert httpx.delete(f"{server.url}/v1/models/{XGB}/keys/{key_id}").status_code == 204
+    assert_error(httpx.delete(f"{server.url}/v1/models/{XGB}/keys/{key_id}"), 404, "unknown_key")
+    row = demo.x_test[50:51]
+    assert remote.predict(row)[0] == demo.clear_predict(XGB, row)[0]  # unknown_key -> upload -> retry
+    assert httpx.head(f"{server.url}/v1/models/{XGB}/keys/{key_id}").status_code == 200

@@ -1,0 +1,146 @@
+"""End to end over HTTP against a real `bentoml serve`: decrypted FHE answers equal the clear model's."""
+
+from __future__ import annotations
+
+import hashlib
+import io
+import tempfile
+import time
+from concurrent.futures import ThreadPoolExecutor
+
+import httpx
+import numpy as np
+import pytest
+import requests
+
+from client import FHEClient
+from conftest import LOGREG, XGB
+
+ROWS = {XGB: 4, LOGREG: 40}
+
+
+@pytest.fixture(scope="module")
+def fhe_client(server, client_cache) -> FHEClient:
+    return FHEClient(server.url, cache_dir=client_cache, batch_size=2, concurrency=2, progress=False)
+
+
+@pytest.mark.parametrize("name", [LOGREG, XGB])
+def test_predict_batch_matches_clear_predictions_row_by_row(name, demo, fhe_client):
+    x = demo.x_test[: ROWS[name]]
+    encrypted = fhe_client.model(name).predict(x)
+    expected = demo.clear_predict(name, x)
+    assert encrypted.shape == expected.shape
+    for row, (got, want) in enumerate(zip(encrypted, expected)):
+        assert got == want, f"row {row}: FHE {got} != clear {want}"
+    proba = fhe_client.model(name).predict_proba(x)
+    np.testing.assert_allclose(proba, demo.models[name].predict_proba(x, fhe="disable"), atol=1e-6)
+
+
+@pytest.mark.parametrize("name", [LOGREG, XGB])
+def test_single_row_predict_route_matches_clear(name, demo, server, fhe_client):
+    remote = fhe_client.model(name)
+    key_id = remote.ensure_key()
+    headers = {"Content-Type": "application/octet-stream"}
+    if key_id:
+        headers["X-FHE-Key-Id"] = key_id
+    for row in demo.x_test[10:12]:
+        (ciphertext,) = remote.encrypt(row.reshape(1, -1))
+        response = httpx.post(f"{server.url}/v1/models/{name}/predict", content=ciphertext, headers=headers, timeout=120)
+        assert response.status_code == 200, response.text
+        assert response.headers["content-type"] == "application/octet-stream"
+        proba = remote.fhe.deserialize_decrypt_dequantize(response.content)
+        assert np.argmax(proba, axis=1)[0] == demo.clear_predict(name, row.reshape(1, -1))[0]
+
+
+def test_model_listing_and_client_zip(server, demo):
+    models = {m["name"]: m for m in httpx.get(f"{server.url}/v1/models").json()}
+    assert set(models) == {XGB, LOGREG}
+    assert models[XGB]["needs_key"] is True and models[LOGREG]["needs_key"] is False
+    assert models[XGB]["n_features"] == demo.x_test.shape[1] and models[XGB]["classes"] == [0, 1]
+    one = httpx.get(f"{server.url}/v1/models/{XGB}").json()
+    assert one == models[XGB]
+    zipped = httpx.get(f"{server.url}/v1/models/{XGB}/client.zip")
+    assert zipped.headers["content-type"] == "application/zip"
+    assert hashlib.sha256(zipped.content).hexdigest() == zipped.headers["x-fhe-client-sha256"] == one["client_sha256"]
+
+
+def test_unmodified_zama_client_through_compatible_routes(server, demo, tmp_path):
+    """The flow of Zama's deployment example: plain requests + FHEModelClient, nothing from fhe-bento."""
+    from concrete.ml.deployment import FHEModelClient
+
+    zipped = requests.get(f"{server.url}/get_client", timeout=30)
+    assert zipped.status_code == 200
+    (tmp_path / "client.zip").write_bytes(zipped.content)
+    client = FHEModelClient(str(tmp_path), key_dir=str(tmp_path / "keys"))
+    client.generate_private_and_evaluation_keys()
+    key = client.get_serialized_evaluation_keys()
+    uid = requests.post(f"{server.url}/add_key", files={"key": io.BytesIO(key)}, timeout=120).json()["uid"]
+    assert uid == hashlib.sha256(key).hexdigest()
+    row = demo.x_test[20:21]
+    encrypted = client.quantize_encrypt_serialize(row)
+    answer = requests.post(
+        f"{server.url}/compute", files={"model_input": io.BytesIO(encrypted)}, data={"uid": uid}, timeout=120
+    )
+    assert answer.status_code == 200, answer.text
+    proba = client.deserialize_decrypt_dequantize(answer.content)
+    assert np.argmax(proba, axis=1)[0] == demo.clear_predict(XGB, row)[0]
+
+
+def test_key_is_uploaded_once_and_survives_a_restart(server, demo, client_cache):
+    row = demo.x_test[30:31]
+    first = FHEClient(server.url, cache_dir=client_cache, progress=False).model(XGB)
+    assert first.predict(row)[0] == demo.clear_predict(XGB, row)[0]
+    uploads = server.metric("fhe_bento_key_uploads_total", model=XGB)
+    posts = server.metric("bentoml_service_request_total", endpoint=f"/v1/models/{XGB}/keys")
+
+    second = FHEClient(server.url, cache_dir=client_cache, progress=False).model(XGB)
+    assert second.predict(row)[0] == demo.clear_predict(XGB, row)[0]
+    assert server.metric("fhe_bento_key_uploads_total", model=XGB) == uploads
+    assert server.metric("bentoml_service_request_total", endpoint=f"/v1/models/{XGB}/keys") == posts
+
+    key_id = second.ensure_key()
+    server.restart()
+    assert httpx.head(f"{server.url}/v1/models/{XGB}/keys/{key_id}").status_code == 200
+    third = FHEClient(server.url, cache_dir=client_cache, progress=False).model(XGB)
+    assert third.predict(row)[0] == demo.clear_predict(XGB, row)[0]
+    assert server.metric("fhe_bento_key_uploads_total", model=XGB) == 0  # fresh process, no upload
+
+
+def test_ping_answers_while_fhe_runs_on_every_worker(server, demo, client_cache):
+    remote = FHEClient(server.url, cache_dir=client_cache, progress=False, batch_size=1).model(XGB)
+    key_id = remote.ensure_key()
+    rows = demo.x_test[40:42]  # one row per runner worker (the test server runs two)
+    ciphertexts = remote.encrypt(rows)
+
+    def predict(ciphertext: bytes) -> bytes:
+        response = httpx.post(
+            f"{server.url}/v1/models/{XGB}/predict", content=ciphertext, timeout=300,
+            headers={"Content-Type": "application/octet-stream", "X-FHE-Key-Id": key_id},
+        )
+        assert response.status_code == 200
+        return response.content
+
+    with ThreadPoolExecutor(len(rows)) as pool:
+        futures = [pool.submit(predict, ct) for ct in ciphertexts]
+        time.sleep(1.0)
+        pings = []
+        while not any(f.done() for f in futures):
+            response = httpx.get(f"{server.url}/ping", timeout=10)
+            pings.append((response.status_code, response.content, all(not f.done() for f in futures)))
+            time.sleep(0.2)
+        answers = [f.result() for f in futures]
+    in_flight = [p for p in pings if p[2]]
+    assert in_flight, "no ping was answered while both FHE runs were in flight"
+    assert all(status == 200 and body == b"" for status, body, _ in in_flight)
+    for answer, row in zip(answers, rows):
+        proba = remote.fhe.deserialize_decrypt_dequantize(answer)
+        assert np.argmax(proba, axis=1)[0] == demo.clear_predict(XGB, row.reshape(1, -1))[0]
+
+
+def test_logreg_needs_no_key_upload(server, demo):
+    with tempfile.TemporaryDirectory() as cache:
+        before = server.metric("fhe_bento_key_uploads_total", model=LOGREG)
+        remote = FHEClient(server.url, cache_dir=cache, progress=False).model(LOGREG)
+        assert remote.ensure_key() is None
+        assert list(remote.predict(demo.x_test[:5])) == list(demo.clear_predict(LOGREG, demo.x_test[:5]))
+        assert server.metric("fhe_bento_key_uploads_total", model=LOGREG) == before

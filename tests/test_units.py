@@ -1,0 +1,93 @@
+"""Fast tests of the pure parts: batch framing, key cache, file key store, server import hygiene."""
+
+from __future__ import annotations
+
+import ast
+import hashlib
+from pathlib import Path
+
+import pytest
+
+from runners.errors import FHEBentoError
+from runners.key_cache import KeyCache
+from runners.key_store import FileKeyStore
+from service import wire
+
+ROOT = Path(__file__).resolve().parents[1]
+SCOPE = "a" * 64
+
+
+def test_batch_framing_round_trip():
+    rows = [b"", b"x", bytes(range(256)) * 10]
+    assert wire.decode_batch(wire.encode_batch(rows), max_rows=3) == rows
+
+
+@pytest.mark.parametrize(
+    ("data", "message"),
+    [
+        (b"NOPE", "starts with"),
+        (wire.MAGIC + b"\x00", "truncated"),
+        (wire.MAGIC + b"\x00\x00\x00\x00", "at least one"),
+        (wire.MAGIC + b"\x00\x00\x00\x09", "at most"),
+        (wire.MAGIC + b"\x00\x00\x00\x01\x00\x00\x00\x09abc", "ends before"),
+        (wire.encode_batch([b"ab"]) + b"!", "stray"),
+    ],
+)
+def test_batch_framing_rejects(data, message):
+    with pytest.raises(wire.FramingError, match=message):
+        wire.decode_batch(data, max_rows=8)
+
+
+def test_key_cache_evicts_least_recently_used_by_bytes():
+    cache = KeyCache(capacity_bytes=100)
+    cache.put(("s", "a"), "A", 40)
+    cache.put(("s", "b"), "B", 40)
+    assert cache.get(("s", "a")) == "A"  # a is now the most recent
+    cache.put(("s", "c"), "C", 40)
+    assert cache.get(("s", "b")) is None and cache.get(("s", "a")) == "A" and cache.used_bytes == 80
+    cache.put(("s", "huge"), "H", 101)  # larger than the whole cache: never cached
+    assert cache.get(("s", "huge")) is None
+    value, hit = cache.get_or_load(("s", "d"), lambda: ("D", 10))
+    assert (value, hit) == ("D", False) and cache.get_or_load(("s", "d"), lambda: ("X", 10)) == ("D", True)
+
+
+def test_file_store_is_atomic_idempotent_and_persistent(tmp_path):
+    source = tmp_path / "upload"
+    source.write_bytes(b"key bytes")
+    key_id = hashlib.sha256(b"key bytes").hexdigest()
+    store = FileKeyStore(tmp_path / "store")
+    assert not store.has(SCOPE, key_id)
+    assert store.put(SCOPE, key_id, source, {"model": "m"}) is True
+    assert store.put(SCOPE, key_id, source, {"model": "m"}) is False
+    reopened = FileKeyStore(tmp_path / "store")
+    assert reopened.has(SCOPE, key_id) and reopened.read(SCOPE, key_id) == b"key bytes"
+    assert reopened.total_bytes() == len(b"key bytes")
+    assert not list((tmp_path / "store").rglob(".tmp-*"))
+    assert reopened.delete(SCOPE, key_id) and not reopened.has(SCOPE, key_id)
+
+
+def test_file_store_refuses_path_tricks(tmp_path):
+    store = FileKeyStore(tmp_path)
+    with pytest.raises(FHEBentoError) as err:
+        store.has(SCOPE, "../../etc/passwd")
+    assert err.value.status == 400 and err.value.code == "invalid_key_id"
+
+
+DECRYPTING_NAMES = {"FHEModelClient", "Client", "keygen", "generate_private_and_evaluation_keys"}
+
+
+@pytest.mark.parametrize("package", ["service", "runners"])
+def test_server_code_never_touches_decryption(package):
+    """service/ and runners/ must not name anything that can hold a private key or decrypt."""
+    offenders = []
+    for path in (ROOT / package).glob("*.py"):
+        for node in ast.walk(ast.parse(path.read_text())):
+            names = []
+            if isinstance(node, ast.ImportFrom):
+                names = [alias.name for alias in node.names]
+            elif isinstance(node, ast.Attribute):
+                names = [node.attr]
+            elif isinstance(node, ast.Name):
+                names = [node.id]
+            offenders += [f"{path.name}:{node.lineno} {n}" for n in names if n in DECRYPTING_NAMES]
+    assert not offenders
