@@ -3,21 +3,13 @@
 from __future__ import annotations
 
 import os
-import re
-import signal
-import socket
-import subprocess
-import sys
 import tempfile
-import time
 from dataclasses import dataclass
 from pathlib import Path
 
-import httpx
 import numpy as np
 import pytest
 
-ROOT = Path(__file__).resolve().parents[1]
 # BentoML reads its home when first used: point it at a throwaway store before anything imports it.
 _SESSION_DIR = Path(tempfile.mkdtemp(prefix="fhe-bento-tests-"))
 os.environ["BENTOML_HOME"] = str(_SESSION_DIR / "bentoml")
@@ -50,69 +42,6 @@ def demo() -> Demo:
     return Demo(models=models, x_test=data.x_test, dev_dirs=dev_dirs)
 
 
-def free_port() -> int:
-    with socket.socket() as sock:
-        sock.bind(("127.0.0.1", 0))
-        return sock.getsockname()[1]
-
-
-class Server:
-    """A `bentoml serve` process of the fhe-bento service, restartable on the same port and key store."""
-
-    def __init__(self, workdir: Path, env: dict[str, str]) -> None:
-        self.port = free_port()
-        self.url = f"http://127.0.0.1:{self.port}"
-        self.workdir = workdir
-        self.env = {**os.environ, **env}
-        self.log_path = workdir / "server.log"
-        self.proc: subprocess.Popen | None = None
-
-    def start(self, timeout: float = 180.0) -> None:
-        log = self.log_path.open("ab")
-        self.proc = subprocess.Popen(
-            [sys.executable, "-m", "bentoml", "serve", "service.app:FHEBento", "--host", "127.0.0.1",
-             "--port", str(self.port)],
-            cwd=ROOT, env=self.env, stdout=log, stderr=subprocess.STDOUT, start_new_session=True,
-        )
-        deadline = time.monotonic() + timeout
-        while time.monotonic() < deadline:
-            if self.proc.poll() is not None:
-                raise RuntimeError(f"server exited early:\n{self.log()[-4000:]}")
-            try:
-                if httpx.get(f"{self.url}/ping", timeout=2).status_code == 200:
-                    return
-            except httpx.HTTPError:
-                pass
-            time.sleep(0.5)
-        raise RuntimeError(f"server not ready in {timeout}s:\n{self.log()[-4000:]}")
-
-    def stop(self) -> None:
-        if self.proc and self.proc.poll() is None:
-            os.killpg(self.proc.pid, signal.SIGTERM)
-            try:
-                self.proc.wait(30)
-            except subprocess.TimeoutExpired:
-                os.killpg(self.proc.pid, signal.SIGKILL)
-                self.proc.wait()
-        self.proc = None
-
-    def restart(self) -> None:
-        self.stop()
-        self.start()
-
-    def log(self) -> str:
-        return self.log_path.read_text(errors="replace")
-
-    def metric(self, name: str, **labels: str) -> float:
-        """Sum of a Prometheus sample over all series whose labels include `labels`."""
-        total = 0.0
-        for line in httpx.get(f"{self.url}/metrics", timeout=10).text.splitlines():
-            match = re.match(rf"^{re.escape(name)}\{{(.*)\}} (\S+)$", line)
-            if match and all(f'{k}="{v}"' in match.group(1) for k, v in labels.items()):
-                total += float(match.group(2))
-        return total
-
-
 @pytest.fixture(scope="session")
 def server_workdir() -> Path:
     path = _SESSION_DIR / "server"
@@ -122,6 +51,8 @@ def server_workdir() -> Path:
 
 @pytest.fixture(scope="session")
 def server(demo: Demo, server_workdir: Path):
+    from modelkit.devserver import Server
+
     srv = Server(
         server_workdir,
         {
