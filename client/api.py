@@ -157,6 +157,36 @@ class FHEClient:
         self.progress = progress
         self._models: dict[str, RemoteModel] = {}
 
+    @classmethod
+    def sagemaker(
+        cls,
+        endpoint_name: str,
+        *,
+        mode: str = "realtime",
+        input_prefix: str | None = None,
+        models: str | Path | None = None,
+        runtime_client=None,
+        s3_client=None,
+        **options,
+    ) -> "FHEClient":
+        """A client of a SageMaker endpoint. `mode="async"` needs `input_prefix` (s3://bucket/prefix for
+        envelopes) and `models` (the model folders, local or the deployed s3://.../model.tar.gz)."""
+        from client.sagemaker_transport import AsyncSageMakerTransport, ModelFolders, RuntimeInvoker, SageMakerTransport
+
+        if mode == "realtime":
+            return cls(transport=SageMakerTransport(RuntimeInvoker(endpoint_name, runtime_client)), **options)
+        if mode != "async" or not input_prefix or models is None:
+            raise ValueError('mode is "realtime", or "async" with input_prefix and models')
+        if s3_client is None:
+            import boto3
+
+            s3_client = boto3.client("s3")
+        transport = AsyncSageMakerTransport(
+            endpoint_name, input_prefix, ModelFolders(models, s3_client), runtime_client, s3_client,
+            progress=options.get("progress", True),
+        )
+        return cls(transport=transport, **options)
+
     def model(self, name: str) -> RemoteModel:
         if name not in self._models:
             self._models[name] = RemoteModel(

@@ -13,6 +13,7 @@ import re
 import shutil
 import time
 import uuid
+from collections.abc import Iterator
 from pathlib import Path
 from typing import Protocol
 from urllib.parse import unquote, urlparse
@@ -33,12 +34,25 @@ class KeyStore(Protocol):
 
     def read(self, scope: str, key_id: str) -> bytes: ...
 
+    def size(self, scope: str, key_id: str) -> int: ...
+
     def put(self, scope: str, key_id: str, source: Path, info: dict) -> bool:
         """Store a verified key file; False when it was already there (idempotent)."""
 
     def delete(self, scope: str, key_id: str) -> bool: ...
 
     def total_bytes(self) -> int: ...
+
+    def put_part(self, scope: str, key_id: str, index: int, data: bytes) -> None:
+        """Hold one part of a chunked upload; rewriting a part is harmless (resumable uploads)."""
+
+    def list_parts(self, scope: str, key_id: str) -> dict[int, int]:
+        """Part index -> size of the parts held for an unfinished upload."""
+
+    def assemble_parts(self, scope: str, key_id: str, count: int) -> Iterator[bytes]:
+        """The bytes of parts 0..count-1 in order; raises FHEBentoError if one is missing."""
+
+    def drop_parts(self, scope: str, key_id: str) -> None: ...
 
 
 class FileKeyStore:
@@ -57,6 +71,9 @@ class FileKeyStore:
 
     def read(self, scope: str, key_id: str) -> bytes:
         return self._key_path(scope, key_id).read_bytes()
+
+    def size(self, scope: str, key_id: str) -> int:
+        return self._key_path(scope, key_id).stat().st_size
 
     def put(self, scope: str, key_id: str, source: Path, info: dict) -> bool:
         final = self._key_path(scope, key_id)
@@ -83,6 +100,29 @@ class FileKeyStore:
 
     def total_bytes(self) -> int:
         return sum(path.stat().st_size for path in self.root.glob("*/*.key"))
+
+    def _parts_dir(self, scope: str, key_id: str) -> Path:
+        return self._key_path(scope, key_id).parent / "uploads" / key_id
+
+    def put_part(self, scope: str, key_id: str, index: int, data: bytes) -> None:
+        folder = self._parts_dir(scope, key_id)
+        folder.mkdir(parents=True, exist_ok=True)
+        _write_synced(folder / f"{index:06d}.part", data)
+
+    def list_parts(self, scope: str, key_id: str) -> dict[int, int]:
+        folder = self._parts_dir(scope, key_id)
+        return {int(p.stem): p.stat().st_size for p in folder.glob("*.part")} if folder.is_dir() else {}
+
+    def assemble_parts(self, scope: str, key_id: str, count: int) -> Iterator[bytes]:
+        folder = self._parts_dir(scope, key_id)
+        missing = [i for i in range(count) if not (folder / f"{i:06d}.part").is_file()]
+        if missing:
+            raise bad_request("missing_parts", f"parts {missing[:20]} of key {key_id} have not arrived")
+        for index in range(count):
+            yield (folder / f"{index:06d}.part").read_bytes()
+
+    def drop_parts(self, scope: str, key_id: str) -> None:
+        shutil.rmtree(self._parts_dir(scope, key_id), ignore_errors=True)
 
 
 def _write_synced(path: Path, data: bytes) -> None:

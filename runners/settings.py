@@ -38,6 +38,8 @@ class Settings(BaseSettings):
     )
     key_cache_bytes: int = Field(default=512 * MiB, ge=0)
     max_key_bytes: int = Field(default=256 * MiB, gt=0)
+    max_part_bytes: int = Field(default=5 * MiB, gt=0, description="Largest part of a chunked key upload.")
+    max_key_parts: int = Field(default=1024, gt=0, description="Most parts one chunked key upload may have.")
     max_store_bytes: int = Field(default=20 * 1024 * MiB, gt=0)
     max_ciphertext_bytes: int = Field(default=1 * MiB, gt=0)
     max_batch_bytes: int = Field(default=64 * MiB, gt=0)

@@ -1,34 +1,38 @@
 """The fhe-bento HTTP service: `bentoml serve service.app:FHEBento`.
 
 Routes live on a FastAPI app mounted into the BentoML service (BentoML's own `@bentoml.api` routes are
-POST-only and cannot carry path parameters). This process only validates and routes: it never imports
-concrete, and all FHE work happens in the `FHERunner` worker processes it depends on.
+POST-only and cannot carry path parameters): native v1 routes (`service/routes.py`), Zama-compatible
+routes (`service/compat.py`) and SageMaker's `/ping` + `/invocations` (`service/sagemaker.py`). All of
+them call the operations of `FHEBento` below, so each behaviour exists once.
+
+This process only validates and routes: it never imports concrete, and all FHE work happens in the
+`FHERunner` worker processes it depends on.
 """
 
 from __future__ import annotations
 
 import asyncio
+import hashlib
 import logging
+import uuid
 from pathlib import Path
 
 import bentoml
 from fastapi import FastAPI, Request
 from fastapi.exceptions import RequestValidationError
-from fastapi.responses import FileResponse, JSONResponse, Response
+from fastapi.responses import JSONResponse, Response
 
-from runners.errors import FHEBentoError, RunnerReply, bad_request, not_found
+from runners.errors import FHEBentoError, RunnerReply, bad_request, not_found, too_large
 from runners.fhe_runner import FHERunner
 from runners.key_store import check_key_id, open_store
 from runners.model_repo import ModelSpec, default_model, load_specs
 from runners.settings import get_settings
-from service import wire
-from service.bodies import OCTET_STREAM, read_limited, require_content_type, spool_limited
 from service.compat import router as compat_router
-from service.responses import client_zip_response
+from service.routes import router as native_router
+from service.sagemaker import router as sagemaker_router
 
 log = logging.getLogger("bentoml.fhe_bento.service")
 settings = get_settings()
-KEY_ID_HEADER = "x-fhe-key-id"
 READY_TIMEOUT = 0.5  # seconds; SageMaker gives /ping 2 s
 
 app = FastAPI(title="fhe-bento", version="1", docs_url=None, redoc_url=None)
@@ -61,7 +65,9 @@ class FHEBento:
         self.runner_ready = False
         log.info("serving models %s (default %s)", sorted(self.specs), self.default.name)
 
-    def spec(self, name: str) -> ModelSpec:
+    def spec(self, name: str | None) -> ModelSpec:
+        if name is None:
+            return self.default
         try:
             return self.specs[name]
         except KeyError:
@@ -84,100 +90,80 @@ class FHEBento:
             raise FHEBentoError(503, "runner_unavailable", "the FHE runner did not answer; retry") from None
         return reply.unwrap()
 
+    # --- operations shared by every transport -------------------------------------------------------
+
+    def list_models(self) -> list[dict]:
+        return [spec.public() for spec in self.specs.values()]
+
+    async def predict(self, spec: ModelSpec, key_id: str | None, ciphertext: bytes) -> bytes:
+        return (await self.call("predict", model=spec.name, key_id=key_id, ciphertext=ciphertext)).payload
+
+    async def predict_batch(self, spec: ModelSpec, key_id: str | None, rows: list[bytes]) -> list[bytes]:
+        return (await self.call("predict_batch", model=spec.name, key_id=key_id, ciphertexts=rows)).payload
+
     async def register_key(self, spec: ModelSpec, path: Path, key_id: str) -> tuple[dict, int]:
-        """Have the runner verify and store a spooled key upload. Returns (answer, HTTP status)."""
+        """Have the runner verify and store a spooled key file (deleted here). Returns (answer, status)."""
         try:
             info = (await self.call("register_key", model=spec.name, key_id=key_id, staged_path=str(path))).info
         finally:
             path.unlink(missing_ok=True)
         return {"key_id": info["key_id"], "bytes": info["bytes"]}, 201 if info["created"] else 200
 
-    async def predict(self, spec: ModelSpec, key_id: str | None, ciphertext: bytes) -> bytes:
-        return (await self.call("predict", model=spec.name, key_id=key_id, ciphertext=ciphertext)).payload
+    def has_key(self, spec: ModelSpec, key_id: str) -> bool:
+        return self.store.has(spec.key_scope, check_key_id(key_id))
+
+    def delete_key(self, spec: ModelSpec, key_id: str) -> None:
+        if not self.store.delete(spec.key_scope, check_key_id(key_id)):
+            raise not_found("unknown_key", f"key {key_id} is not registered for model {spec.name!r}")
+        log.info("key deleted: model=%s key_id=%s", spec.name, key_id)
+
+    def put_key_part(self, spec: ModelSpec, key_id: str, index: int, data: bytes) -> dict:
+        check_key_id(key_id)
+        if not 0 <= index < settings.max_key_parts:
+            raise bad_request("invalid_part", f"part index must be in 0..{settings.max_key_parts - 1}")
+        if len(data) > settings.max_part_bytes:
+            raise too_large(f"a part holds at most {settings.max_part_bytes} bytes")
+        if not data:
+            raise bad_request("empty_body", "a key part is empty")
+        self.store.put_part(spec.key_scope, key_id, index, data)
+        return {"key_id": key_id, "part": index, "bytes": len(data)}
+
+    def key_parts(self, spec: ModelSpec, key_id: str) -> dict:
+        parts = self.store.list_parts(spec.key_scope, check_key_id(key_id))
+        return {"key_id": key_id, "parts": sorted(parts), "bytes": sum(parts.values())}
+
+    async def complete_key(self, spec: ModelSpec, key_id: str, count: int) -> tuple[dict, int]:
+        """Join parts 0..count-1, check the SHA-256 against the key id, then register as a whole upload."""
+        check_key_id(key_id)
+        if not 0 < count <= settings.max_key_parts:
+            raise bad_request("invalid_part", f"a key has 1 to {settings.max_key_parts} parts")
+        scope = spec.key_scope
+        if self.store.has(scope, key_id):
+            self.store.drop_parts(scope, key_id)
+            return {"key_id": key_id, "bytes": self.store.size(scope, key_id)}, 200
+        path = self.staging / f"assembled-{uuid.uuid4().hex}"
+        digest, size = hashlib.sha256(), 0
+        try:
+            with path.open("wb") as fh:
+                for chunk in self.store.assemble_parts(scope, key_id, count):
+                    size += len(chunk)
+                    if size > settings.max_key_bytes:
+                        raise too_large(f"the parts add up to more than {settings.max_key_bytes} bytes")
+                    digest.update(chunk)
+                    fh.write(chunk)
+            if digest.hexdigest() != key_id:
+                raise bad_request("digest_mismatch", f"the {count} parts do not hash to key id {key_id}; resend them")
+        except FHEBentoError as exc:
+            path.unlink(missing_ok=True)
+            if exc.code != "missing_parts":  # missing parts can still come; anything else starts over
+                self.store.drop_parts(scope, key_id)
+            raise
+        try:
+            return await self.register_key(spec, path, key_id)
+        finally:
+            self.store.drop_parts(scope, key_id)
 
 
-def svc() -> FHEBento:
-    return bentoml.get_current_service()
-
-
-def _key_id_header(request: Request) -> str | None:
-    key_id = request.headers.get(KEY_ID_HEADER)
-    return check_key_id(key_id.strip().lower()) if key_id else None
-
-
-@app.get("/ping")
-async def ping() -> Response:
-    if await svc().is_ready():
-        return Response(status_code=200)
-    return JSONResponse(FHEBentoError(503, "not_ready", "models are still loading").body(), status_code=503)
-
-
-@app.get("/v1/models")
-async def list_models() -> list[dict]:
-    return [spec.public() for spec in svc().specs.values()]
-
-
-@app.get("/v1/models/{name}")
-async def get_model(name: str) -> dict:
-    return svc().spec(name).public()
-
-
-@app.get("/v1/models/{name}/client.zip")
-async def get_client_zip(name: str) -> FileResponse:
-    return client_zip_response(svc().spec(name))
-
-
-@app.post("/v1/models/{name}/keys")
-async def upload_key(name: str, request: Request) -> Response:
-    service = svc()
-    spec = service.spec(name)
-    require_content_type(request, OCTET_STREAM)
-    path, key_id, _ = await spool_limited(request, settings.max_key_bytes, service.staging)
-    answer, status = await service.register_key(spec, path, key_id)
-    return JSONResponse(answer, status_code=status)
-
-
-@app.head("/v1/models/{name}/keys/{key_id}")
-async def has_key(name: str, key_id: str) -> Response:
-    service = svc()
-    spec = service.spec(name)
-    if not service.store.has(spec.key_scope, check_key_id(key_id)):
-        raise not_found("unknown_key", f"key {key_id} is not registered for model {name!r}")
-    return Response(status_code=200)
-
-
-@app.delete("/v1/models/{name}/keys/{key_id}")
-async def delete_key(name: str, key_id: str) -> Response:
-    service = svc()
-    spec = service.spec(name)
-    if not service.store.delete(spec.key_scope, check_key_id(key_id)):
-        raise not_found("unknown_key", f"key {key_id} is not registered for model {name!r}")
-    log.info("key deleted: model=%s key_id=%s", name, key_id)
-    return Response(status_code=204)
-
-
-@app.post("/v1/models/{name}/predict")
-async def predict(name: str, request: Request) -> Response:
-    service = svc()
-    spec = service.spec(name)
-    require_content_type(request, OCTET_STREAM)
-    ciphertext = await read_limited(request, settings.max_ciphertext_bytes)
-    result = await service.predict(spec, _key_id_header(request), ciphertext)
-    return Response(result, media_type=OCTET_STREAM)
-
-
-@app.post("/v1/models/{name}/predict_batch")
-async def predict_batch(name: str, request: Request) -> Response:
-    service = svc()
-    spec = service.spec(name)
-    require_content_type(request, wire.CONTENT_TYPE, OCTET_STREAM)
-    body = await read_limited(request, settings.max_batch_bytes)
-    try:
-        rows = wire.decode_batch(body, settings.max_batch_rows)
-    except wire.FramingError as exc:
-        raise bad_request("invalid_batch", str(exc)) from None
-    reply = await service.call("predict_batch", model=spec.name, key_id=_key_id_header(request), ciphertexts=rows)
-    return Response(wire.encode_batch(reply.payload), media_type=wire.CONTENT_TYPE)
-
-
+app.include_router(sagemaker_router)
+app.include_router(native_router)
 app.include_router(compat_router)

@@ -11,8 +11,8 @@ from pathlib import Path
 from starlette.requests import ClientDisconnect, Request
 
 from runners.errors import FHEBentoError, bad_request, too_large
+from service.wire import OCTET_STREAM
 
-OCTET_STREAM = "application/octet-stream"
 
 
 def require_content_type(request: Request, *allowed: str) -> None:

@@ -1,4 +1,4 @@
-"""The batch framing shared by the service and the client. Pure Python: no server imports.
+"""Wire formats shared by the service and the client (batch framing, async envelope). No server imports.
 
 A batch is `b"FHB1"`, a big-endian u32 row count, then for each row a big-endian u32 length and that
 many bytes. Answers use the same framing, rows in request order.
@@ -9,9 +9,12 @@ from __future__ import annotations
 import struct
 from collections.abc import Sequence
 
+from pydantic import BaseModel, ConfigDict, Field, ValidationError
+
 MAGIC = b"FHB1"
 _U32 = struct.Struct(">I")
 CONTENT_TYPE = "application/vnd.fhe-bento.batch"
+OCTET_STREAM = "application/octet-stream"
 
 
 class FramingError(ValueError):
@@ -48,3 +51,39 @@ def decode_batch(data: bytes, max_rows: int) -> list[bytes]:
     if offset != len(data):
         raise FramingError(f"{len(data) - offset} stray bytes after the last row")
     return rows
+
+
+# --- the asynchronous-inference envelope ------------------------------------------------------------
+# b"FHEENV1\n", a big-endian u32 header length, a JSON header {"model", "key_id", "key_bytes"}, then
+# `key_bytes` bytes of evaluation key (0: the key is already registered under key_id), then a batch.
+
+ENVELOPE_MAGIC = b"FHEENV1\n"
+ENVELOPE_CONTENT_TYPE = "application/vnd.fhe-bento.envelope"
+MAX_ENVELOPE_HEADER = 4096
+
+
+class EnvelopeHeader(BaseModel):
+    model_config = ConfigDict(extra="forbid")
+
+    model: str | None = None
+    key_id: str | None = None
+    key_bytes: int = Field(default=0, ge=0)
+
+
+def encode_envelope(rows: Sequence[bytes], model: str | None, key_id: str | None, key: bytes = b"") -> bytes:
+    header = EnvelopeHeader(model=model, key_id=key_id, key_bytes=len(key)).model_dump_json().encode()
+    return ENVELOPE_MAGIC + _U32.pack(len(header)) + header + key + encode_batch(rows)
+
+
+def read_envelope_header(head: bytes) -> tuple[EnvelopeHeader, int]:
+    """Parse the start of an envelope; returns (header, offset of the key bytes)."""
+    if not head.startswith(ENVELOPE_MAGIC) or len(head) < len(ENVELOPE_MAGIC) + 4:
+        raise FramingError("an envelope starts with FHEENV1 and a header length")
+    (length,) = _U32.unpack_from(head, len(ENVELOPE_MAGIC))
+    start = len(ENVELOPE_MAGIC) + 4
+    if length > MAX_ENVELOPE_HEADER or start + length > len(head):
+        raise FramingError("the envelope header is too long or truncated")
+    try:
+        return EnvelopeHeader.model_validate_json(head[start : start + length]), start + length
+    except ValidationError as exc:
+        raise FramingError(f"bad envelope header: {exc.errors()[0]['msg']}") from None

@@ -1,0 +1,250 @@
+"""SageMaker transports: the same `Transport` interface as HTTP, over `/invocations`.
+
+- `SageMakerTransport` (real time): each operation is one `invoke_endpoint` with
+  `CustomAttributes="op=...; model=...; key=..."`. Keys over one part go in resumable 5 MiB parts, so a
+  60-80 MB key fits SageMaker's 6 MB request limit.
+- `AsyncSageMakerTransport`: an async endpoint accepts only `invoke_endpoint_async`, so every batch is an
+  envelope in S3 (with the evaluation key inline until one job has registered it), and the answer is
+  polled from the output location. Model facts come from the model folders (a local copy, or the
+  deployed `model.tar.gz` in S3) because an async endpoint cannot answer metadata queries.
+
+Credentials and region come from boto3's usual chain; `AWS_ENDPOINT_URL` points boto3 elsewhere.
+"""
+
+from __future__ import annotations
+
+import hashlib
+import io
+import json
+import tarfile
+import time
+import uuid
+from collections.abc import Callable
+from pathlib import Path
+from typing import Protocol
+from urllib.parse import urlparse
+
+import httpx
+from tqdm.auto import tqdm
+
+from client.http_transport import FHEServiceError
+from service import wire
+
+PART_BYTES = 5 * 1024 * 1024
+ATTRIBUTES_HEADER = "X-Amzn-SageMaker-Custom-Attributes"
+
+
+def attributes(**fields: object) -> str:
+    return "; ".join(f"{name}={value}" for name, value in fields.items() if value is not None)
+
+
+def _error_from_body(status: int, body: bytes | str) -> FHEServiceError:
+    try:
+        error = json.loads(body)["error"]
+        return FHEServiceError(status, error["code"], error["message"])
+    except Exception:
+        return FHEServiceError(status, "model_error", str(body)[:200])
+
+
+class Invoker(Protocol):
+    def __call__(self, body: bytes, custom_attributes: str, content_type: str) -> bytes: ...
+
+
+class RuntimeInvoker:
+    """`sagemaker-runtime.invoke_endpoint`; a container 4xx/5xx comes back as ModelError (HTTP 424)."""
+
+    def __init__(self, endpoint_name: str, runtime_client=None) -> None:
+        import boto3
+
+        self.endpoint_name = endpoint_name
+        self.runtime = runtime_client or boto3.client("sagemaker-runtime")
+
+    def __call__(self, body: bytes, custom_attributes: str, content_type: str) -> bytes:
+        from botocore.exceptions import ClientError
+
+        try:
+            response = self.runtime.invoke_endpoint(
+                EndpointName=self.endpoint_name, Body=body, ContentType=content_type, CustomAttributes=custom_attributes
+            )
+        except ClientError as exc:
+            info = exc.response.get("OriginalMessage") or exc.response.get("Error", {}).get("Message", "")
+            raise _error_from_body(int(exc.response.get("OriginalStatusCode", 424)), info) from None
+        return response["Body"].read()
+
+
+class LocalInvoker:
+    """What SageMaker forwards to the container, sent straight to it: `POST {url}/invocations` with the
+    custom attributes header and no SigV4. For a container run locally (`podman run ... serve`)."""
+
+    def __init__(self, url: str, timeout: float = 600.0) -> None:
+        self.http = httpx.Client(base_url=url.rstrip("/"), timeout=timeout)
+
+    def __call__(self, body: bytes, custom_attributes: str, content_type: str) -> bytes:
+        response = self.http.post(
+            "/invocations", content=body, headers={"Content-Type": content_type, ATTRIBUTES_HEADER: custom_attributes}
+        )
+        if response.status_code >= 400:
+            raise _error_from_body(response.status_code, response.content)
+        return response.content
+
+
+class SageMakerTransport:
+    """Real-time endpoint transport."""
+
+    def __init__(self, invoke: Invoker, part_bytes: int = PART_BYTES) -> None:
+        self.invoke = invoke
+        self.part_bytes = part_bytes
+
+    def _json(self, **attrs: object) -> dict | list:
+        return json.loads(self.invoke(b"{}", attributes(**attrs), "application/json"))
+
+    def list_models(self) -> list[dict]:
+        return self._json(op="list_models")
+
+    def get_model(self, name: str) -> dict:
+        for info in self.list_models():
+            if info["name"] == name:
+                return info
+        raise FHEServiceError(404, "unknown_model", f"no model named {name!r} is served")
+
+    def get_client_zip(self, name: str) -> tuple[bytes, str]:
+        return self.invoke(b"{}", attributes(op="get_client", model=name), "application/json"), ""
+
+    def has_key(self, name: str, key_id: str) -> bool:
+        return bool(self._json(op="has_key", model=name, key=key_id)["registered"])
+
+    def put_key(self, name: str, key: bytes, on_progress: Callable[[int], None]) -> dict:
+        if len(key) <= self.part_bytes:
+            answer = json.loads(self.invoke(key, attributes(op="put_key", model=name), wire.OCTET_STREAM))
+            on_progress(len(key))
+            return answer
+        key_id = hashlib.sha256(key).hexdigest()
+        count = -(-len(key) // self.part_bytes)
+        held = set(self._json(op="key_parts", model=name, key=key_id)["parts"])  # resume an earlier upload
+        for index in range(count):
+            part = key[index * self.part_bytes : (index + 1) * self.part_bytes]
+            if index not in held:
+                self.invoke(part, attributes(op="put_key_part", model=name, key=key_id, part=index), wire.OCTET_STREAM)
+            on_progress(len(part))
+        return self._json(op="complete_key", model=name, key=key_id, parts=count)
+
+    def predict_batch(self, name: str, key_id: str | None, rows: list[bytes]) -> list[bytes]:
+        answer = self.invoke(wire.encode_batch(rows), attributes(op="predict_batch", model=name, key=key_id),
+                             wire.CONTENT_TYPE)
+        return wire.decode_batch(answer, max_rows=len(rows))
+
+
+def _split_s3(url: str) -> tuple[str, str]:
+    parsed = urlparse(url)
+    if parsed.scheme != "s3" or not parsed.netloc:
+        raise ValueError(f"not an s3:// URL: {url!r}")
+    return parsed.netloc, parsed.path.lstrip("/")
+
+
+class ModelFolders:
+    """Model facts from the deployed artifacts: a local folder of model folders, or `s3://.../model.tar.gz`."""
+
+    def __init__(self, source: str | Path, s3=None) -> None:
+        self.files: dict[str, dict[str, bytes]] = {}
+        if str(source).startswith("s3://"):
+            bucket, key = _split_s3(str(source))
+            archive = s3.get_object(Bucket=bucket, Key=key)["Body"].read()
+            with tarfile.open(fileobj=io.BytesIO(archive), mode="r:gz") as tar:
+                for member in tar.getmembers():
+                    parts = Path(member.name).parts
+                    if member.isfile() and len(parts) >= 2 and parts[-1] in ("client.zip", "fhe-bento.json"):
+                        self.files.setdefault(parts[-2], {})[parts[-1]] = tar.extractfile(member).read()
+        else:
+            for folder in Path(source).iterdir():
+                if (folder / "fhe-bento.json").is_file():
+                    self.files[folder.name] = {n: (folder / n).read_bytes() for n in ("client.zip", "fhe-bento.json")}
+
+    def info(self, name: str) -> dict:
+        if name not in self.files:
+            raise FHEServiceError(404, "unknown_model", f"no model named {name!r} in the deployed artifacts")
+        meta = json.loads(self.files[name]["fhe-bento.json"])
+        return {"name": name, **meta}
+
+
+class AsyncJob:
+    """One asynchronous invocation: where its answer (or failure) will appear in S3."""
+
+    def __init__(self, s3, output_location: str, failure_location: str | None, rows: int) -> None:
+        self.s3 = s3
+        self.output_location = output_location
+        self.failure_location = failure_location
+        self.rows = rows
+
+    def _fetch(self, url: str | None) -> bytes | None:
+        if not url:
+            return None
+        bucket, key = _split_s3(url)
+        try:
+            return self.s3.get_object(Bucket=bucket, Key=key)["Body"].read()
+        except self.s3.exceptions.NoSuchKey:
+            return None
+
+    def result(self, timeout: float = 3600.0, poll: float = 2.0, progress: bool = True) -> list[bytes]:
+        deadline = time.monotonic() + timeout
+        with tqdm(desc="async inference", unit="poll", disable=not progress) as bar:
+            while time.monotonic() < deadline:
+                answer = self._fetch(self.output_location)
+                if answer is not None:
+                    return wire.decode_batch(answer, max_rows=self.rows)
+                failure = self._fetch(self.failure_location)
+                if failure is not None:
+                    raise _error_from_body(424, failure)
+                bar.update()
+                time.sleep(poll)
+        raise TimeoutError(f"no answer at {self.output_location} after {timeout:.0f} s")
+
+
+class AsyncSageMakerTransport:
+    """Asynchronous endpoint transport: envelopes in, framed answers out, through S3."""
+
+    def __init__(self, endpoint_name: str, input_prefix: str, models: ModelFolders, runtime_client=None,
+                 s3_client=None, progress: bool = True) -> None:
+        import boto3
+
+        self.endpoint_name = endpoint_name
+        self.input_prefix = input_prefix.rstrip("/")
+        self.models = models
+        self.runtime = runtime_client or boto3.client("sagemaker-runtime")
+        self.s3 = s3_client or boto3.client("s3")
+        self.progress = progress
+        self._pending_keys: dict[str, bytes] = {}  # key id -> key, sent inline until a job registers it
+        self._registered: set[str] = set()
+
+    def get_model(self, name: str) -> dict:
+        return self.models.info(name)
+
+    def get_client_zip(self, name: str) -> tuple[bytes, str]:
+        return self.models.files[name]["client.zip"], ""
+
+    def has_key(self, name: str, key_id: str) -> bool:
+        return key_id in self._registered
+
+    def put_key(self, name: str, key: bytes, on_progress: Callable[[int], None]) -> dict:
+        key_id = hashlib.sha256(key).hexdigest()
+        self._pending_keys[key_id] = key
+        on_progress(len(key))
+        return {"key_id": key_id, "bytes": len(key)}
+
+    def submit(self, name: str, key_id: str | None, rows: list[bytes]) -> AsyncJob:
+        inline = self._pending_keys.get(key_id, b"") if key_id else b""
+        envelope = wire.encode_envelope(rows, name, key_id, inline)
+        bucket, prefix = _split_s3(self.input_prefix)
+        key = f"{prefix}/{uuid.uuid4().hex}.fhe".lstrip("/")
+        self.s3.put_object(Bucket=bucket, Key=key, Body=envelope, ContentType=wire.ENVELOPE_CONTENT_TYPE)
+        response = self.runtime.invoke_endpoint_async(
+            EndpointName=self.endpoint_name, InputLocation=f"s3://{bucket}/{key}",
+            ContentType=wire.ENVELOPE_CONTENT_TYPE, CustomAttributes=attributes(op="envelope", model=name),
+        )
+        return AsyncJob(self.s3, response["OutputLocation"], response.get("FailureLocation"), len(rows))
+
+    def predict_batch(self, name: str, key_id: str | None, rows: list[bytes]) -> list[bytes]:
+        answers = self.submit(name, key_id, rows).result(progress=self.progress)
+        if key_id:
+            self._registered.add(key_id)
+            self._pending_keys.pop(key_id, None)
+        return answers
