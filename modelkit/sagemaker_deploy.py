@@ -1,0 +1,133 @@
+"""Deploy to SageMaker with boto3: pack model folders as model.tar.gz, upload to S3, optionally push the
+image to ECR, then create the Model, EndpointConfig (real time or async) and Endpoint.
+
+`model.tar.gz` holds one folder per model at its root (`<name>/client.zip`, `<name>/server.zip`,
+`<name>/fhe-bento.json`); SageMaker unpacks it into `/opt/ml/model`, which the image serves.
+"""
+
+from __future__ import annotations
+
+import base64
+import subprocess
+import tarfile
+import time
+from pathlib import Path
+
+from pydantic import BaseModel, Field
+
+from runners.model_repo import METADATA_FILE
+
+MODEL_FILES = ("client.zip", "server.zip", METADATA_FILE)
+
+
+class DeployConfig(BaseModel):
+    endpoint_name: str
+    image_uri: str
+    role_arn: str
+    model_data_url: str
+    instance_type: str = "ml.m5.xlarge"
+    instance_count: int = Field(default=1, ge=1)
+    async_output_path: str | None = None  # s3://... makes an asynchronous endpoint
+    async_failure_path: str | None = None
+    max_concurrent_invocations: int | None = Field(default=None, ge=1)
+    environment: dict[str, str] = {}
+
+
+def resource_names(endpoint_name: str) -> dict[str, str]:
+    """The Model and EndpointConfig names that belong to an endpoint."""
+    return {"model": f"{endpoint_name}-model", "config": f"{endpoint_name}-config"}
+
+
+def model_folders_from_store(tags: list[str]) -> dict[str, Path]:
+    import bentoml
+
+    models = [bentoml.models.get(tag) for tag in tags]
+    return {model.tag.name: Path(model.path) for model in models}
+
+
+def model_folders_from_dir(root: Path) -> dict[str, Path]:
+    return {p.name: p for p in sorted(root.iterdir()) if (p / METADATA_FILE).is_file()}
+
+
+def pack_models(folders: dict[str, Path], out: Path) -> Path:
+    """Write model.tar.gz in the layout the image expects under /opt/ml/model."""
+    if not folders:
+        raise ValueError("no model folders to pack")
+    with tarfile.open(out, "w:gz") as tar:
+        for name, folder in folders.items():
+            for file in MODEL_FILES:
+                tar.add(folder / file, arcname=f"{name}/{file}")
+    return out
+
+
+def upload_model_data(s3, tarball: Path, bucket: str, prefix: str) -> str:
+    key = f"{prefix.strip('/')}/model.tar.gz".lstrip("/")
+    s3.upload_file(str(tarball), bucket, key)
+    return f"s3://{bucket}/{key}"
+
+
+def push_image(ecr, local_image: str, repository: str, tool: str = "podman") -> str:
+    """Tag and push a local image to ECR (creating the repository if needed); returns the image URI."""
+    try:
+        uri = ecr.create_repository(repositoryName=repository)["repository"]["repositoryUri"]
+    except ecr.exceptions.RepositoryAlreadyExistsException:
+        uri = ecr.describe_repositories(repositoryNames=[repository])["repositories"][0]["repositoryUri"]
+    auth = ecr.get_authorization_token()["authorizationData"][0]
+    user, password = base64.b64decode(auth["authorizationToken"]).decode().split(":", 1)
+    registry = uri.split("/", 1)[0]
+    target = f"{uri}:{local_image.rsplit(':', 1)[-1]}"
+    subprocess.run([tool, "login", "--username", user, "--password-stdin", registry], input=password.encode(), check=True)
+    subprocess.run([tool, "tag", local_image, target], check=True)
+    subprocess.run([tool, "push", target], check=True)
+    return target
+
+
+def create_endpoint(sm, config: DeployConfig) -> dict:
+    """Create the Model, EndpointConfig and Endpoint; returns the names and the endpoint ARN."""
+    names = resource_names(config.endpoint_name)
+    sm.create_model(
+        ModelName=names["model"],
+        ExecutionRoleArn=config.role_arn,
+        PrimaryContainer={
+            "Image": config.image_uri,
+            "ModelDataUrl": config.model_data_url,
+            "Environment": {"FHE_BENTO_MODEL_DIR": "/opt/ml/model", **config.environment},
+        },
+    )
+    endpoint_config = {
+        "EndpointConfigName": names["config"],
+        "ProductionVariants": [{
+            "VariantName": "AllTraffic",
+            "ModelName": names["model"],
+            "InstanceType": config.instance_type,
+            "InitialInstanceCount": config.instance_count,
+        }],
+    }
+    if config.async_output_path:
+        output = {"S3OutputPath": config.async_output_path}
+        if config.async_failure_path:
+            output["S3FailurePath"] = config.async_failure_path
+        async_config: dict = {"OutputConfig": output}
+        if config.max_concurrent_invocations:
+            async_config["ClientConfig"] = {"MaxConcurrentInvocationsPerInstance": config.max_concurrent_invocations}
+        endpoint_config["AsyncInferenceConfig"] = async_config
+    sm.create_endpoint_config(**endpoint_config)
+    arn = sm.create_endpoint(EndpointName=config.endpoint_name, EndpointConfigName=names["config"])["EndpointArn"]
+    return {**names, "endpoint": config.endpoint_name, "endpoint_arn": arn}
+
+
+def wait_in_service(sm, endpoint_name: str, timeout: float = 1800.0, poll: float = 15.0) -> str:
+    deadline = time.monotonic() + timeout
+    while True:
+        status = sm.describe_endpoint(EndpointName=endpoint_name)["EndpointStatus"]
+        if status in ("InService", "Failed") or time.monotonic() > deadline:
+            return status
+        time.sleep(poll)
+
+
+def delete_endpoint(sm, endpoint_name: str) -> None:
+    """Tear down the endpoint, its config and its model (names as `create_endpoint` made them)."""
+    names = resource_names(endpoint_name)
+    sm.delete_endpoint(EndpointName=endpoint_name)
+    sm.delete_endpoint_config(EndpointConfigName=names["config"])
+    sm.delete_model(ModelName=names["model"])
