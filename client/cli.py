@@ -149,3 +149,16 @@ def delete(endpoint_name: str) -> None:
 
     delete_endpoint(boto3.client("sagemaker"), endpoint_name)
     click.echo(f"deleted {endpoint_name}")
+
+
+@sagemaker.command("build-image")
+@click.option("--backend", default="docker", show_default=True,
+              type=click.Choice(["docker", "buildah", "podman", "buildx", "nerdctl"]),
+              help="bentoml containerize backend: docker where a daemon runs, buildah/podman without one.")
+@click.option("--base-image", envvar="FHE_BENTO_BASE_IMAGE", help="Base image [default: python:3.11-slim].")
+@click.option("--repository", default="localhost/fhe-bento", show_default=True, help="Image name to tag.")
+def build_image(backend: str, base_image: str | None, repository: str) -> None:
+    """bentoml build + bentoml containerize: an image that serves /ping and /invocations on 8080."""
+    from modelkit.image import build_image as build
+
+    click.echo(build(backend, base_image, repository))
