@@ -144,7 +144,7 @@ def main() -> None:
     out = ROOT / "bench" / "results"
     out.mkdir(parents=True, exist_ok=True)
     (out / "latency.json").write_text(json.dumps(results, indent=2))
-    print(f"| figure | value |\n|---|---|")
+    print("| figure | value |\n|---|---|")
     for name, value in results.items():
         print(f"| {name} | {value:.4g} |" if isinstance(value, float) else f"| {name} | {value} |")
 

@@ -11,7 +11,6 @@ from pathlib import Path
 from starlette.requests import ClientDisconnect, Request
 
 from runners.errors import FHEBentoError, bad_request, too_large
-from service.wire import OCTET_STREAM
 
 
 

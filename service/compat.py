@@ -17,7 +17,8 @@ from runners.errors import bad_request
 from runners.key_store import check_key_id
 from runners.settings import get_settings
 from service.responses import client_zip_response
-from service.bodies import OCTET_STREAM, declared_length, require_content_type, spool_chunks
+from service.wire import OCTET_STREAM
+from service.bodies import declared_length, require_content_type, spool_chunks
 
 router = APIRouter()
 settings = get_settings()

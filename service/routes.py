@@ -12,7 +12,8 @@ from runners.errors import bad_request, not_found
 from runners.key_store import check_key_id
 from runners.settings import get_settings
 from service import wire
-from service.bodies import OCTET_STREAM, read_limited, require_content_type, spool_limited
+from service.wire import OCTET_STREAM
+from service.bodies import read_limited, require_content_type, spool_limited
 from service.responses import client_zip_response
 
 if TYPE_CHECKING:

@@ -20,7 +20,8 @@ from pydantic import BaseModel, ConfigDict, ValidationError
 from runners.errors import FHEBentoError, bad_request
 from runners.settings import get_settings
 from service import wire
-from service.bodies import OCTET_STREAM, read_limited, require_content_type, spool_chunks, spool_limited
+from service.wire import OCTET_STREAM
+from service.bodies import read_limited, require_content_type, spool_chunks, spool_limited
 from service.responses import client_zip_response
 from service.routes import decode_rows
 

@@ -2,7 +2,6 @@
 
 from __future__ import annotations
 
-import hashlib
 import io
 import subprocess
 import sys
@@ -14,7 +13,6 @@ import httpx
 import pytest
 
 from client import FHEClient, FHEServiceError
-from client.sagemaker_transport import ATTRIBUTES_HEADER
 from conftest import LOGREG, XGB
 from runners.model_repo import load_specs
 from runners.settings import Settings
@@ -76,34 +74,6 @@ def test_deploy_creates_model_config_endpoint_and_artifacts(mode, demo, bucket, 
     cli("sagemaker", "delete", "--endpoint-name", name)
     with pytest.raises(sm.exceptions.ClientError):
         sm.describe_endpoint(EndpointName=name)
-
-
-def test_async_client_envelope_round_trip(demo, bucket, moto_url, server, tmp_path):
-    """The async client writes an envelope to S3; the service answers it; the client decrypts."""
-    client = FHEClient.sagemaker("fhe-async", mode="async", input_prefix=f"s3://{bucket}/in",
-                                 models=demo_model_dir(demo, tmp_path), cache_dir=tmp_path / "cache", progress=False)
-    remote = client.model(XGB)
-    key_id = remote.ensure_key()  # async: held back and sent inline with the first envelope
-    rows = demo.x_test[70:72]
-    job = remote.transport.submit(XGB, key_id, remote.encrypt(rows))
-
-    s3 = boto3.client("s3")
-    (envelope_obj,) = s3.list_objects_v2(Bucket=bucket, Prefix="in/")["Contents"]
-    envelope = s3.get_object(Bucket=bucket, Key=envelope_obj["Key"])["Body"].read()
-    assert len(envelope) > len(remote.evaluation_key())  # the key travelled inline
-    # What SageMaker does with it: POST the object to the container's /invocations.
-    answer = httpx.post(f"{server.url}/invocations", content=envelope, timeout=300,
-                        headers={"Content-Type": "application/vnd.fhe-bento.envelope",
-                                 ATTRIBUTES_HEADER: f"op=envelope; model={XGB}"})
-    assert answer.status_code == 200, answer.text
-    out_bucket, out_key = job.output_location[5:].split("/", 1)
-    s3.put_object(Bucket=out_bucket, Key=out_key, Body=answer.content)  # in place of moto's canned result
-
-    results = job.result(poll=0.1, progress=False)
-    labels = [int(remote.fhe.deserialize_decrypt_dequantize(r).argmax()) for r in results]
-    assert labels == list(demo.clear_predict(XGB, rows))
-    assert httpx.head(f"{server.url}/v1/models/{XGB}/keys/{hashlib.sha256(remote.evaluation_key()).hexdigest()}"
-                      ).status_code == 200
 
 
 def test_async_failure_object_raises_the_service_error(demo, bucket, moto_url, tmp_path):

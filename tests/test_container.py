@@ -1,0 +1,166 @@
+"""The SageMaker container contract, on the real image: built once per run with buildah (from a locally
+made Debian base), run with podman exactly as SageMaker runs it, called only on /ping and /invocations."""
+
+from __future__ import annotations
+
+import hashlib
+import shutil
+import subprocess
+import time
+import uuid
+from pathlib import Path
+
+import boto3
+import httpx
+import pytest
+
+from client import FHEClient
+from client.sagemaker_transport import ATTRIBUTES_HEADER, PART_BYTES, LocalInvoker, SageMakerTransport
+from conftest import LOGREG, XGB
+from modelkit.devserver import ROOT
+
+PORT = 8080  # SageMaker's
+URL = f"http://127.0.0.1:{PORT}"
+PODMAN = ["podman", "--runtime", "runc", "--cgroup-manager", "cgroupfs"]
+
+
+@pytest.fixture(scope="session")
+def image():
+    built = subprocess.run([str(ROOT / "scripts" / "build-image")], capture_output=True, text=True, timeout=3000)
+    assert built.returncode == 0, built.stderr[-4000:]
+    name = built.stdout.strip().splitlines()[-1]
+    yield name
+    subprocess.run(["podman", "rmi", "-f", name], capture_output=True)
+    subprocess.run(["podman", "image", "prune", "-f"], capture_output=True)
+
+
+@pytest.fixture(scope="session")
+def model_dir(demo, tmp_path_factory) -> Path:
+    """/opt/ml/model as SageMaker lays it out from model.tar.gz: one readable folder per model."""
+    from modelkit.sagemaker_deploy import MODEL_FILES, model_folders_from_store
+
+    root = tmp_path_factory.mktemp("opt-ml-model")
+    root.chmod(0o755)
+    for name, folder in model_folders_from_store([f"{XGB}:latest", f"{LOGREG}:latest"]).items():
+        (root / name).mkdir(mode=0o755)
+        for file in MODEL_FILES:
+            shutil.copyfile(folder / file, root / name / file)
+            (root / name / file).chmod(0o644)
+    return root
+
+
+def wait_for_ping(timeout: float = 300) -> httpx.Response:
+    deadline = time.monotonic() + timeout
+    while time.monotonic() < deadline:
+        try:
+            response = httpx.get(f"{URL}/ping", timeout=2)
+            if response.status_code == 200:
+                return response
+        except httpx.HTTPError:
+            pass
+        time.sleep(0.5)
+    raise AssertionError("the container never answered /ping with 200")
+
+
+@pytest.fixture(scope="module")
+def container(image, model_dir):
+    name = f"fhe-bento-test-{uuid.uuid4().hex[:8]}"
+    subprocess.run(
+        [*PODMAN, "run", "-d", "--name", name, "--network", "host", "--ulimit", "nofile=20000:20000",
+         "--ulimit", "nproc=4096:4096", "-e", f"PORT={PORT}", "-v", f"{model_dir}:/opt/ml/model:ro", image, "serve"],
+        check=True, capture_output=True,
+    )
+    try:
+        yield name
+    finally:
+        logs = subprocess.run(["podman", "logs", name], capture_output=True, text=True).stdout
+        subprocess.run(["podman", "rm", "-f", name], capture_output=True)
+        print(logs[-3000:])
+
+
+def invoke(attributes: str, body: bytes = b"{}", content_type: str = "application/octet-stream") -> httpx.Response:
+    return httpx.post(f"{URL}/invocations", content=body, timeout=300,
+                      headers={"Content-Type": content_type, ATTRIBUTES_HEADER: attributes})
+
+
+def test_ping_is_200_with_empty_body_once_loaded(container):
+    response = wait_for_ping()
+    assert response.content == b""
+    models = {m["name"] for m in invoke("op=list_models").json()}
+    assert models == {XGB, LOGREG}  # loaded from /opt/ml/model
+
+
+def test_invocations_only_client_uploads_key_in_parts_and_decrypts(container, demo, tmp_path):
+    wait_for_ping()
+    transport = SageMakerTransport(LocalInvoker(URL))
+    client = FHEClient(transport=transport, cache_dir=tmp_path, progress=False, batch_size=2)
+    xgb = client.model(XGB)
+    key = xgb.evaluation_key()
+    assert len(key) > 10 * PART_BYTES  # so the upload really goes in parts, as on SageMaker real time
+    key_id = xgb.ensure_key()
+    assert key_id == hashlib.sha256(key).hexdigest() and transport.has_key(XGB, key_id)
+
+    rows = demo.x_test[80:82]
+    assert list(xgb.predict(rows)) == list(demo.clear_predict(XGB, rows))
+    rows = demo.x_test[:20]
+    assert list(client.model(LOGREG).predict(rows)) == list(demo.clear_predict(LOGREG, rows))
+
+
+@pytest.mark.parametrize(
+    ("attributes", "body", "status", "code"),
+    [
+        (f"op=predict; model={LOGREG}", b"\x00garbage", 400, "invalid_ciphertext"),
+        (f"op=predict; model={XGB}; key={'1' * 64}", b"\x00", 404, "unknown_key"),
+        (f"op=put_key; model={XGB}", b"not a key" * 100, 400, "invalid_key"),
+        (f"op=predict_batch; model={LOGREG}", b"FHB1\x00", 400, "invalid_batch"),
+        ("op=nope", b"x", 400, "invalid_attributes"),
+        ("op=predict; model=missing", b"x", 404, "unknown_model"),
+    ],
+)
+def test_bad_invocations_get_documented_errors(container, attributes, body, status, code):
+    wait_for_ping()
+    response = invoke(attributes, body)
+    assert response.status_code == status and response.json()["error"]["code"] == code
+    assert httpx.get(f"{URL}/ping", timeout=10).status_code == 200
+
+
+def test_async_envelope_answered_by_the_container(container, demo, tmp_path, moto_url):
+    """The async client puts an envelope in S3 (moto); the container answers it as SageMaker would
+    deliver it; that answer replaces moto's canned result, and the client reads and decrypts it."""
+    wait_for_ping()
+    s3 = boto3.client("s3")
+    s3.create_bucket(Bucket="fhe-bento-async")
+    client = FHEClient.sagemaker("fhe-async", mode="async", input_prefix="s3://fhe-bento-async/in",
+                                 models=model_dir_of(container), cache_dir=tmp_path, progress=False)
+    remote = client.model(XGB)
+    key_id = remote.ensure_key()  # async: held back and sent inline in the envelope
+    rows = demo.x_test[90:92]
+    job = remote.transport.submit(XGB, key_id, remote.encrypt(rows))
+
+    (obj,) = s3.list_objects_v2(Bucket="fhe-bento-async", Prefix="in/")["Contents"]
+    envelope = s3.get_object(Bucket="fhe-bento-async", Key=obj["Key"])["Body"].read()
+    assert len(envelope) > len(remote.evaluation_key())  # the key travelled inline
+    answer = invoke(f"op=envelope; model={XGB}", envelope, "application/vnd.fhe-bento.envelope")
+    assert answer.status_code == 200, answer.text
+    out_bucket, out_key = job.output_location[len("s3://"):].split("/", 1)
+    s3.put_object(Bucket=out_bucket, Key=out_key, Body=answer.content)
+
+    labels = [int(remote.fhe.deserialize_decrypt_dequantize(r).argmax()) for r in job.result(poll=0.1, progress=False)]
+    assert labels == list(demo.clear_predict(XGB, rows))
+    assert invoke(f"op=has_key; model={XGB}; key={key_id}").json()["registered"] is True
+
+
+def model_dir_of(container: str) -> Path:
+    mounts = subprocess.run(["podman", "inspect", "--format", "{{range .Mounts}}{{.Source}}{{end}}", container],
+                            capture_output=True, text=True, check=True).stdout.strip()
+    return Path(mounts)
+
+
+def test_sigterm_stops_the_container_cleanly(container):
+    """`podman stop -t 30` sends SIGTERM and SIGKILLs after 30 s, as SageMaker does: exit code 0 means
+    the server shut down by itself on SIGTERM, inside the 30 s."""
+    wait_for_ping()
+    subprocess.run(["podman", "stop", "-t", "30", container], check=True, capture_output=True)
+    state = subprocess.run(["podman", "inspect", "--format", "{{.State.Status}} {{.State.ExitCode}}", container],
+                           capture_output=True, text=True, check=True).stdout.split()
+    assert state == ["exited", "0"]
