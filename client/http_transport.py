@@ -2,15 +2,16 @@
 
 from __future__ import annotations
 
-from collections.abc import Callable, Iterator
+from collections.abc import Callable
 
 import httpx
 
+from client.uploads import PART_BYTES, upload_key
 from service import wire
 
 KEY_ID_HEADER = "X-FHE-Key-Id"
 CLIENT_SHA_HEADER = "X-FHE-Client-SHA256"
-UPLOAD_CHUNK = 1 << 20
+OCTET = {"Content-Type": "application/octet-stream"}
 
 
 class FHEServiceError(RuntimeError):
@@ -35,8 +36,11 @@ def _raise_for_error(response: httpx.Response) -> httpx.Response:
 
 
 class HTTPTransport:
-    def __init__(self, url: str, timeout: float = 600.0, client: httpx.Client | None = None) -> None:
+    def __init__(
+        self, url: str, timeout: float = 600.0, client: httpx.Client | None = None, part_bytes: int = PART_BYTES
+    ) -> None:
         self.url = url.rstrip("/")
+        self.part_bytes = part_bytes
         self.http = client or httpx.Client(base_url=self.url, timeout=httpx.Timeout(timeout, connect=10.0))
 
     def close(self) -> None:
@@ -60,17 +64,20 @@ class HTTPTransport:
         return True
 
     def put_key(self, name: str, key: bytes, on_progress: Callable[[int], None]) -> dict:
-        def chunks() -> Iterator[bytes]:
-            for offset in range(0, len(key), UPLOAD_CHUNK):
-                chunk = key[offset : offset + UPLOAD_CHUNK]
-                yield chunk
-                on_progress(len(chunk))
+        return upload_key(self, name, key, self.part_bytes, on_progress)
 
-        response = self.http.post(
-            f"/v1/models/{name}/keys",
-            content=chunks(),
-            headers={"Content-Type": "application/octet-stream", "Content-Length": str(len(key))},
-        )
+    def put_whole_key(self, name: str, key: bytes) -> dict:
+        response = self.http.post(f"/v1/models/{name}/keys", content=key, headers=OCTET)
+        return _raise_for_error(response).json()
+
+    def key_parts(self, name: str, key_id: str) -> list[int]:
+        return _raise_for_error(self.http.get(f"/v1/models/{name}/keys/{key_id}/parts")).json()["parts"]
+
+    def put_key_part(self, name: str, key_id: str, index: int, data: bytes) -> None:
+        _raise_for_error(self.http.put(f"/v1/models/{name}/keys/{key_id}/parts/{index}", content=data, headers=OCTET))
+
+    def complete_key(self, name: str, key_id: str, count: int) -> dict:
+        response = self.http.post(f"/v1/models/{name}/keys/{key_id}/complete", params={"parts": count})
         return _raise_for_error(response).json()
 
     def predict_batch(self, name: str, key_id: str | None, rows: list[bytes]) -> list[bytes]:

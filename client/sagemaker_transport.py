@@ -28,9 +28,9 @@ import httpx
 from tqdm.auto import tqdm
 
 from client.http_transport import FHEServiceError
+from client.uploads import PART_BYTES, upload_key
 from service import wire
 
-PART_BYTES = 5 * 1024 * 1024
 ATTRIBUTES_HEADER = "X-Amzn-SageMaker-Custom-Attributes"
 
 
@@ -114,18 +114,18 @@ class SageMakerTransport:
         return bool(self._json(op="has_key", model=name, key=key_id)["registered"])
 
     def put_key(self, name: str, key: bytes, on_progress: Callable[[int], None]) -> dict:
-        if len(key) <= self.part_bytes:
-            answer = json.loads(self.invoke(key, attributes(op="put_key", model=name), wire.OCTET_STREAM))
-            on_progress(len(key))
-            return answer
-        key_id = hashlib.sha256(key).hexdigest()
-        count = -(-len(key) // self.part_bytes)
-        held = set(self._json(op="key_parts", model=name, key=key_id)["parts"])  # resume an earlier upload
-        for index in range(count):
-            part = key[index * self.part_bytes : (index + 1) * self.part_bytes]
-            if index not in held:
-                self.invoke(part, attributes(op="put_key_part", model=name, key=key_id, part=index), wire.OCTET_STREAM)
-            on_progress(len(part))
+        return upload_key(self, name, key, self.part_bytes, on_progress)
+
+    def put_whole_key(self, name: str, key: bytes) -> dict:
+        return json.loads(self.invoke(key, attributes(op="put_key", model=name), wire.OCTET_STREAM))
+
+    def key_parts(self, name: str, key_id: str) -> list[int]:
+        return self._json(op="key_parts", model=name, key=key_id)["parts"]
+
+    def put_key_part(self, name: str, key_id: str, index: int, data: bytes) -> None:
+        self.invoke(data, attributes(op="put_key_part", model=name, key=key_id, part=index), wire.OCTET_STREAM)
+
+    def complete_key(self, name: str, key_id: str, count: int) -> dict:
         return self._json(op="complete_key", model=name, key=key_id, parts=count)
 
     def predict_batch(self, name: str, key_id: str | None, rows: list[bytes]) -> list[bytes]:

@@ -19,6 +19,7 @@ import bentoml
 from runners import metrics
 from runners.errors import FHEBentoError, RunnerReply, bad_request, not_found, unprocessable
 from runners.key_cache import KeyCache
+from runners.key_registry import KeyRegistry
 from runners.key_store import open_store
 from runners.model_repo import ModelSpec, load_specs
 from runners.settings import get_settings
@@ -69,7 +70,7 @@ def _classify_run_error(exc: Exception) -> FHEBentoError:
 class FHERunner:
     def __init__(self) -> None:
         self.models = {name: LoadedModel(spec) for name, spec in load_specs(settings).items()}
-        self.store = open_store(settings.key_store_url())
+        self.keys = KeyRegistry(open_store(settings.key_store_url()), settings)
         self.cache = KeyCache(settings.key_cache_bytes)
         threads = max(1, (os.cpu_count() or 1) // settings.workers)
         self.rows_pool = ThreadPoolExecutor(threads, thread_name_prefix="fhe-row")
@@ -91,15 +92,16 @@ class FHERunner:
         if not key_id:
             raise bad_request("missing_key_id", "this model needs an evaluation key: send X-FHE-Key-Id")
         scope = model.spec.key_scope
-        if not self.store.has(scope, key_id):
-            self.cache.discard((scope, key_id))  # deleted elsewhere: a cached copy must not outlive it
+        if not self.keys.has(scope, key_id):
+            self.cache.discard((scope, key_id))  # deleted or expired: a cached copy must not outlive it
             raise not_found("unknown_key", f"key {key_id} is not registered for model {model.spec.name!r}")
 
         def load() -> tuple[Any, int]:
-            data = self.store.read(scope, key_id)
+            data = self.keys.store.read(scope, key_id)
             return _fhe().EvaluationKeys.deserialize(data), len(data)
 
         key, hit = self.cache.get_or_load((scope, key_id), load)
+        self.keys.mark_used(scope, key_id)
         metrics.KEY_CACHE.labels(model=model.spec.name, result="hit" if hit else "miss").inc()
         return key
 
@@ -146,7 +148,7 @@ class FHERunner:
     def _register(self, model: LoadedModel, key_id: str, staged: Path) -> dict:
         scope = model.spec.key_scope
         size = staged.stat().st_size
-        if self.store.has(scope, key_id):
+        if self.keys.has(scope, key_id):
             metrics.KEY_UPLOADS.labels(model=model.spec.name, outcome="exists").inc()
             return {"key_id": key_id, "bytes": size, "created": False}
         data = staged.read_bytes()
@@ -155,28 +157,11 @@ class FHERunner:
         except RuntimeError:
             raise bad_request("invalid_key", "the body is not a serialized concrete evaluation key") from None
         model.check_fits(data)
-        if self.store.total_bytes() + size > settings.max_store_bytes:
-            raise FHEBentoError(
-                413, "key_store_full", f"the key store is full (FHE_BENTO_MAX_STORE_BYTES={settings.max_store_bytes})"
-            )
-        created = self.store.put(scope, key_id, staged, {"model": model.spec.name, "bytes": size})
+        created = self.keys.put(scope, key_id, staged, {"model": model.spec.name, "bytes": size})
         self.cache.put((scope, key_id), key, size)
         metrics.KEY_UPLOADS.labels(model=model.spec.name, outcome="created" if created else "exists").inc()
         log.info("key registered: model=%s key_id=%s bytes=%d created=%s", model.spec.name, key_id, size, created)
         return {"key_id": key_id, "bytes": size, "created": created}
-
-    @bentoml.api
-    def forget_key(self, model: str, key_id: str) -> RunnerReply:
-        try:
-            loaded = self._model(model)
-            scope = loaded.spec.key_scope
-            self.cache.discard((scope, key_id))
-            if not self.store.delete(scope, key_id):
-                raise not_found("unknown_key", f"key {key_id} is not registered for model {model!r}")
-            log.info("key deleted: model=%s key_id=%s", model, key_id)
-            return RunnerReply(status=204)
-        except FHEBentoError as exc:
-            return RunnerReply.failed(exc)
 
 
 def _size(path: str) -> int | None:

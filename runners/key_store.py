@@ -18,7 +18,7 @@ from pathlib import Path
 from typing import Protocol
 from urllib.parse import unquote, urlparse
 
-from runners.errors import FHEBentoError, bad_request
+from runners.errors import bad_request
 
 KEY_ID = re.compile(r"^[0-9a-f]{64}$")
 
@@ -27,6 +27,12 @@ def check_key_id(key_id: str) -> str:
     if not KEY_ID.match(key_id):
         raise bad_request("invalid_key_id", "a key id is the 64-character lowercase hex SHA-256 of the key")
     return key_id
+
+
+def check_scope(scope: str, key_id: str) -> None:
+    check_key_id(key_id)
+    if not KEY_ID.match(scope):
+        raise ValueError(f"bad key scope {scope!r}")
 
 
 class KeyStore(Protocol):
@@ -41,7 +47,19 @@ class KeyStore(Protocol):
 
     def delete(self, scope: str, key_id: str) -> bool: ...
 
-    def total_bytes(self) -> int: ...
+    def scope_bytes(self, scope: str) -> int:
+        """Bytes of all keys stored for one model."""
+
+    def touch(self, scope: str, key_id: str) -> None:
+        """Record that the key was just used (for the unused-key TTL)."""
+
+    def last_used(self, scope: str, key_id: str) -> float | None: ...
+
+    def list_keys(self) -> Iterator[tuple[str, str]]:
+        """(scope, key_id) of every stored key."""
+
+    def stale_uploads(self, older_than: float) -> Iterator[tuple[str, str]]:
+        """(scope, key_id) of unfinished chunked uploads whose last part came before `older_than`."""
 
     def put_part(self, scope: str, key_id: str, index: int, data: bytes) -> None:
         """Hold one part of a chunked upload; rewriting a part is harmless (resumable uploads)."""
@@ -61,9 +79,7 @@ class FileKeyStore:
         self.root.mkdir(parents=True, exist_ok=True)
 
     def _key_path(self, scope: str, key_id: str) -> Path:
-        check_key_id(key_id)
-        if not KEY_ID.match(scope):
-            raise ValueError(f"bad key scope {scope!r}")
+        check_scope(scope, key_id)
         return self.root / scope / f"{key_id}.key"
 
     def has(self, scope: str, key_id: str) -> bool:
@@ -98,8 +114,27 @@ class FileKeyStore:
         final.with_suffix(".json").unlink(missing_ok=True)
         return existed
 
-    def total_bytes(self) -> int:
-        return sum(path.stat().st_size for path in self.root.glob("*/*.key"))
+    def scope_bytes(self, scope: str) -> int:
+        return sum(path.stat().st_size for path in (self.root / scope).glob("*.key"))
+
+    def touch(self, scope: str, key_id: str) -> None:
+        os.utime(self._key_path(scope, key_id))
+
+    def last_used(self, scope: str, key_id: str) -> float | None:
+        try:
+            return self._key_path(scope, key_id).stat().st_mtime
+        except FileNotFoundError:
+            return None
+
+    def list_keys(self) -> Iterator[tuple[str, str]]:
+        for path in self.root.glob("*/*.key"):
+            yield path.parent.name, path.stem
+
+    def stale_uploads(self, older_than: float) -> Iterator[tuple[str, str]]:
+        for folder in self.root.glob("*/uploads/*"):
+            stamps = [p.stat().st_mtime for p in folder.iterdir()] or [folder.stat().st_mtime]
+            if max(stamps) < older_than:
+                yield folder.parent.parent.name, folder.name
 
     def _parts_dir(self, scope: str, key_id: str) -> Path:
         return self._key_path(scope, key_id).parent / "uploads" / key_id
@@ -138,4 +173,8 @@ def open_store(url: str) -> KeyStore:
     parsed = urlparse(url)
     if parsed.scheme == "file":
         return FileKeyStore(Path(unquote(parsed.path)))
-    raise FHEBentoError(500, "bad_key_store", f"unsupported key store URL {url!r} (use file:///path)")
+    if parsed.scheme == "s3" and parsed.netloc:
+        from runners.s3_key_store import S3KeyStore
+
+        return S3KeyStore(parsed.netloc, parsed.path)
+    raise ValueError(f"unsupported key store URL {url!r} (use file:///path or s3://bucket/prefix)")

@@ -25,3 +25,14 @@ ROWS = bentoml.metrics.Counter(
     documentation="Ciphertext rows evaluated, by outcome (ok or error)",
     labelnames=["model", "outcome"],
 )
+STORE_BYTES = bentoml.metrics.Gauge(
+    name="fhe_bento_key_store_bytes",
+    documentation="Bytes of evaluation keys in the key store, per model (as last seen by a write)",
+    labelnames=["model"],
+    multiprocess_mode="mostrecent",
+)
+PART_BYTES = bentoml.metrics.Counter(
+    name="fhe_bento_key_part_bytes",
+    documentation="Bytes received in parts of chunked key uploads (upload progress)",
+    labelnames=["model"],
+)

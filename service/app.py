@@ -24,6 +24,8 @@ from fastapi.responses import JSONResponse, Response
 
 from runners.errors import FHEBentoError, RunnerReply, bad_request, not_found, too_large
 from runners.fhe_runner import FHERunner
+from runners import metrics
+from runners.key_registry import KeyRegistry
 from runners.key_store import check_key_id, open_store
 from runners.model_repo import ModelSpec, default_model, load_specs
 from runners.settings import get_settings
@@ -60,7 +62,7 @@ class FHEBento:
     def __init__(self) -> None:
         self.specs = load_specs(settings)
         self.default = default_model(settings, self.specs)
-        self.store = open_store(settings.key_store_url())
+        self.keys = KeyRegistry(open_store(settings.key_store_url()), settings)
         self.staging = settings.staging_path()
         self.runner_ready = False
         log.info("serving models %s (default %s)", sorted(self.specs), self.default.name)
@@ -110,10 +112,10 @@ class FHEBento:
         return {"key_id": info["key_id"], "bytes": info["bytes"]}, 201 if info["created"] else 200
 
     def has_key(self, spec: ModelSpec, key_id: str) -> bool:
-        return self.store.has(spec.key_scope, check_key_id(key_id))
+        return self.keys.has(spec.key_scope, check_key_id(key_id))
 
     def delete_key(self, spec: ModelSpec, key_id: str) -> None:
-        if not self.store.delete(spec.key_scope, check_key_id(key_id)):
+        if not self.keys.store.delete(spec.key_scope, check_key_id(key_id)):
             raise not_found("unknown_key", f"key {key_id} is not registered for model {spec.name!r}")
         log.info("key deleted: model=%s key_id=%s", spec.name, key_id)
 
@@ -125,11 +127,13 @@ class FHEBento:
             raise too_large(f"a part holds at most {settings.max_part_bytes} bytes")
         if not data:
             raise bad_request("empty_body", "a key part is empty")
-        self.store.put_part(spec.key_scope, key_id, index, data)
+        self.keys.sweep()
+        self.keys.store.put_part(spec.key_scope, key_id, index, data)
+        metrics.PART_BYTES.labels(model=spec.name).inc(len(data))
         return {"key_id": key_id, "part": index, "bytes": len(data)}
 
     def key_parts(self, spec: ModelSpec, key_id: str) -> dict:
-        parts = self.store.list_parts(spec.key_scope, check_key_id(key_id))
+        parts = self.keys.store.list_parts(spec.key_scope, check_key_id(key_id))
         return {"key_id": key_id, "parts": sorted(parts), "bytes": sum(parts.values())}
 
     async def complete_key(self, spec: ModelSpec, key_id: str, count: int) -> tuple[dict, int]:
@@ -138,14 +142,15 @@ class FHEBento:
         if not 0 < count <= settings.max_key_parts:
             raise bad_request("invalid_part", f"a key has 1 to {settings.max_key_parts} parts")
         scope = spec.key_scope
-        if self.store.has(scope, key_id):
-            self.store.drop_parts(scope, key_id)
-            return {"key_id": key_id, "bytes": self.store.size(scope, key_id)}, 200
+        store = self.keys.store
+        if self.keys.has(scope, key_id):
+            store.drop_parts(scope, key_id)
+            return {"key_id": key_id, "bytes": store.size(scope, key_id)}, 200
         path = self.staging / f"assembled-{uuid.uuid4().hex}"
         digest, size = hashlib.sha256(), 0
         try:
             with path.open("wb") as fh:
-                for chunk in self.store.assemble_parts(scope, key_id, count):
+                for chunk in store.assemble_parts(scope, key_id, count):
                     size += len(chunk)
                     if size > settings.max_key_bytes:
                         raise too_large(f"the parts add up to more than {settings.max_key_bytes} bytes")
@@ -156,12 +161,12 @@ class FHEBento:
         except FHEBentoError as exc:
             path.unlink(missing_ok=True)
             if exc.code != "missing_parts":  # missing parts can still come; anything else starts over
-                self.store.drop_parts(scope, key_id)
+                store.drop_parts(scope, key_id)
             raise
         try:
             return await self.register_key(spec, path, key_id)
         finally:
-            self.store.drop_parts(scope, key_id)
+            store.drop_parts(scope, key_id)
 
 
 app.include_router(sagemaker_router)

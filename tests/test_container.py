@@ -15,7 +15,8 @@ import httpx
 import pytest
 
 from client import FHEClient
-from client.sagemaker_transport import ATTRIBUTES_HEADER, PART_BYTES, LocalInvoker, SageMakerTransport
+from client.sagemaker_transport import ATTRIBUTES_HEADER, LocalInvoker, SageMakerTransport
+from client.uploads import PART_BYTES
 from conftest import LOGREG, XGB
 from modelkit.devserver import ROOT
 

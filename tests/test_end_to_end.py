@@ -91,11 +91,14 @@ def test_key_is_uploaded_once_and_survives_a_restart(server, demo, client_cache)
     first = FHEClient(server.url, cache_dir=client_cache, progress=False).model(XGB)
     assert first.predict(row)[0] == demo.clear_predict(XGB, row)[0]
     uploads = server.metric("fhe_bento_key_uploads_total", model=XGB)
+    part_bytes = server.metric("fhe_bento_key_part_bytes_total", model=XGB)
+    assert part_bytes >= len(first.evaluation_key())  # the first run sent the key, in parts
     posts = server.metric("bentoml_service_request_total", endpoint=f"/v1/models/{XGB}/keys")
 
     second = FHEClient(server.url, cache_dir=client_cache, progress=False).model(XGB)
     assert second.predict(row)[0] == demo.clear_predict(XGB, row)[0]
     assert server.metric("fhe_bento_key_uploads_total", model=XGB) == uploads
+    assert server.metric("fhe_bento_key_part_bytes_total", model=XGB) == part_bytes
     assert server.metric("bentoml_service_request_total", endpoint=f"/v1/models/{XGB}/keys") == posts
 
     key_id = second.ensure_key()

@@ -61,7 +61,7 @@ def test_file_store_is_atomic_idempotent_and_persistent(tmp_path):
     assert store.put(SCOPE, key_id, source, {"model": "m"}) is False
     reopened = FileKeyStore(tmp_path / "store")
     assert reopened.has(SCOPE, key_id) and reopened.read(SCOPE, key_id) == b"key bytes"
-    assert reopened.total_bytes() == len(b"key bytes")
+    assert reopened.scope_bytes(SCOPE) == len(b"key bytes")
     assert not list((tmp_path / "store").rglob(".tmp-*"))
     assert reopened.delete(SCOPE, key_id) and not reopened.has(SCOPE, key_id)
 

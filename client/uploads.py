@@ -1,0 +1,37 @@
+"""Key upload in resumable parts, shared by every transport that has the part operations."""
+
+from __future__ import annotations
+
+import hashlib
+from collections.abc import Callable
+from typing import Protocol
+
+PART_BYTES = 5 * 1024 * 1024  # SageMaker real time takes 6 MB per request
+
+
+class PartOps(Protocol):
+    def put_whole_key(self, name: str, key: bytes) -> dict: ...
+
+    def key_parts(self, name: str, key_id: str) -> list[int]: ...
+
+    def put_key_part(self, name: str, key_id: str, index: int, data: bytes) -> None: ...
+
+    def complete_key(self, name: str, key_id: str, count: int) -> dict: ...
+
+
+def upload_key(ops: PartOps, name: str, key: bytes, part_bytes: int, on_progress: Callable[[int], None]) -> dict:
+    """Send a key whole if it fits one part, else in parts: ask which parts the server already holds (an
+    earlier, interrupted upload, possibly to another replica), send the others, then complete."""
+    if len(key) <= part_bytes:
+        answer = ops.put_whole_key(name, key)
+        on_progress(len(key))
+        return answer
+    key_id = hashlib.sha256(key).hexdigest()
+    count = -(-len(key) // part_bytes)
+    held = set(ops.key_parts(name, key_id))
+    for index in range(count):
+        part = key[index * part_bytes : (index + 1) * part_bytes]
+        if index not in held:
+            ops.put_key_part(name, key_id, index, part)
+        on_progress(len(part))
+    return ops.complete_key(name, key_id, count)
