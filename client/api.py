@@ -111,6 +111,8 @@ class RemoteModel:
         x = np.asarray(x, dtype=np.float64)
         if x.ndim != 2 or x.shape[1] != self.info["n_features"]:
             raise ValueError(f"{self.name} takes rows of {self.info['n_features']} features, got shape {x.shape}")
+        if not len(x):
+            return np.empty((0, self.info["n_outputs"]))
         self.ensure_key()
         batches = [x[i : i + self.batch_size] for i in range(0, len(x), self.batch_size)]
         with tqdm(total=len(x), unit="row", desc=f"predict {self.name}", disable=not self.progress) as bar:

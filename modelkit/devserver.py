@@ -29,7 +29,14 @@ class Server:
         self.port = free_port()
         self.url = f"http://127.0.0.1:{self.port}"
         self.workdir = workdir
-        self.env = {**os.environ, **env}
+        # Each server gets its own BENTOML_HOME (sharing the model store): `bentoml serve` wipes
+        # $BENTOML_HOME/prometheus_multiproc_dir at start, so two servers on one home lose each other's metrics.
+        home = workdir / "bentoml-home"
+        home.mkdir(parents=True, exist_ok=True)
+        shared_models = Path(os.environ.get("BENTOML_HOME", Path.home() / "bentoml")) / "models"
+        if not (home / "models").exists():
+            (home / "models").symlink_to(shared_models, target_is_directory=True)
+        self.env = {**os.environ, "BENTOML_HOME": str(home), **env}
         self.log_path = workdir / "server.log"
         self.proc: subprocess.Popen | None = None
 
@@ -58,8 +65,20 @@ class Server:
             try:
                 self.proc.wait(30)
             except subprocess.TimeoutExpired:
-                os.killpg(self.proc.pid, signal.SIGKILL)
-                self.proc.wait()
+                self.kill()
+        self.proc = None
+
+    def kill(self) -> None:
+        """SIGKILL the whole server at once, as a crashed host or container would die. BentoML's workers
+        run in sessions of their own, so the process group alone would leave them serving."""
+        import psutil
+
+        root = psutil.Process(self.proc.pid)
+        procs = [root, *root.children(recursive=True)]
+        for proc in procs:
+            proc.kill()
+        psutil.wait_procs(procs, timeout=30)
+        self.proc.wait()
         self.proc = None
 
     def restart(self) -> None:

@@ -154,7 +154,10 @@ class FileKeyStore:
         if missing:
             raise bad_request("missing_parts", f"parts {missing[:20]} of key {key_id} have not arrived")
         for index in range(count):
-            yield (folder / f"{index:06d}.part").read_bytes()
+            try:
+                yield (folder / f"{index:06d}.part").read_bytes()
+            except FileNotFoundError:  # dropped meanwhile by a concurrent completion
+                raise bad_request("missing_parts", f"part {index} of key {key_id} is gone") from None
 
     def drop_parts(self, scope: str, key_id: str) -> None:
         shutil.rmtree(self._parts_dir(scope, key_id), ignore_errors=True)

@@ -105,7 +105,10 @@ class S3KeyStore:
             raise bad_request("missing_parts", f"parts {missing[:20]} of key {key_id} have not arrived")
         for index in range(count):
             key = f"{self._uploads(scope, key_id)}{index:06d}.part"
-            yield self.s3.get_object(Bucket=self.bucket, Key=key)["Body"].read()
+            try:
+                yield self.s3.get_object(Bucket=self.bucket, Key=key)["Body"].read()
+            except self.s3.exceptions.NoSuchKey:  # dropped meanwhile by a concurrent completion
+                raise bad_request("missing_parts", f"part {index} of key {key_id} is gone") from None
 
     def drop_parts(self, scope: str, key_id: str) -> None:
         self._delete_all(list(self._list(self._uploads(scope, key_id))))

@@ -111,15 +111,17 @@ class FHEBento:
             path.unlink(missing_ok=True)
         return {"key_id": info["key_id"], "bytes": info["bytes"]}, 201 if info["created"] else 200
 
-    def has_key(self, spec: ModelSpec, key_id: str) -> bool:
-        return self.keys.has(spec.key_scope, check_key_id(key_id))
+    # Key-store calls may be network round trips (s3://): they run in threads, off the event loop.
 
-    def delete_key(self, spec: ModelSpec, key_id: str) -> None:
-        if not self.keys.store.delete(spec.key_scope, check_key_id(key_id)):
+    async def has_key(self, spec: ModelSpec, key_id: str) -> bool:
+        return await asyncio.to_thread(self.keys.has, spec.key_scope, check_key_id(key_id))
+
+    async def delete_key(self, spec: ModelSpec, key_id: str) -> None:
+        if not await asyncio.to_thread(self.keys.store.delete, spec.key_scope, check_key_id(key_id)):
             raise not_found("unknown_key", f"key {key_id} is not registered for model {spec.name!r}")
         log.info("key deleted: model=%s key_id=%s", spec.name, key_id)
 
-    def put_key_part(self, spec: ModelSpec, key_id: str, index: int, data: bytes) -> dict:
+    async def put_key_part(self, spec: ModelSpec, key_id: str, index: int, data: bytes) -> dict:
         check_key_id(key_id)
         if not 0 <= index < settings.max_key_parts:
             raise bad_request("invalid_part", f"part index must be in 0..{settings.max_key_parts - 1}")
@@ -127,13 +129,17 @@ class FHEBento:
             raise too_large(f"a part holds at most {settings.max_part_bytes} bytes")
         if not data:
             raise bad_request("empty_body", "a key part is empty")
-        self.keys.sweep()
-        self.keys.store.put_part(spec.key_scope, key_id, index, data)
+
+        def store_part() -> None:
+            self.keys.sweep()
+            self.keys.store.put_part(spec.key_scope, key_id, index, data)
+
+        await asyncio.to_thread(store_part)
         metrics.PART_BYTES.labels(model=spec.name).inc(len(data))
         return {"key_id": key_id, "part": index, "bytes": len(data)}
 
-    def key_parts(self, spec: ModelSpec, key_id: str) -> dict:
-        parts = self.keys.store.list_parts(spec.key_scope, check_key_id(key_id))
+    async def key_parts(self, spec: ModelSpec, key_id: str) -> dict:
+        parts = await asyncio.to_thread(self.keys.store.list_parts, spec.key_scope, check_key_id(key_id))
         return {"key_id": key_id, "parts": sorted(parts), "bytes": sum(parts.values())}
 
     async def complete_key(self, spec: ModelSpec, key_id: str, count: int) -> tuple[dict, int]:
@@ -141,11 +147,21 @@ class FHEBento:
         check_key_id(key_id)
         if not 0 < count <= settings.max_key_parts:
             raise bad_request("invalid_part", f"a key has 1 to {settings.max_key_parts} parts")
-        scope = spec.key_scope
+        known = await asyncio.to_thread(self._assemble, spec.key_scope, key_id, count)
+        if isinstance(known, dict):
+            return known, 200
+        try:
+            return await self.register_key(spec, known, key_id)
+        finally:
+            await asyncio.to_thread(self.keys.store.drop_parts, spec.key_scope, key_id)
+
+    def _assemble(self, scope: str, key_id: str, count: int) -> Path | dict:
+        """The joined, digest-checked parts in a spool file; or the answer if the key is registered already
+        (by an earlier or a concurrent completion)."""
         store = self.keys.store
         if self.keys.has(scope, key_id):
             store.drop_parts(scope, key_id)
-            return {"key_id": key_id, "bytes": store.size(scope, key_id)}, 200
+            return {"key_id": key_id, "bytes": store.size(scope, key_id)}
         path = self.staging / f"assembled-{uuid.uuid4().hex}"
         digest, size = hashlib.sha256(), 0
         try:
@@ -160,13 +176,12 @@ class FHEBento:
                 raise bad_request("digest_mismatch", f"the {count} parts do not hash to key id {key_id}; resend them")
         except FHEBentoError as exc:
             path.unlink(missing_ok=True)
+            if exc.code == "missing_parts" and self.keys.has(scope, key_id):
+                return {"key_id": key_id, "bytes": store.size(scope, key_id)}  # a concurrent twin won
             if exc.code != "missing_parts":  # missing parts can still come; anything else starts over
                 store.drop_parts(scope, key_id)
             raise
-        try:
-            return await self.register_key(spec, path, key_id)
-        finally:
-            store.drop_parts(scope, key_id)
+        return path
 
 
 app.include_router(sagemaker_router)

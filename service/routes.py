@@ -68,7 +68,7 @@ async def upload_key(name: str, request: Request) -> Response:
 @router.head("/{name}/keys/{key_id}")
 async def has_key(name: str, key_id: str) -> Response:
     service = svc()
-    if not service.has_key(service.spec(name), key_id):
+    if not await service.has_key(service.spec(name), key_id):
         raise not_found("unknown_key", f"key {key_id} is not registered for model {name!r}")
     return Response(status_code=200)
 
@@ -76,7 +76,7 @@ async def has_key(name: str, key_id: str) -> Response:
 @router.delete("/{name}/keys/{key_id}")
 async def delete_key(name: str, key_id: str) -> Response:
     service = svc()
-    service.delete_key(service.spec(name), key_id)
+    await service.delete_key(service.spec(name), key_id)
     return Response(status_code=204)
 
 
@@ -86,13 +86,13 @@ async def put_key_part(name: str, key_id: str, index: int, request: Request) -> 
     spec = service.spec(name)
     require_content_type(request, OCTET_STREAM)
     body = await read_limited(request, settings.max_part_bytes)
-    return service.put_key_part(spec, key_id, index, body)
+    return await service.put_key_part(spec, key_id, index, body)
 
 
 @router.get("/{name}/keys/{key_id}/parts")
 async def key_parts(name: str, key_id: str) -> dict:
     service = svc()
-    return service.key_parts(service.spec(name), key_id)
+    return await service.key_parts(service.spec(name), key_id)
 
 
 @router.post("/{name}/keys/{key_id}/complete")

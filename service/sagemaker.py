@@ -99,9 +99,9 @@ async def invocations(request: Request) -> Response:
         return client_zip_response(spec)
     if op == "has_key":
         key_id = require(attrs.key, "key")
-        return JSONResponse({"key_id": key_id, "registered": service.has_key(spec, key_id)})
+        return JSONResponse({"key_id": key_id, "registered": await service.has_key(spec, key_id)})
     if op == "key_parts":
-        return JSONResponse(service.key_parts(spec, require(attrs.key, "key")))
+        return JSONResponse(await service.key_parts(spec, require(attrs.key, "key")))
     if op == "complete_key":
         answer, status = await service.complete_key(spec, require(attrs.key, "key"), require(attrs.parts, "parts"))
         return JSONResponse(answer, status_code=status)
@@ -113,7 +113,8 @@ async def invocations(request: Request) -> Response:
         return JSONResponse(answer, status_code=status)
     if op == "put_key_part":
         body = await read_limited(request, settings.max_part_bytes)
-        return JSONResponse(service.put_key_part(spec, require(attrs.key, "key"), require(attrs.part, "part"), body))
+        part = await service.put_key_part(spec, require(attrs.key, "key"), require(attrs.part, "part"), body)
+        return JSONResponse(part)
     if op == "predict":
         ciphertext = await read_limited(request, settings.max_ciphertext_bytes)
         return Response(await service.predict(spec, attrs.key, ciphertext), media_type=OCTET_STREAM)
