@@ -14,46 +14,21 @@ Results go to stdout (markdown) and bench/results/latency.json.
 from __future__ import annotations
 
 import argparse
-import json
 import os
 import statistics
-import tempfile
 import threading
 import time
 from concurrent.futures import ThreadPoolExecutor
 from pathlib import Path
 
-ROOT = Path(__file__).resolve().parents[1]
-os.environ["BENTOML_HOME"] = tempfile.mkdtemp(prefix="fhe-bento-bench-")
+import httpx
+import numpy as np
 
-import httpx  # noqa: E402
-import numpy as np  # noqa: E402
-
-from client import FHEClient  # noqa: E402
-from modelkit.demo import build_and_import, load_data  # noqa: E402
-from modelkit.devserver import Server  # noqa: E402
-
-MODEL = "breast-cancer-xgb"
+from common import MODEL, post_predict, report, setup_home, start_server
 
 
 def percentile(values: list[float], q: float) -> float:
     return float(np.percentile(np.asarray(values), q))
-
-
-def start_server(workdir: Path, **env: str) -> Server:
-    workdir.mkdir(parents=True, exist_ok=True)
-    server = Server(workdir, {"FHE_BENTO_MODELS": f"{MODEL}:latest",
-                              "FHE_BENTO_KEY_STORE": (workdir.parent / "keys").as_uri(), **env})
-    server.start()
-    return server
-
-
-def post_predict(url: str, key_id: str, ciphertext: bytes) -> tuple[float, bytes]:
-    started = time.perf_counter()
-    response = httpx.post(f"{url}/v1/models/{MODEL}/predict", content=ciphertext, timeout=600,
-                          headers={"Content-Type": "application/octet-stream", "X-FHE-Key-Id": key_id})
-    response.raise_for_status()
-    return time.perf_counter() - started, response.content
 
 
 def in_process(model_path: Path, key: bytes, ciphertexts: list[bytes]) -> list[float]:
@@ -99,12 +74,16 @@ def main() -> None:
     parser.add_argument("--clients", type=int, default=4)
     args = parser.parse_args()
 
-    build_and_import([MODEL])
+    home = setup_home()
     import bentoml
 
+    from client import FHEClient
+    from modelkit.demo import load_data
+
     model_path = Path(bentoml.models.get(f"{MODEL}:latest").path)
-    workdir = Path(os.environ["BENTOML_HOME"]) / "bench"
-    warm = start_server(workdir / "warm")
+    workdir = home / "bench"
+    store = (workdir / "keys").as_uri()
+    warm = start_server(workdir / "warm", store)
     try:
         client = FHEClient(warm.url, cache_dir=workdir / "client", progress=False)
         remote = client.model(MODEL)
@@ -118,7 +97,7 @@ def main() -> None:
         pings, loaded = ping_under_load(warm.url, key_id, ciphertexts, args.clients)
     finally:
         warm.stop()
-    cold_server = start_server(workdir / "cold", FHE_BENTO_KEY_CACHE_BYTES="0")
+    cold_server = start_server(workdir / "cold", store, FHE_BENTO_KEY_CACHE_BYTES="0")
     try:
         cold = [post_predict(cold_server.url, key_id, ct)[0] for ct in ciphertexts]
     finally:
@@ -141,12 +120,7 @@ def main() -> None:
         "ciphertext_out_bytes": statistics.mean(len(a) for a in answers),
         "evaluation_key_bytes": len(key),
     }
-    out = ROOT / "bench" / "results"
-    out.mkdir(parents=True, exist_ok=True)
-    (out / "latency.json").write_text(json.dumps(results, indent=2))
-    print("| figure | value |\n|---|---|")
-    for name, value in results.items():
-        print(f"| {name} | {value:.4g} |" if isinstance(value, float) else f"| {name} | {value} |")
+    report("latency", results)
 
 
 if __name__ == "__main__":

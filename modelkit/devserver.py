@@ -96,3 +96,29 @@ class Server:
             if match and all(f'{k}="{v}"' in match.group(1) for k, v in labels.items()):
                 total += float(match.group(2))
         return total
+
+
+class MotoServer:
+    """moto in server mode on 127.0.0.1: a real S3 + SageMaker HTTP endpoint for boto3."""
+
+    def __init__(self) -> None:
+        self.port = free_port()
+        self.url = f"http://127.0.0.1:{self.port}"
+        self.proc = subprocess.Popen([sys.executable, "-m", "moto.server", "-H", "127.0.0.1", "-p", str(self.port)],
+                                     stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL)
+        for _ in range(150):
+            try:
+                httpx.get(f"{self.url}/moto-api/", timeout=1)
+                return
+            except httpx.HTTPError:
+                time.sleep(0.2)
+        raise RuntimeError("moto server did not start")
+
+    def env(self) -> dict[str, str]:
+        """What boto3 (in this process or a child) needs to talk to it."""
+        return {"AWS_ACCESS_KEY_ID": "testing", "AWS_SECRET_ACCESS_KEY": "testing",
+                "AWS_DEFAULT_REGION": "us-east-1", "AWS_ENDPOINT_URL": self.url}
+
+    def stop(self) -> None:
+        self.proc.terminate()
+        self.proc.wait(10)

@@ -75,40 +75,16 @@ def client_cache() -> Path:
 
 @pytest.fixture(scope="session")
 def moto_url():
-    """moto in server mode on 127.0.0.1: a real S3 + SageMaker HTTP endpoint, for boto3 and the CLI."""
-    import subprocess
-    import sys
-    import time
+    """moto in server mode on 127.0.0.1, with boto3 (here and in child processes) pointed at it."""
+    from modelkit.devserver import MotoServer
 
-    import httpx
-
-    from modelkit.devserver import free_port
-
-    port = free_port()
-    proc = subprocess.Popen([sys.executable, "-m", "moto.server", "-H", "127.0.0.1", "-p", str(port)],
-                            stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL)
-    url = f"http://127.0.0.1:{port}"
-    for _ in range(100):
-        try:
-            httpx.get(f"{url}/moto-api/", timeout=1)
-            break
-        except httpx.HTTPError:
-            time.sleep(0.2)
-    saved = {k: os.environ.get(k) for k in AWS_ENV}
-    os.environ.update({**AWS_ENV, "AWS_ENDPOINT_URL": url})
-    yield url
+    moto = MotoServer()
+    saved = {name: os.environ.get(name) for name in moto.env()}
+    os.environ.update(moto.env())
+    yield moto.url
     for name, value in saved.items():
         if value is None:
             os.environ.pop(name, None)
         else:
             os.environ[name] = value
-    proc.terminate()
-    proc.wait(10)
-
-
-AWS_ENV = {
-    "AWS_ACCESS_KEY_ID": "testing",
-    "AWS_SECRET_ACCESS_KEY": "testing",
-    "AWS_DEFAULT_REGION": "us-east-1",
-    "AWS_ENDPOINT_URL": "",
-}
+    moto.stop()

@@ -1,0 +1,50 @@
+"""Helpers shared by the benchmarks: a throwaway BentoML home with the XGB demo model, servers, timing."""
+
+from __future__ import annotations
+
+import json
+import os
+import tempfile
+import time
+from pathlib import Path
+
+ROOT = Path(__file__).resolve().parents[1]
+MODEL = "breast-cancer-xgb"
+
+
+def setup_home() -> Path:
+    """Point BentoML at a fresh home and import the XGB demo model into it (call before other imports)."""
+    os.environ["BENTOML_HOME"] = tempfile.mkdtemp(prefix="fhe-bento-bench-")
+    from modelkit.demo import build_and_import
+
+    build_and_import([MODEL])
+    return Path(os.environ["BENTOML_HOME"])
+
+
+def start_server(workdir: Path, store_url: str, **env: str):
+    from modelkit.devserver import Server
+
+    workdir.mkdir(parents=True, exist_ok=True)
+    server = Server(workdir, {"FHE_BENTO_MODELS": f"{MODEL}:latest", "FHE_BENTO_KEY_STORE": store_url, **env})
+    server.start()
+    return server
+
+
+def post_predict(url: str, key_id: str, ciphertext: bytes) -> tuple[float, bytes]:
+    import httpx
+
+    started = time.perf_counter()
+    response = httpx.post(f"{url}/v1/models/{MODEL}/predict", content=ciphertext, timeout=600,
+                          headers={"Content-Type": "application/octet-stream", "X-FHE-Key-Id": key_id})
+    response.raise_for_status()
+    return time.perf_counter() - started, response.content
+
+
+def report(name: str, results: dict) -> None:
+    """Print a markdown table and keep the figures in bench/results/<name>.json."""
+    out = ROOT / "bench" / "results"
+    out.mkdir(parents=True, exist_ok=True)
+    (out / f"{name}.json").write_text(json.dumps(results, indent=2))
+    print("| figure | value |\n|---|---|")
+    for key, value in results.items():
+        print(f"| {key} | {value:.4g} |" if isinstance(value, float) else f"| {key} | {value} |")
