@@ -9,7 +9,9 @@ from __future__ import annotations
 
 import hashlib
 import os
+import random
 import threading
+import time
 from concurrent.futures import ThreadPoolExecutor
 from pathlib import Path
 from typing import Protocol
@@ -32,6 +34,10 @@ class Transport(Protocol):
     def predict_batch(self, name: str, key_id: str | None, rows: list[bytes]) -> list[bytes]: ...
 
 
+BACKOFF_BASE = 1.0  # seconds before the first retry of an overloaded request without Retry-After
+BACKOFF_CAP = 30.0
+
+
 def default_cache_dir() -> Path:
     return Path(os.environ.get("FHE_BENTO_CLIENT_CACHE", Path.home() / ".cache" / "fhe-bento"))
 
@@ -40,7 +46,8 @@ class RemoteModel:
     """One served model, as seen by a data owner holding its own keys."""
 
     def __init__(
-        self, transport: Transport, name: str, cache_dir: Path, batch_size: int, concurrency: int, progress: bool
+        self, transport: Transport, name: str, cache_dir: Path, batch_size: int, concurrency: int, progress: bool,
+        max_retries: int = 8,
     ) -> None:
         from concrete.ml.deployment import FHEModelClient
 
@@ -50,6 +57,7 @@ class RemoteModel:
         self.batch_size = batch_size
         self.concurrency = concurrency
         self.progress = progress
+        self.max_retries = max_retries
         folder = cache_dir / self.info["client_sha256"]
         self._ensure_client_zip(folder)
         self.fhe = FHEModelClient(str(folder), key_dir=str(folder / "keys"))
@@ -98,14 +106,23 @@ class RemoteModel:
         return [self.fhe.quantize_encrypt_serialize(row.reshape(1, -1)) for row in x]
 
     def _run_batch(self, rows: list[bytes]) -> list[bytes]:
-        key_id = self.ensure_key()
-        try:
-            return self.transport.predict_batch(self.name, key_id, rows)
-        except FHEServiceError as exc:
-            if exc.code != "unknown_key":
-                raise
-            # Evicted or deleted on the server: upload once more and retry this batch once.
-            return self.transport.predict_batch(self.name, self.ensure_key(force_upload=True), rows)
+        """One batch, with the two recoveries: a lost key is uploaded again (once), and an overloaded
+        server is retried after its Retry-After (or an exponential backoff with jitter)."""
+        reuploaded = False
+        for attempt in range(self.max_retries + 1):
+            try:
+                return self.transport.predict_batch(self.name, self.ensure_key(), rows)
+            except FHEServiceError as exc:
+                if exc.code == "unknown_key" and not reuploaded:
+                    # Evicted, expired or deleted on the server: upload once more and retry.
+                    self.ensure_key(force_upload=True)
+                    reuploaded = True
+                elif exc.overloaded and attempt < self.max_retries:
+                    backoff = min(BACKOFF_CAP, BACKOFF_BASE * 2**attempt)
+                    time.sleep((exc.retry_after or backoff) * random.uniform(1.0, 1.5))
+                else:
+                    raise
+        raise AssertionError("unreachable: the last attempt returns or raises")
 
     def predict_proba(self, x: np.ndarray) -> np.ndarray:
         x = np.asarray(x, dtype=np.float64)
@@ -147,6 +164,7 @@ class FHEClient:
         concurrency: int = 4,
         progress: bool = True,
         timeout: float = 600.0,
+        max_retries: int = 8,
     ) -> None:
         if transport is None:
             if url is None:
@@ -157,6 +175,7 @@ class FHEClient:
         self.batch_size = batch_size
         self.concurrency = concurrency
         self.progress = progress
+        self.max_retries = max_retries
         self._models: dict[str, RemoteModel] = {}
 
     @classmethod
@@ -192,6 +211,7 @@ class FHEClient:
     def model(self, name: str) -> RemoteModel:
         if name not in self._models:
             self._models[name] = RemoteModel(
-                self.transport, name, self.cache_dir, self.batch_size, self.concurrency, self.progress
+                self.transport, name, self.cache_dir, self.batch_size, self.concurrency, self.progress,
+                self.max_retries,
             )
         return self._models[name]

@@ -17,11 +17,16 @@ OCTET = {"Content-Type": "application/octet-stream"}
 class FHEServiceError(RuntimeError):
     """An error answer of the service: HTTP status plus the JSON error code and message."""
 
-    def __init__(self, status: int, code: str, message: str) -> None:
+    def __init__(self, status: int, code: str, message: str, retry_after: float | None = None) -> None:
         super().__init__(f"{status} {code}: {message}")
         self.status = status
         self.code = code
         self.message = message
+        self.retry_after = retry_after  # seconds, from Retry-After when the server is overloaded
+
+    @property
+    def overloaded(self) -> bool:
+        return self.status in (429, 503) and self.code in ("overloaded", "runner_unavailable", "http_error")
 
 
 def _raise_for_error(response: httpx.Response) -> httpx.Response:
@@ -32,7 +37,8 @@ def _raise_for_error(response: httpx.Response) -> httpx.Response:
         code, message = error["code"], error["message"]
     except Exception:
         code, message = "http_error", response.text[:200] or response.reason_phrase
-    raise FHEServiceError(response.status_code, code, message)
+    retry_after = response.headers.get("retry-after")
+    raise FHEServiceError(response.status_code, code, message, float(retry_after) if retry_after else None)
 
 
 class HTTPTransport:

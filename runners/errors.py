@@ -16,11 +16,12 @@ class ErrorBody(BaseModel):
 
 
 class FHEBentoError(Exception):
-    def __init__(self, status: int, code: str, message: str) -> None:
+    def __init__(self, status: int, code: str, message: str, headers: dict[str, str] | None = None) -> None:
         super().__init__(message)
         self.status = status
         self.code = code
         self.message = message
+        self.headers = headers or {}
 
     def body(self) -> dict:
         return {"error": ErrorBody(code=self.code, message=self.message).model_dump()}

@@ -36,3 +36,14 @@ PART_BYTES = bentoml.metrics.Counter(
     documentation="Bytes received in parts of chunked key uploads (upload progress)",
     labelnames=["model"],
 )
+QUEUE_ROWS = bentoml.metrics.Gauge(
+    name="fhe_bento_queue_rows",
+    documentation="Rows admitted and not yet answered (running or queued), per model",
+    labelnames=["model"],
+    multiprocess_mode="livesum",
+)
+OVERLOADED = bentoml.metrics.Counter(
+    name="fhe_bento_overloaded",
+    documentation="Requests refused with 503 overloaded because the model's queue was full",
+    labelnames=["model"],
+)

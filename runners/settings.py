@@ -47,6 +47,9 @@ class Settings(BaseSettings):
     max_batch_bytes: int = Field(default=64 * MiB, gt=0)
     max_batch_rows: int = Field(default=256, gt=0)
     workers: int = Field(default=1, gt=0, description="FHE runner worker processes.")
+    max_queue_rows: int = Field(
+        default=32, gt=0, description="Rows admitted per model at once (running or queued); past it: 503."
+    )
     request_timeout: int = Field(default=600, gt=0, description="Seconds one request may take.")
     staging_dir: Path | None = Field(
         default=None, description="Where uploads are spooled before they are verified."

@@ -14,6 +14,7 @@ from __future__ import annotations
 import asyncio
 import hashlib
 import logging
+import os
 import uuid
 from pathlib import Path
 
@@ -29,6 +30,7 @@ from runners.key_registry import KeyRegistry
 from runners.key_store import check_key_id, open_store
 from runners.model_repo import ModelSpec, default_model, load_specs
 from runners.settings import get_settings
+from service.admission import Admission
 from service.compat import router as compat_router
 from service.routes import router as native_router
 from service.sagemaker import router as sagemaker_router
@@ -43,8 +45,8 @@ app = FastAPI(title="fhe-bento", version="1", docs_url=None, redoc_url=None)
 @app.exception_handler(FHEBentoError)
 async def _fhe_error(request: Request, exc: FHEBentoError) -> Response:
     if request.method == "HEAD":
-        return Response(status_code=exc.status)
-    return JSONResponse(exc.body(), status_code=exc.status)
+        return Response(status_code=exc.status, headers=exc.headers)
+    return JSONResponse(exc.body(), status_code=exc.status, headers=exc.headers)
 
 
 @app.exception_handler(RequestValidationError)
@@ -65,6 +67,7 @@ class FHEBento:
         self.keys = KeyRegistry(open_store(settings.key_store_url()), settings)
         self.staging = settings.staging_path()
         self.runner_ready = False
+        self.admission = Admission(settings.max_queue_rows, parallelism=os.cpu_count() or 1)
         log.info("serving models %s (default %s)", sorted(self.specs), self.default.name)
 
     def spec(self, name: str | None) -> ModelSpec:
@@ -98,10 +101,12 @@ class FHEBento:
         return [spec.public() for spec in self.specs.values()]
 
     async def predict(self, spec: ModelSpec, key_id: str | None, ciphertext: bytes) -> bytes:
-        return (await self.call("predict", model=spec.name, key_id=key_id, ciphertext=ciphertext)).payload
+        async with self.admission.admit(spec.name, 1):
+            return (await self.call("predict", model=spec.name, key_id=key_id, ciphertext=ciphertext)).payload
 
     async def predict_batch(self, spec: ModelSpec, key_id: str | None, rows: list[bytes]) -> list[bytes]:
-        return (await self.call("predict_batch", model=spec.name, key_id=key_id, ciphertexts=rows)).payload
+        async with self.admission.admit(spec.name, len(rows)):
+            return (await self.call("predict_batch", model=spec.name, key_id=key_id, ciphertexts=rows)).payload
 
     async def register_key(self, spec: ModelSpec, path: Path, key_id: str) -> tuple[dict, int]:
         """Have the runner verify and store a spooled key file (deleted here). Returns (answer, status)."""
