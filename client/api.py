@@ -12,7 +12,9 @@ import os
 import random
 import threading
 import time
-from concurrent.futures import ThreadPoolExecutor
+from collections import deque
+from collections.abc import Iterable, Iterator
+from concurrent.futures import Future, ThreadPoolExecutor
 from pathlib import Path
 from typing import Protocol
 
@@ -124,31 +126,60 @@ class RemoteModel:
                     raise
         raise AssertionError("unreachable: the last attempt returns or raises")
 
+    def _predict_rows(self, batch: np.ndarray) -> np.ndarray:
+        """Encrypt, send and decrypt one batch of rows (runs on the client's thread pool)."""
+        if batch.ndim != 2 or batch.shape[1] != self.info["n_features"]:
+            raise ValueError(f"{self.name} takes rows of {self.info['n_features']} features, got shape {batch.shape}")
+        answers = self._run_batch(self.encrypt(batch))
+        return np.vstack([np.asarray(self.fhe.deserialize_decrypt_dequantize(a)).reshape(-1) for a in answers])
+
+    def predict_proba_stream(self, rows: Iterable[np.ndarray], total: int | None = None) -> Iterator[np.ndarray]:
+        """Scores for rows read lazily, in order. Batches are encrypted, sent and decrypted on
+        `concurrency` threads while later rows are still being read, so a large input streams through
+        with bounded memory instead of being loaded first."""
+        self.ensure_key()
+        in_flight: deque[Future] = deque()
+        with tqdm(total=total, unit="row", desc=f"predict {self.name}", disable=not self.progress) as bar, \
+                ThreadPoolExecutor(self.concurrency) as pool:
+            for batch in _batches(rows, self.batch_size):
+                in_flight.append(pool.submit(self._predict_rows, batch))
+                while len(in_flight) > 2 * self.concurrency:
+                    yield from self._drain(in_flight.popleft(), bar)
+            while in_flight:
+                yield from self._drain(in_flight.popleft(), bar)
+
+    @staticmethod
+    def _drain(future: Future, bar: tqdm) -> Iterator[np.ndarray]:
+        scores = future.result()
+        bar.update(len(scores))
+        yield from scores
+
     def predict_proba(self, x: np.ndarray) -> np.ndarray:
         x = np.asarray(x, dtype=np.float64)
-        if x.ndim != 2 or x.shape[1] != self.info["n_features"]:
-            raise ValueError(f"{self.name} takes rows of {self.info['n_features']} features, got shape {x.shape}")
         if not len(x):
             return np.empty((0, self.info["n_outputs"]))
-        self.ensure_key()
-        batches = [x[i : i + self.batch_size] for i in range(0, len(x), self.batch_size)]
-        with tqdm(total=len(x), unit="row", desc=f"predict {self.name}", disable=not self.progress) as bar:
+        return np.vstack(list(self.predict_proba_stream(x, total=len(x))))
 
-            def run(batch: np.ndarray) -> list[np.ndarray]:
-                answers = self._run_batch(self.encrypt(batch))
-                bar.update(len(batch))
-                return [np.asarray(self.fhe.deserialize_decrypt_dequantize(a)).reshape(-1) for a in answers]
-
-            with ThreadPoolExecutor(self.concurrency) as pool:
-                rows = [row for result in pool.map(run, batches) for row in result]
-        return np.vstack(rows)
-
-    def predict(self, x: np.ndarray) -> np.ndarray:
-        scores = self.predict_proba(x)
+    def labels(self, scores: np.ndarray) -> np.ndarray:
+        """Predictions from scores: the class with the highest score, or the value for a regressor."""
         classes = self.info.get("classes")
-        if not classes:  # a regressor: the dequantized output is the prediction
+        if not classes:
             return scores[:, 0] if scores.shape[1] == 1 else scores
         return np.asarray(classes)[np.argmax(scores, axis=1)]
+
+    def predict(self, x: np.ndarray) -> np.ndarray:
+        return self.labels(self.predict_proba(x))
+
+
+def _batches(rows: Iterable[np.ndarray], size: int) -> Iterator[np.ndarray]:
+    batch: list[np.ndarray] = []
+    for row in rows:
+        batch.append(np.asarray(row, dtype=np.float64).reshape(-1))
+        if len(batch) == size:
+            yield np.vstack(batch)
+            batch = []
+    if batch:
+        yield np.vstack(batch)
 
 
 class FHEClient:

@@ -2,7 +2,7 @@
 
 from __future__ import annotations
 
-import sys
+from collections.abc import Iterator
 from pathlib import Path
 
 import click
@@ -59,18 +59,31 @@ def predict(url: str, model_name: str, output: Path | None, proba: bool, batch_s
     """Encrypt each row of the CSV file DATA, predict on the server, and write the decrypted answers."""
     from client.api import FHEClient
 
-    rows = _read_csv(data)
     model = FHEClient(url, batch_size=batch_size, concurrency=concurrency).model(model_name)
-    result = model.predict_proba(rows) if proba else model.predict(rows)
-    np.savetxt(output or sys.stdout, np.atleast_2d(result.T).T, delimiter=",", fmt="%.10g")
+    total, rows = _csv_rows(data)
+    with click.open_file(str(output) if output else "-", "w") as out:
+        for scores in model.predict_proba_stream(rows, total=total):
+            values = scores if proba else model.labels(scores.reshape(1, -1))
+            out.write(",".join(f"{v:.10g}" if isinstance(v, float) else str(v) for v in np.ravel(values)) + "\n")
 
 
-def _read_csv(path: Path) -> np.ndarray:
-    """Numeric CSV, with or without one header line."""
+def _csv_rows(path: Path) -> tuple[int, Iterator[np.ndarray]]:
+    """(row count, rows read lazily) of a numeric CSV with or without one header line."""
     with path.open() as fh:
         first = fh.readline()
+        rest = sum(1 for line in fh if line.strip())
     has_header = any(c.isalpha() for c in first.replace("e", "").replace("E", ""))
-    return np.atleast_2d(np.loadtxt(path, delimiter=",", skiprows=1 if has_header else 0, dtype=np.float64))
+    total = rest + (0 if has_header or not first.strip() else 1)
+
+    def rows() -> Iterator[np.ndarray]:
+        with path.open() as fh:
+            if has_header:
+                next(fh)
+            for line in fh:
+                if line.strip():
+                    yield np.array([float(v) for v in line.split(",")])
+
+    return total, rows()
 
 
 def _label(text: str) -> int | str:

@@ -8,6 +8,7 @@ image to ECR, then create the Model, EndpointConfig (real time or async) and End
 from __future__ import annotations
 
 import base64
+import shutil
 import subprocess
 import tarfile
 import time
@@ -58,6 +59,19 @@ def pack_models(folders: dict[str, Path], out: Path) -> Path:
             for file in MODEL_FILES:
                 tar.add(folder / file, arcname=f"{name}/{file}")
     return out
+
+
+def write_model_dir(folders: dict[str, Path], root: Path) -> Path:
+    """Lay out folders as SageMaker unpacks model.tar.gz into /opt/ml/model, readable by any user (the
+    image runs as an unprivileged user)."""
+    root.mkdir(parents=True, exist_ok=True)
+    root.chmod(0o755)
+    for name, folder in folders.items():
+        (root / name).mkdir(mode=0o755, exist_ok=True)
+        for file in MODEL_FILES:
+            shutil.copyfile(folder / file, root / name / file)
+            (root / name / file).chmod(0o644)
+    return root
 
 
 def upload_model_data(s3, tarball: Path, bucket: str, prefix: str) -> str:

@@ -69,12 +69,14 @@ def _classify_run_error(exc: Exception) -> FHEBentoError:
 )
 class FHERunner:
     def __init__(self) -> None:
+        # Read by the OpenMP runtime when concrete first computes, so it must be set before that.
+        os.environ["OMP_NUM_THREADS"] = str(settings.omp_threads_per_row())
         self.models = {name: LoadedModel(spec) for name, spec in load_specs(settings).items()}
         self.keys = KeyRegistry(open_store(settings.key_store_url()), settings)
         self.cache = KeyCache(settings.key_cache_bytes)
-        threads = max(1, (os.cpu_count() or 1) // settings.workers)
-        self.rows_pool = ThreadPoolExecutor(threads, thread_name_prefix="fhe-row")
-        log.info("FHE runner ready: models=%s row_threads=%d", sorted(self.models), threads)
+        self.rows_pool = ThreadPoolExecutor(settings.row_threads, thread_name_prefix="fhe-row")
+        log.info("FHE runner ready: models=%s row_threads=%d omp_threads=%s", sorted(self.models),
+                 settings.row_threads, os.environ["OMP_NUM_THREADS"])
 
     @bentoml.api
     def ready(self) -> bool:
@@ -120,7 +122,9 @@ class FHERunner:
     def predict(self, model: str, key_id: str | None, ciphertext: bytes) -> RunnerReply:
         try:
             loaded = self._model(model)
-            return RunnerReply(payload=self._run_row(loaded, self._evaluation_key(loaded, key_id), ciphertext))
+            key = self._evaluation_key(loaded, key_id)
+            # Through the row pool, like batch rows: at most row_threads rows compute at once per worker.
+            return RunnerReply(payload=self.rows_pool.submit(self._run_row, loaded, key, ciphertext).result())
         except FHEBentoError as exc:
             return RunnerReply.failed(exc)
 

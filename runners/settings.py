@@ -47,6 +47,10 @@ class Settings(BaseSettings):
     max_batch_bytes: int = Field(default=64 * MiB, gt=0)
     max_batch_rows: int = Field(default=256, gt=0)
     workers: int = Field(default=1, gt=0, description="FHE runner worker processes.")
+    row_threads: int = Field(default=1, gt=0, description="Rows one runner worker evaluates at once.")
+    omp_threads: int = Field(
+        default=0, ge=0, description="OpenMP threads per row; 0: cores / (workers x row_threads)."
+    )
     max_queue_rows: int = Field(
         default=32, gt=0, description="Rows admitted per model at once (running or queued); past it: 503."
     )
@@ -54,6 +58,11 @@ class Settings(BaseSettings):
     staging_dir: Path | None = Field(
         default=None, description="Where uploads are spooled before they are verified."
     )
+
+    def omp_threads_per_row(self) -> int:
+        """concrete parallelises the loops of one circuit with OpenMP: split the cores so that workers x
+        rows at once x threads per row fill the machine without oversubscribing it."""
+        return self.omp_threads or max(1, (os.cpu_count() or 1) // (self.workers * self.row_threads))
 
     def model_tags(self) -> list[str]:
         return [tag.strip() for tag in self.models.split(",") if tag.strip()]

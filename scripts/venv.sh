@@ -6,13 +6,13 @@ VENV="${FHE_BENTO_VENV:-$ROOT/.venv}"
 PY="${PYTHON:-python3.11}"
 command -v "$PY" >/dev/null || PY=python3
 stamp="$VENV/.fhe-bento-installed"
-want="$(sha256sum "$ROOT/pyproject.toml" | cut -d' ' -f1)-${FHE_BENTO_EXTRAS:-test}"
+want="$(sha256sum "$ROOT/pyproject.toml" | cut -d' ' -f1)"
 if [ ! -x "$VENV/bin/python" ]; then
   "$PY" -m venv "$VENV"
 fi
 if [ "$(cat "$stamp" 2>/dev/null)" != "$want" ]; then
   "$VENV/bin/python" -m pip install --quiet --upgrade pip
-  "$VENV/bin/python" -m pip install --quiet -e "$ROOT[${FHE_BENTO_EXTRAS:-test}]"
+  "$VENV/bin/python" -m pip install --quiet -e "$ROOT[test,bench,aws]"
   echo "$want" > "$stamp"
 fi
 export PATH="$VENV/bin:$PATH"

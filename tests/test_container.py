@@ -4,7 +4,6 @@ made Debian base), run with podman exactly as SageMaker runs it, called only on 
 from __future__ import annotations
 
 import hashlib
-import shutil
 import subprocess
 import time
 import uuid
@@ -38,16 +37,10 @@ def image():
 @pytest.fixture(scope="session")
 def model_dir(demo, tmp_path_factory) -> Path:
     """/opt/ml/model as SageMaker lays it out from model.tar.gz: one readable folder per model."""
-    from modelkit.sagemaker_deploy import MODEL_FILES, model_folders_from_store
+    from modelkit.sagemaker_deploy import model_folders_from_store, write_model_dir
 
-    root = tmp_path_factory.mktemp("opt-ml-model")
-    root.chmod(0o755)
-    for name, folder in model_folders_from_store([f"{XGB}:latest", f"{LOGREG}:latest"]).items():
-        (root / name).mkdir(mode=0o755)
-        for file in MODEL_FILES:
-            shutil.copyfile(folder / file, root / name / file)
-            (root / name / file).chmod(0o644)
-    return root
+    folders = model_folders_from_store([f"{XGB}:latest", f"{LOGREG}:latest"])
+    return write_model_dir(folders, tmp_path_factory.mktemp("opt-ml-model"))
 
 
 def wait_for_ping(timeout: float = 300) -> httpx.Response:

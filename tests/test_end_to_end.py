@@ -4,9 +4,13 @@ from __future__ import annotations
 
 import hashlib
 import io
+import os
+import subprocess
+import sys
 import tempfile
 import time
 from concurrent.futures import ThreadPoolExecutor
+from pathlib import Path
 
 import httpx
 import numpy as np
@@ -147,3 +151,21 @@ def test_logreg_needs_no_key_upload(server, demo):
         assert remote.ensure_key() is None
         assert list(remote.predict(demo.x_test[:5])) == list(demo.clear_predict(LOGREG, demo.x_test[:5]))
         assert server.metric("fhe_bento_key_uploads_total", model=LOGREG) == before
+
+
+def test_cli_predicts_a_csv_file(server, demo, tmp_path):
+    rows = demo.x_test[:12]
+    data = tmp_path / "rows.csv"
+    header = ",".join(f"feature_{i}" for i in range(rows.shape[1]))
+    np.savetxt(data, rows, delimiter=",", header=header, comments="")
+    cli = [str(Path(sys.executable).parent / "fhe-bento"), "predict", "--url", server.url, "--model", LOGREG,
+           "--batch-size", "5"]
+    env = {**os.environ, "FHE_BENTO_CLIENT_CACHE": str(tmp_path / "cache")}
+    labels = subprocess.run([*cli, str(data), "-o", str(tmp_path / "out.csv")], env=env, capture_output=True,
+                            text=True, timeout=300)
+    assert labels.returncode == 0, labels.stderr
+    assert [int(v) for v in (tmp_path / "out.csv").read_text().split()] == list(demo.clear_predict(LOGREG, rows))
+    proba = subprocess.run([*cli, "--proba", str(data)], env=env, capture_output=True, text=True, timeout=300)
+    assert proba.returncode == 0, proba.stderr
+    np.testing.assert_allclose(np.loadtxt(proba.stdout.splitlines(), delimiter=","),
+                               demo.models[LOGREG].predict_proba(rows, fhe="disable"), atol=1e-6)
