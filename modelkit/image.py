@@ -32,7 +32,7 @@ def bentofile_for_image(base_image: str) -> str:
 
 def source_version(bentofile: str) -> str:
     digest = hashlib.sha256(bentofile.encode())
-    for path in sorted([*ROOT.glob("service/*.py"), *ROOT.glob("runners/*.py")]):
+    for path in sorted([*ROOT.glob("service/*.py"), *ROOT.glob("runners/*.py"), *ROOT.glob("docker/*")]):
         digest.update(path.read_bytes())
     return digest.hexdigest()[:12]
 

@@ -22,6 +22,7 @@ from modelkit.devserver import ROOT
 PORT = 8080  # SageMaker's
 URL = f"http://127.0.0.1:{PORT}"
 PODMAN = ["podman", "--runtime", "runc", "--cgroup-manager", "cgroupfs"]
+RUN = [*PODMAN, "run", "--network", "host", "--ulimit", "nofile=20000:20000", "--ulimit", "nproc=4096:4096"]
 
 
 @pytest.fixture(scope="session")
@@ -60,8 +61,7 @@ def wait_for_ping(timeout: float = 300) -> httpx.Response:
 def container(image, model_dir):
     name = f"fhe-bento-test-{uuid.uuid4().hex[:8]}"
     subprocess.run(
-        [*PODMAN, "run", "-d", "--name", name, "--network", "host", "--ulimit", "nofile=20000:20000",
-         "--ulimit", "nproc=4096:4096", "-e", f"PORT={PORT}", "-v", f"{model_dir}:/opt/ml/model:ro", image, "serve"],
+        [*RUN, "-d", "--name", name, "-e", f"PORT={PORT}", "-v", f"{model_dir}:/opt/ml/model:ro", image, "serve"],
         check=True, capture_output=True,
     )
     try:
@@ -82,6 +82,15 @@ def test_ping_is_200_with_empty_body_once_loaded(container):
     assert response.content == b""
     models = {m["name"] for m in invoke("op=list_models").json()}
     assert models == {XGB, LOGREG}  # loaded from /opt/ml/model
+
+
+def test_image_has_no_compilers_or_git(image):
+    probe = subprocess.run(
+        [*RUN, "--rm", "--entrypoint", "sh", image, "-c",
+         "for tool in gcc g++ cc c++ make git ld; do command -v $tool || true; done"],
+        capture_output=True, text=True, check=True,
+    )
+    assert [Path(p).name for p in probe.stdout.split()] == ["ld"]  # concrete links circuits at load
 
 
 def test_invocations_only_client_uploads_key_in_parts_and_decrypts(container, demo, tmp_path):
