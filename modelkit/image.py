@@ -42,6 +42,16 @@ def _bentoml(*args: str, env: dict[str, str] | None = None) -> None:
                    env={**os.environ, **(env or {})}, stdout=sys.stderr)
 
 
+def _bento_exists(tag: str) -> bool:
+    import bentoml
+
+    try:
+        bentoml.bentos.get(tag)
+        return True
+    except bentoml.exceptions.NotFound:
+        return False
+
+
 def _image_exists(backend: str, image: str) -> bool:
     tool = "podman" if backend in ("buildah", "podman") else backend
     return subprocess.run([tool, "image", "inspect", image], capture_output=True).returncode == 0
@@ -54,10 +64,11 @@ def build_image(backend: str, base_image: str | None = None, repository: str = "
     image = f"{repository}:{version}"
     if _image_exists(backend, image):
         return image
-    with tempfile.TemporaryDirectory() as tmp:
-        path = Path(tmp) / "bentofile.yaml"
-        path.write_text(bentofile)
-        _bentoml("build", "-f", str(path), "--version", version, str(ROOT))
+    if not _bento_exists(f"fhe_bento:{version}"):
+        with tempfile.TemporaryDirectory() as tmp:
+            path = Path(tmp) / "bentofile.yaml"
+            path.write_text(bentofile)
+            _bentoml("build", "-f", str(path), "--version", version, str(ROOT))
     # chroot isolation lets buildah run RUN steps inside an unprivileged container (no nested namespaces).
     _bentoml("containerize", f"fhe_bento:{version}", "--backend", backend, "-t", image,
              env={"BUILDAH_ISOLATION": "chroot"} if backend == "buildah" else None)
