@@ -91,3 +91,31 @@ def test_server_code_never_touches_decryption(package):
                 names = [node.id]
             offenders += [f"{path.name}:{node.lineno} {n}" for n in names if n in DECRYPTING_NAMES]
     assert not offenders
+
+
+def test_registry_expires_unused_keys_and_abandoned_uploads(tmp_path):
+    import os
+    import time
+
+    from runners.key_registry import KeyRegistry
+    from runners.settings import Settings
+
+    store = FileKeyStore(tmp_path / "store")
+    registry = KeyRegistry(store, Settings(key_ttl_seconds=60, upload_ttl_seconds=60, max_store_bytes=20))
+    source = tmp_path / "k"
+    source.write_bytes(b"0123456789")
+    old, fresh = hashlib.sha256(b"old").hexdigest(), hashlib.sha256(b"fresh").hexdigest()
+    assert registry.put(SCOPE, old, source, {"model": "m"}) and registry.put(SCOPE, fresh, source, {"model": "m"})
+    with pytest.raises(FHEBentoError) as full:  # 20 bytes per model: a third 10-byte key does not fit
+        registry.put(SCOPE, hashlib.sha256(b"third").hexdigest(), source, {"model": "m"})
+    assert full.value.status == 413 and full.value.code == "key_store_full"
+    store.put_part(SCOPE, old, 0, b"part")
+    an_hour_ago = time.time() - 3600
+    os.utime(store._key_path(SCOPE, old), (an_hour_ago, an_hour_ago))
+    for part in (store.root / SCOPE / "uploads" / old).iterdir():
+        os.utime(part, (an_hour_ago, an_hour_ago))
+
+    assert registry.has(SCOPE, fresh) and not registry.has(SCOPE, old)  # expired on sight, and deleted
+    assert not store.has(SCOPE, old)
+    assert registry.sweep(force=True) == (0, 1)  # the abandoned upload goes too
+    assert store.list_parts(SCOPE, old) == {}
