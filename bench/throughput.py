@@ -215,8 +215,8 @@ def write_markdown(path: Path, f: dict, levels: dict[str, list[dict]]) -> None:
         for name, results in levels.items() for r in results)
     image = ""
     if "image_bytes" in f:
-        image = (f"| image size | {f['image_bytes'] / 1e9:.2f} GB |\n"
-                 f"| image: `podman run ... serve` to first `/ping` 200 | {f['image_cold_start_to_ping_s']:.1f} s |\n")
+        image = (f"| image size | {f['image_bytes'] / 1e9:.2f} GB | |\n"
+                 f"| image: `podman run ... serve` to first `/ping` 200 | {f['image_cold_start_to_ping_s']:.1f} s | |\n")
     path.write_text(f"""# Benchmarks
 
 Produced by `bench/run` (`bench/throughput.py`) in one run on one machine with **{f['cores']} cores**, on the
