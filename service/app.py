@@ -19,6 +19,7 @@ import uuid
 from pathlib import Path
 
 import bentoml
+import httpx
 from fastapi import FastAPI, Request
 from fastapi.exceptions import RequestValidationError
 from fastapi.responses import JSONResponse, Response
@@ -88,12 +89,20 @@ class FHEBento:
         return self.runner_ready
 
     async def call(self, method: str, **kwargs) -> RunnerReply:
-        try:
-            reply = await getattr(self.runner.to_async, method)(**kwargs)
-        except Exception as exc:
-            log.warning("runner call %s failed: %s", method, type(exc).__name__)
-            raise FHEBentoError(503, "runner_unavailable", "the FHE runner did not answer; retry") from None
-        return reply.unwrap()
+        # Runner calls are safe to repeat (FHE is pure, key registration is content-addressed), and a
+        # pooled connection that the runner closed as idle fails at once: so one retry, but not after a
+        # timeout, which already took the whole request time.
+        for attempt in (1, 2):
+            try:
+                reply = await getattr(self.runner.to_async, method)(**kwargs)
+            except Exception as exc:
+                timed_out = isinstance(exc, (asyncio.TimeoutError, httpx.TimeoutException))
+                log.warning("runner call %s failed (attempt %d): %s", method, attempt, type(exc).__name__)
+                if attempt == 2 or timed_out:
+                    raise FHEBentoError(503, "runner_unavailable", "the FHE runner did not answer; retry") from None
+                continue
+            return reply.unwrap()
+        raise AssertionError("unreachable: the second attempt returns or raises")
 
     # --- operations shared by every transport -------------------------------------------------------
 

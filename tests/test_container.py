@@ -67,9 +67,9 @@ def container(image, model_dir):
     try:
         yield name
     finally:
-        logs = subprocess.run(["podman", "logs", name], capture_output=True, text=True).stdout
+        logs = subprocess.run(["podman", "logs", name], capture_output=True, text=True)
+        (model_dir.parent / f"{name}.log").write_text(logs.stdout + logs.stderr)  # kept for post-mortems
         subprocess.run(["podman", "rm", "-f", name], capture_output=True)
-        print(logs[-3000:])
 
 
 def invoke(attributes: str, body: bytes = b"{}", content_type: str = "application/octet-stream") -> httpx.Response:
