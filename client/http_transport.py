@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import json
 from collections.abc import Callable
 
 import httpx
@@ -29,16 +30,23 @@ class FHEServiceError(RuntimeError):
         return self.status in (429, 503) and self.code in ("overloaded", "runner_unavailable", "http_error")
 
 
+def error_from_body(status: int, body: bytes | str, fallback_code: str, retry_after: float | None = None
+                    ) -> FHEServiceError:
+    """The service error in a JSON error body, or `fallback_code` with the start of a body that is not one."""
+    try:
+        error = json.loads(body)["error"]
+        return FHEServiceError(status, error["code"], error["message"], retry_after)
+    except Exception:
+        text = body.decode(errors="replace") if isinstance(body, bytes) else body
+        return FHEServiceError(status, fallback_code, text[:200], retry_after)
+
+
 def _raise_for_error(response: httpx.Response) -> httpx.Response:
     if response.status_code < 400:
         return response
-    try:
-        error = response.json()["error"]
-        code, message = error["code"], error["message"]
-    except Exception:
-        code, message = "http_error", response.text[:200] or response.reason_phrase
     retry_after = response.headers.get("retry-after")
-    raise FHEServiceError(response.status_code, code, message, float(retry_after) if retry_after else None)
+    raise error_from_body(response.status_code, response.content or response.reason_phrase, "http_error",
+                          float(retry_after) if retry_after else None)
 
 
 class HTTPTransport:

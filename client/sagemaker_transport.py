@@ -27,7 +27,7 @@ from urllib.parse import urlparse
 import httpx
 from tqdm.auto import tqdm
 
-from client.http_transport import FHEServiceError
+from client.http_transport import FHEServiceError, error_from_body
 from client.uploads import PART_BYTES, upload_key
 from service import wire
 
@@ -38,12 +38,8 @@ def attributes(**fields: object) -> str:
     return "; ".join(f"{name}={value}" for name, value in fields.items() if value is not None)
 
 
-def _error_from_body(status: int, body: bytes | str) -> FHEServiceError:
-    try:
-        error = json.loads(body)["error"]
-        return FHEServiceError(status, error["code"], error["message"])
-    except Exception:
-        return FHEServiceError(status, "model_error", str(body)[:200])
+def _model_error(status: int, body: bytes | str) -> FHEServiceError:
+    return error_from_body(status, body, "model_error")
 
 
 class Invoker(Protocol):
@@ -68,7 +64,7 @@ class RuntimeInvoker:
             )
         except ClientError as exc:
             info = exc.response.get("OriginalMessage") or exc.response.get("Error", {}).get("Message", "")
-            raise _error_from_body(int(exc.response.get("OriginalStatusCode", 424)), info) from None
+            raise _model_error(int(exc.response.get("OriginalStatusCode", 424)), info) from None
         return response["Body"].read()
 
 
@@ -84,7 +80,7 @@ class LocalInvoker:
             "/invocations", content=body, headers={"Content-Type": content_type, ATTRIBUTES_HEADER: custom_attributes}
         )
         if response.status_code >= 400:
-            raise _error_from_body(response.status_code, response.content)
+            raise _model_error(response.status_code, response.content)
         return response.content
 
 
@@ -193,7 +189,7 @@ class AsyncJob:
                     return wire.decode_batch(answer, max_rows=self.rows)
                 failure = self._fetch(self.failure_location)
                 if failure is not None:
-                    raise _error_from_body(424, failure)
+                    raise _model_error(424, failure)
                 bar.update()
                 time.sleep(poll)
         raise TimeoutError(f"no answer at {self.output_location} after {timeout:.0f} s")

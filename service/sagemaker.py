@@ -17,7 +17,7 @@ from fastapi import APIRouter, Request
 from fastapi.responses import JSONResponse, Response
 from pydantic import BaseModel, ConfigDict, ValidationError
 
-from runners.errors import FHEBentoError, bad_request
+from runners.errors import FHEBentoError, bad_request, too_large
 from runners.settings import get_settings
 from service import wire
 from service.wire import OCTET_STREAM
@@ -146,13 +146,13 @@ async def _envelope(service: FHEBento, request: Request, attrs: Attributes) -> R
             key_id = header.key_id or attrs.key
             if header.key_bytes:
                 if header.key_bytes > settings.max_key_bytes:
-                    raise FHEBentoError(413, "payload_too_large", "the inline key is over FHE_BENTO_MAX_KEY_BYTES")
+                    raise too_large("the inline key is over FHE_BENTO_MAX_KEY_BYTES")
                 key_path, key_id, _ = await spool_chunks(_region(fh, header.key_bytes), header.key_bytes, service.staging)
                 await service.register_key(spec, key_path, key_id)
             rows_body = fh.read(settings.max_batch_bytes + 1)
     finally:
         path.unlink(missing_ok=True)
     if len(rows_body) > settings.max_batch_bytes:
-        raise FHEBentoError(413, "payload_too_large", "the envelope's batch is over FHE_BENTO_MAX_BATCH_BYTES")
+        raise too_large("the envelope's batch is over FHE_BENTO_MAX_BATCH_BYTES")
     results = await service.predict_batch(spec, key_id, decode_rows(rows_body))
     return Response(wire.encode_batch(results), media_type=wire.CONTENT_TYPE)
