@@ -130,8 +130,11 @@ class RemoteModel:
         """Encrypt, send and decrypt one batch of rows (runs on the client's thread pool)."""
         if batch.ndim != 2 or batch.shape[1] != self.info["n_features"]:
             raise ValueError(f"{self.name} takes rows of {self.info['n_features']} features, got shape {batch.shape}")
-        answers = self._run_batch(self.encrypt(batch))
-        return np.vstack([np.asarray(self.fhe.deserialize_decrypt_dequantize(a)).reshape(-1) for a in answers])
+        return np.vstack([self.decrypt(answer) for answer in self._run_batch(self.encrypt(batch))])
+
+    def decrypt(self, answer: bytes) -> np.ndarray:
+        """The scores of one row from the server's encrypted answer."""
+        return np.asarray(self.fhe.deserialize_decrypt_dequantize(answer)).reshape(-1)
 
     def predict_proba_stream(self, rows: Iterable[np.ndarray], total: int | None = None) -> Iterator[np.ndarray]:
         """Scores for rows read lazily, in order. Batches are encrypted, sent and decrypted on
@@ -196,11 +199,14 @@ class FHEClient:
         progress: bool = True,
         timeout: float = 600.0,
         max_retries: int = 8,
+        token: str | None = None,
     ) -> None:
+        """`token`: the bearer token, when the server has FHE_BENTO_PREDICT_TOKENS set (HTTP only: a
+        SageMaker endpoint is gated by IAM). Keys uploaded with a token are visible to that token only."""
         if transport is None:
             if url is None:
                 raise ValueError("give a server url or a transport")
-            transport = HTTPTransport(url, timeout=timeout)
+            transport = HTTPTransport(url, timeout=timeout, token=token)
         self.transport = transport
         self.cache_dir = Path(cache_dir) if cache_dir else default_cache_dir()
         self.batch_size = batch_size

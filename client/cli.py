@@ -37,29 +37,31 @@ def demo_models() -> None:
 
 @main.command("models")
 @click.option("--url", required=True, envvar="FHE_BENTO_URL", help="Server URL.")
-def models(url: str) -> None:
+@click.option("--token", envvar="FHE_BENTO_TOKEN", help="Bearer token, if the server needs one.")
+def models(url: str, token: str | None) -> None:
     """List the models a server serves."""
     from client.http_transport import HTTPTransport
 
-    for info in HTTPTransport(url).list_models():
+    for info in HTTPTransport(url, token=token).list_models():
         click.echo(f"{info['name']}:{info['version']}  {info['model_class']}  features={info['n_features']}  "
                    f"needs_key={info['needs_key']}")
 
 
 @main.command("predict")
 @click.option("--url", required=True, envvar="FHE_BENTO_URL", help="Server URL.")
+@click.option("--token", envvar="FHE_BENTO_TOKEN", help="Bearer token, if the server needs one.")
 @click.option("--model", "model_name", required=True, help="Served model name.")
 @click.option("--output", "-o", type=click.Path(dir_okay=False, path_type=Path), help="CSV to write (default stdout).")
 @click.option("--proba", is_flag=True, help="Write class probabilities instead of labels.")
 @click.option("--batch-size", default=8, show_default=True, help="Rows per request.")
 @click.option("--concurrency", default=4, show_default=True, help="Requests in flight.")
 @click.argument("data", type=click.Path(exists=True, dir_okay=False, path_type=Path))
-def predict(url: str, model_name: str, output: Path | None, proba: bool, batch_size: int, concurrency: int,
-            data: Path) -> None:
+def predict(url: str, token: str | None, model_name: str, output: Path | None, proba: bool, batch_size: int,
+            concurrency: int, data: Path) -> None:
     """Encrypt each row of the CSV file DATA, predict on the server, and write the decrypted answers."""
     from client.api import FHEClient
 
-    model = FHEClient(url, batch_size=batch_size, concurrency=concurrency).model(model_name)
+    model = FHEClient(url, batch_size=batch_size, concurrency=concurrency, token=token).model(model_name)
     total, rows = _csv_rows(data)
     with click.open_file(str(output) if output else "-", "w") as out:
         for scores in model.predict_proba_stream(rows, total=total):

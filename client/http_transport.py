@@ -51,11 +51,14 @@ def _raise_for_error(response: httpx.Response) -> httpx.Response:
 
 class HTTPTransport:
     def __init__(
-        self, url: str, timeout: float = 600.0, client: httpx.Client | None = None, part_bytes: int = PART_BYTES
+        self, url: str, timeout: float = 600.0, client: httpx.Client | None = None, part_bytes: int = PART_BYTES,
+        token: str | None = None,
     ) -> None:
         self.url = url.rstrip("/")
         self.part_bytes = part_bytes
-        self.http = client or httpx.Client(base_url=self.url, timeout=httpx.Timeout(timeout, connect=10.0))
+        headers = {"Authorization": f"Bearer {token}"} if token else {}
+        self.http = client or httpx.Client(base_url=self.url, timeout=httpx.Timeout(timeout, connect=10.0),
+                                           headers=headers)
 
     def close(self) -> None:
         self.http.close()

@@ -63,9 +63,13 @@ def save_dev_folder(model: Any, folder: Path) -> Path:
 
 def build_and_import(names: list[str] | None = None) -> list[str]:
     """Train, compile and import the demo models into the BentoML store; returns their tags."""
+    return import_trained(train(names)[0])
+
+
+def import_trained(models: dict[str, Any]) -> list[str]:
+    """Import fitted, compiled demo models into the BentoML store; returns their tags."""
     from modelkit.importer import import_model
 
-    models, _ = train(names)
     tags = []
     with tempfile.TemporaryDirectory(prefix="fhe-bento-demo-") as tmp:
         for name, model in models.items():

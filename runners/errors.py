@@ -10,6 +10,22 @@ from __future__ import annotations
 from pydantic import BaseModel
 
 
+# Every code the server sends, with its status: the README's error table lists exactly these (a test
+# checks), and the fuzz tests check that every rejection is one of them.
+ERROR_CODES: dict[str, int] = {
+    **dict.fromkeys((
+        "empty_body", "incomplete_body", "invalid_ciphertext", "invalid_batch", "invalid_key", "invalid_key_id",
+        "missing_key_id", "invalid_multipart", "missing_field", "invalid_request", "invalid_attributes",
+        "invalid_envelope", "invalid_part", "missing_parts", "digest_mismatch", "invalid_scope",
+    ), 400),
+    "auth_required": 401, "invalid_token": 401, "forbidden": 403,
+    "unknown_model": 404, "unknown_key": 404, "method_not_allowed": 405,
+    "body_timeout": 408, "length_required": 411, "payload_too_large": 413, "key_store_full": 413,
+    "unsupported_media_type": 415, "ciphertext_mismatch": 422, "key_mismatch": 422, "headers_too_large": 431,
+    "not_ready": 503, "runner_unavailable": 503, "overloaded": 503, "request_timeout": 504,
+}
+
+
 class ErrorBody(BaseModel):
     code: str
     message: str

@@ -20,7 +20,7 @@ from runners import metrics
 from runners.errors import FHEBentoError, RunnerReply, bad_request, not_found, unprocessable
 from runners.key_cache import KeyCache
 from runners.key_registry import KeyRegistry
-from runners.key_store import open_store
+from runners.key_store import open_store, tenant_scope
 from runners.model_repo import ModelSpec, load_specs
 from runners.settings import get_settings
 
@@ -88,12 +88,12 @@ class FHERunner:
         except KeyError:
             raise not_found("unknown_model", f"no model named {name!r} is served") from None
 
-    def _evaluation_key(self, model: LoadedModel, key_id: str | None) -> Any:
+    def _evaluation_key(self, model: LoadedModel, tenant: str, key_id: str | None) -> Any:
         if model.builtin_key is not None:
             return model.builtin_key
         if not key_id:
             raise bad_request("missing_key_id", "this model needs an evaluation key: send X-FHE-Key-Id")
-        scope = model.spec.key_scope
+        scope = tenant_scope(model.spec.key_scope, tenant)
         if not self.keys.has(scope, key_id):
             self.cache.discard((scope, key_id))  # deleted or expired: a cached copy must not outlive it
             raise not_found("unknown_key", f"key {key_id} is not registered for model {model.spec.name!r}")
@@ -119,38 +119,38 @@ class FHERunner:
         return result
 
     @bentoml.api
-    def predict(self, model: str, key_id: str | None, ciphertext: bytes) -> RunnerReply:
+    def predict(self, model: str, tenant: str, key_id: str | None, ciphertext: bytes) -> RunnerReply:
         try:
             loaded = self._model(model)
-            key = self._evaluation_key(loaded, key_id)
+            key = self._evaluation_key(loaded, tenant, key_id)
             # Through the row pool, like batch rows: at most row_threads rows compute at once per worker.
             return RunnerReply(payload=self.rows_pool.submit(self._run_row, loaded, key, ciphertext).result())
         except FHEBentoError as exc:
             return RunnerReply.failed(exc)
 
     @bentoml.api
-    def predict_batch(self, model: str, key_id: str | None, ciphertexts: list[bytes]) -> RunnerReply:
+    def predict_batch(self, model: str, tenant: str, key_id: str | None, ciphertexts: list[bytes]) -> RunnerReply:
         try:
             loaded = self._model(model)
-            key = self._evaluation_key(loaded, key_id)
+            key = self._evaluation_key(loaded, tenant, key_id)
             results = list(self.rows_pool.map(lambda ct: self._run_row(loaded, key, ct), ciphertexts))
             return RunnerReply(payload=results)
         except FHEBentoError as exc:
             return RunnerReply.failed(exc)
 
     @bentoml.api
-    def register_key(self, model: str, key_id: str, staged_path: str) -> RunnerReply:
-        """Verify a spooled upload and store it; the caller deletes the spool file."""
+    def register_key(self, model: str, tenant: str, key_id: str, staged_path: str) -> RunnerReply:
+        """Verify a spooled upload and store it for the tenant; the caller deletes the spool file."""
         try:
             loaded = self._model(model)
-            return RunnerReply(info=self._register(loaded, key_id, Path(staged_path)))
+            return RunnerReply(info=self._register(loaded, tenant, key_id, Path(staged_path)))
         except FHEBentoError as exc:
             metrics.KEY_UPLOADS.labels(model=model, outcome="rejected").inc()
             log.info("key upload rejected: model=%s bytes=%s code=%s", model, _size(staged_path), exc.code)
             return RunnerReply.failed(exc)
 
-    def _register(self, model: LoadedModel, key_id: str, staged: Path) -> dict:
-        scope = model.spec.key_scope
+    def _register(self, model: LoadedModel, tenant: str, key_id: str, staged: Path) -> dict:
+        scope = tenant_scope(model.spec.key_scope, tenant)
         size = staged.stat().st_size
         if self.keys.has(scope, key_id):
             metrics.KEY_UPLOADS.labels(model=model.spec.name, outcome="exists").inc()
@@ -161,7 +161,7 @@ class FHERunner:
         except RuntimeError:
             raise bad_request("invalid_key", "the body is not a serialized concrete evaluation key") from None
         model.check_fits(data)
-        created = self.keys.put(scope, key_id, staged, {"model": model.spec.name, "bytes": size})
+        created = self.keys.put(scope, key_id, staged, {"model": model.spec.name, "bytes": size, "owner": tenant})
         self.cache.put((scope, key_id), key, size)
         metrics.KEY_UPLOADS.labels(model=model.spec.name, outcome="created" if created else "exists").inc()
         log.info("key registered: model=%s key_id=%s bytes=%d created=%s", model.spec.name, key_id, size, created)

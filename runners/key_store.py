@@ -7,6 +7,7 @@ leave a partial key behind, and everything survives a restart.
 
 from __future__ import annotations
 
+import hashlib
 import json
 import os
 import re
@@ -29,6 +30,12 @@ def check_key_id(key_id: str) -> str:
     return key_id
 
 
+def tenant_scope(model_scope: str, tenant: str) -> str:
+    """Where one tenant's keys for one model live: the model's own scope when tokens are off, else a
+    scope derived from both, so that a key id alone never reaches another tenant's key."""
+    return hashlib.sha256(f"{model_scope}:{tenant}".encode()).hexdigest() if tenant else model_scope
+
+
 def check_scope(scope: str, key_id: str) -> None:
     check_key_id(key_id)
     if not KEY_ID.match(scope):
@@ -41,6 +48,9 @@ class KeyStore(Protocol):
     def read(self, scope: str, key_id: str) -> bytes: ...
 
     def size(self, scope: str, key_id: str) -> int: ...
+
+    def info(self, scope: str, key_id: str) -> dict:
+        """What `put` recorded (model, bytes, owner, created) and when the key was last used."""
 
     def put(self, scope: str, key_id: str, source: Path, info: dict) -> bool:
         """Store a verified key file; False when it was already there (idempotent)."""
@@ -90,6 +100,13 @@ class FileKeyStore:
 
     def size(self, scope: str, key_id: str) -> int:
         return self._key_path(scope, key_id).stat().st_size
+
+    def info(self, scope: str, key_id: str) -> dict:
+        try:
+            recorded = json.loads(self._key_path(scope, key_id).with_suffix(".json").read_bytes())
+        except (FileNotFoundError, ValueError):
+            recorded = {}
+        return {**recorded, "last_used": self.last_used(scope, key_id)}
 
     def put(self, scope: str, key_id: str, source: Path, info: dict) -> bool:
         final = self._key_path(scope, key_id)

@@ -1,7 +1,7 @@
 """`s3://bucket/prefix` key store, shared by every replica (boto3; honours `AWS_ENDPOINT_URL`).
 
 Layout under the prefix:
-    keys/<scope>/<key_id>.key          the verified key; S3 metadata: model, bytes, created
+    keys/<scope>/<key_id>.key          the verified key; S3 metadata: model, bytes, owner, created
     keys/<scope>/<key_id>.used         empty marker rewritten when the key is used (for the TTL)
     uploads/<scope>/<key_id>/<i>.part  parts of an unfinished chunked upload (any replica may add one)
 A key object appears only when its (multipart) upload completes: S3 never shows a half-written object,
@@ -59,6 +59,14 @@ class S3KeyStore:
 
     def size(self, scope: str, key_id: str) -> int:
         return self._head(self._key(scope, key_id))["ContentLength"]
+
+    def info(self, scope: str, key_id: str) -> dict:
+        head = self._head(self._key(scope, key_id)) or {}
+        recorded: dict = dict(head.get("Metadata", {}))  # S3 metadata holds strings
+        for name, kind in (("bytes", int), ("created", float)):
+            if name in recorded:
+                recorded[name] = kind(recorded[name])
+        return {**recorded, "last_used": self.last_used(scope, key_id)}
 
     def put(self, scope: str, key_id: str, source: Path, info: dict) -> bool:
         key = self._key(scope, key_id)
@@ -124,3 +132,4 @@ class S3KeyStore:
         for start in range(0, len(objects), 1000):
             batch = [{"Key": o["Key"]} for o in objects[start : start + 1000]]
             self.s3.delete_objects(Bucket=self.bucket, Delete={"Objects": batch})
+

@@ -9,7 +9,7 @@ import os
 from functools import lru_cache
 from pathlib import Path
 
-from pydantic import Field
+from pydantic import Field, SecretStr
 from pydantic_settings import BaseSettings, SettingsConfigDict
 
 DEMO_MODELS = ("breast-cancer-xgb:latest", "breast-cancer-logreg:latest")
@@ -54,7 +54,19 @@ class Settings(BaseSettings):
     max_queue_rows: int = Field(
         default=32, gt=0, description="Rows admitted per model at once (running or queued); past it: 503."
     )
-    request_timeout: int = Field(default=600, gt=0, description="Seconds one request may take.")
+    request_timeout: int = Field(default=600, gt=0, description="Seconds one request may take; past it: 504.")
+    body_idle_seconds: int = Field(
+        default=30, gt=0, description="Seconds a request body may stall between two chunks; past it: 408."
+    )
+    max_header_bytes: int = Field(
+        default=16 * 1024, gt=0, description="Bytes of request line and headers together; past it: 431."
+    )
+    predict_tokens: SecretStr = Field(
+        default=SecretStr(""), description="Comma-separated bearer tokens that may predict and manage their own keys."
+    )
+    admin_tokens: SecretStr = Field(
+        default=SecretStr(""), description="Comma-separated bearer tokens that may also list and delete every key."
+    )
     staging_dir: Path | None = Field(
         default=None, description="Where uploads are spooled before they are verified."
     )

@@ -23,17 +23,20 @@ import httpx
 from fastapi import FastAPI, Request
 from fastapi.exceptions import RequestValidationError
 from fastapi.responses import JSONResponse, Response
+from starlette.exceptions import HTTPException as StarletteHTTPException
 
 from runners.errors import FHEBentoError, RunnerReply, bad_request, not_found, too_large
 from runners.fhe_runner import FHERunner
 from runners import metrics
 from runners.key_registry import KeyRegistry
-from runners.key_store import check_key_id, open_store
+from runners.key_store import KEY_ID, check_key_id, open_store
 from runners.model_repo import ModelSpec, default_model, load_specs
 from runners.settings import get_settings
 from service.admission import Admission
+from service.auth import Caller
 from service.compat import router as compat_router
-from service.routes import router as native_router
+from service.limits import RequestLimits
+from service.routes import admin_router, router as native_router
 from service.sagemaker import router as sagemaker_router
 
 log = logging.getLogger("bentoml.fhe_bento.service")
@@ -41,6 +44,7 @@ settings = get_settings()
 READY_TIMEOUT = 0.5  # seconds; SageMaker gives /ping 2 s
 
 app = FastAPI(title="fhe-bento", version="1", docs_url=None, redoc_url=None)
+app.add_middleware(RequestLimits, max_header_bytes=settings.max_header_bytes, timeout=settings.request_timeout)
 
 
 @app.exception_handler(FHEBentoError)
@@ -50,6 +54,15 @@ async def _fhe_error(request: Request, exc: FHEBentoError) -> Response:
     return JSONResponse(exc.body(), status_code=exc.status, headers=exc.headers)
 
 
+@app.exception_handler(StarletteHTTPException)
+async def _http_error(request: Request, exc: StarletteHTTPException) -> Response:
+    # Starlette's own answers in the service's error shape. (A path that no route serves never gets here:
+    # BentoML's router answers it with its plain-text 404.)
+    if exc.status_code == 405:
+        return await _fhe_error(request, FHEBentoError(405, "method_not_allowed", f"{request.method} is not allowed here"))
+    return await _fhe_error(request, bad_request("invalid_request", str(exc.detail)))
+
+
 @app.exception_handler(RequestValidationError)
 async def _validation_error(request: Request, exc: RequestValidationError) -> Response:
     first = exc.errors()[0] if exc.errors() else {}
@@ -57,7 +70,8 @@ async def _validation_error(request: Request, exc: RequestValidationError) -> Re
     return await _fhe_error(request, bad_request("invalid_request", f"{where}: {first.get('msg', 'invalid')}"))
 
 
-@bentoml.service(name="fhe_bento", traffic={"timeout": settings.request_timeout})
+# BentoML's own deadline comes a little later than RequestLimits', so that the JSON 504 gets out first.
+@bentoml.service(name="fhe_bento", traffic={"timeout": settings.request_timeout + 5})
 @bentoml.asgi_app(app, path="/")
 class FHEBento:
     runner = bentoml.depends(FHERunner)
@@ -109,33 +123,52 @@ class FHEBento:
     def list_models(self) -> list[dict]:
         return [spec.public() for spec in self.specs.values()]
 
-    async def predict(self, spec: ModelSpec, key_id: str | None, ciphertext: bytes) -> bytes:
+    async def predict(self, spec: ModelSpec, caller: Caller, key_id: str | None, ciphertext: bytes) -> bytes:
         async with self.admission.admit(spec.name, 1):
-            return (await self.call("predict", model=spec.name, key_id=key_id, ciphertext=ciphertext)).payload
+            reply = await self.call("predict", model=spec.name, tenant=caller.tenant, key_id=key_id, ciphertext=ciphertext)
+            return reply.payload
 
-    async def predict_batch(self, spec: ModelSpec, key_id: str | None, rows: list[bytes]) -> list[bytes]:
+    async def predict_batch(self, spec: ModelSpec, caller: Caller, key_id: str | None, rows: list[bytes]) -> list[bytes]:
         async with self.admission.admit(spec.name, len(rows)):
-            return (await self.call("predict_batch", model=spec.name, key_id=key_id, ciphertexts=rows)).payload
+            reply = await self.call("predict_batch", model=spec.name, tenant=caller.tenant, key_id=key_id, ciphertexts=rows)
+            return reply.payload
 
-    async def register_key(self, spec: ModelSpec, path: Path, key_id: str) -> tuple[dict, int]:
+    async def register_key(self, spec: ModelSpec, caller: Caller, path: Path, key_id: str) -> tuple[dict, int]:
         """Have the runner verify and store a spooled key file (deleted here). Returns (answer, status)."""
         try:
-            info = (await self.call("register_key", model=spec.name, key_id=key_id, staged_path=str(path))).info
+            reply = await self.call("register_key", model=spec.name, tenant=caller.tenant, key_id=key_id,
+                                    staged_path=str(path))
         finally:
             path.unlink(missing_ok=True)
-        return {"key_id": info["key_id"], "bytes": info["bytes"]}, 201 if info["created"] else 200
+        return {"key_id": reply.info["key_id"], "bytes": reply.info["bytes"]}, 201 if reply.info["created"] else 200
 
     # Key-store calls may be network round trips (s3://): they run in threads, off the event loop.
 
-    async def has_key(self, spec: ModelSpec, key_id: str) -> bool:
-        return await asyncio.to_thread(self.keys.has, spec.key_scope, check_key_id(key_id))
+    async def has_key(self, spec: ModelSpec, caller: Caller, key_id: str) -> bool:
+        return await asyncio.to_thread(self.keys.has, caller.scope(spec), check_key_id(key_id))
 
-    async def delete_key(self, spec: ModelSpec, key_id: str) -> None:
-        if not await asyncio.to_thread(self.keys.store.delete, spec.key_scope, check_key_id(key_id)):
-            raise not_found("unknown_key", f"key {key_id} is not registered for model {spec.name!r}")
-        log.info("key deleted: model=%s key_id=%s", spec.name, key_id)
+    async def delete_key(self, spec: ModelSpec, caller: Caller, key_id: str) -> None:
+        scope = caller.scope(spec)
+        await self._delete(scope, check_key_id(key_id), f"for model {spec.name!r}")
 
-    async def put_key_part(self, spec: ModelSpec, key_id: str, index: int, data: bytes) -> dict:
+    async def _delete(self, scope: str, key_id: str, where: str) -> None:
+        if not await asyncio.to_thread(self.keys.store.delete, scope, key_id):
+            raise not_found("unknown_key", f"key {key_id} is not registered {where}")
+        log.info("key deleted: scope=%s key_id=%s", scope[:12], key_id)
+
+    async def list_keys(self) -> list[dict]:
+        """Every stored key of every model and tenant (admin)."""
+        store = self.keys.store
+        return await asyncio.to_thread(lambda: [{"scope": scope, "key_id": key_id, **store.info(scope, key_id)}
+                                                for scope, key_id in store.list_keys()])
+
+    async def delete_any_key(self, scope: str, key_id: str) -> None:
+        """Delete a key found with `list_keys` (admin)."""
+        if not KEY_ID.match(scope):
+            raise bad_request("invalid_scope", "a scope is the 64-character hex id that /v1/keys lists")
+        await self._delete(scope, check_key_id(key_id), f"in scope {scope}")
+
+    async def put_key_part(self, spec: ModelSpec, caller: Caller, key_id: str, index: int, data: bytes) -> dict:
         check_key_id(key_id)
         if not 0 <= index < settings.max_key_parts:
             raise bad_request("invalid_part", f"part index must be in 0..{settings.max_key_parts - 1}")
@@ -146,28 +179,31 @@ class FHEBento:
 
         def store_part() -> None:
             self.keys.sweep()
-            self.keys.store.put_part(spec.key_scope, key_id, index, data)
+            self.keys.store.put_part(scope, key_id, index, data)
 
+        scope = caller.scope(spec)
         await asyncio.to_thread(store_part)
         metrics.PART_BYTES.labels(model=spec.name).inc(len(data))
         return {"key_id": key_id, "part": index, "bytes": len(data)}
 
-    async def key_parts(self, spec: ModelSpec, key_id: str) -> dict:
-        parts = await asyncio.to_thread(self.keys.store.list_parts, spec.key_scope, check_key_id(key_id))
+    async def key_parts(self, spec: ModelSpec, caller: Caller, key_id: str) -> dict:
+        scope = caller.scope(spec)
+        parts = await asyncio.to_thread(self.keys.store.list_parts, scope, check_key_id(key_id))
         return {"key_id": key_id, "parts": sorted(parts), "bytes": sum(parts.values())}
 
-    async def complete_key(self, spec: ModelSpec, key_id: str, count: int) -> tuple[dict, int]:
+    async def complete_key(self, spec: ModelSpec, caller: Caller, key_id: str, count: int) -> tuple[dict, int]:
         """Join parts 0..count-1, check the SHA-256 against the key id, then register as a whole upload."""
         check_key_id(key_id)
         if not 0 < count <= settings.max_key_parts:
             raise bad_request("invalid_part", f"a key has 1 to {settings.max_key_parts} parts")
-        known = await asyncio.to_thread(self._assemble, spec.key_scope, key_id, count)
+        scope = caller.scope(spec)
+        known = await asyncio.to_thread(self._assemble, scope, key_id, count)
         if isinstance(known, dict):
             return known, 200
         try:
-            return await self.register_key(spec, known, key_id)
+            return await self.register_key(spec, caller, known, key_id)
         finally:
-            await asyncio.to_thread(self.keys.store.drop_parts, spec.key_scope, key_id)
+            await asyncio.to_thread(self.keys.store.drop_parts, scope, key_id)
 
     def _assemble(self, scope: str, key_id: str, count: int) -> Path | dict:
         """The joined, digest-checked parts in a spool file; or the answer if the key is registered already
@@ -200,4 +236,5 @@ class FHEBento:
 
 app.include_router(sagemaker_router)
 app.include_router(native_router)
+app.include_router(admin_router)
 app.include_router(compat_router)

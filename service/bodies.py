@@ -1,8 +1,10 @@
 """Reading request bodies within limits: checked against Content-Length first, then counted while
-streaming, so an oversized body is refused before it is held in memory or on disk."""
+streaming, so an oversized body is refused before it is held in memory or on disk; a body that stalls
+for `FHE_BENTO_BODY_IDLE_SECONDS` between two chunks is refused with 408."""
 
 from __future__ import annotations
 
+import asyncio
 import hashlib
 import uuid
 from collections.abc import AsyncIterator
@@ -11,7 +13,7 @@ from pathlib import Path
 from starlette.requests import ClientDisconnect, Request
 
 from runners.errors import FHEBentoError, bad_request, too_large
-
+from runners.settings import get_settings
 
 
 def require_content_type(request: Request, *allowed: str) -> None:
@@ -30,11 +32,25 @@ def declared_length(request: Request, limit: int, required: bool = False) -> Non
         raise too_large(f"the body is {declared} bytes; the limit here is {limit}")
 
 
+async def body_chunks(request: Request) -> AsyncIterator[bytes]:
+    """The body's chunks as they come; 408 when the client stalls between two of them."""
+    stream = request.stream()
+    idle = get_settings().body_idle_seconds
+    while True:
+        try:
+            chunk = await asyncio.wait_for(anext(stream), idle)
+        except StopAsyncIteration:
+            return
+        except TimeoutError:
+            raise FHEBentoError(408, "body_timeout", f"no body bytes came for {idle} s") from None
+        yield chunk
+
+
 async def read_limited(request: Request, limit: int) -> bytes:
     declared_length(request, limit)
     chunks, size = [], 0
     try:
-        async for chunk in request.stream():
+        async for chunk in body_chunks(request):
             size += len(chunk)
             if size > limit:
                 raise too_large(f"the body is over the limit of {limit} bytes")
@@ -50,7 +66,7 @@ async def read_limited(request: Request, limit: int) -> bytes:
 async def spool_limited(request: Request, limit: int, directory: Path) -> tuple[Path, str, int]:
     """Stream the body to a file under `directory`; see `spool_chunks`."""
     declared_length(request, limit)
-    return await spool_chunks(request.stream(), limit, directory)
+    return await spool_chunks(body_chunks(request), limit, directory)
 
 
 async def spool_chunks(chunks: AsyncIterator[bytes], limit: int, directory: Path) -> tuple[Path, str, int]:

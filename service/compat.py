@@ -9,13 +9,14 @@ from __future__ import annotations
 from collections.abc import AsyncIterator
 
 import bentoml
-from fastapi import APIRouter, Request
+from fastapi import APIRouter, Depends, Request
 from fastapi.responses import FileResponse, JSONResponse, Response
 from starlette.datastructures import FormData, UploadFile
 
 from runners.errors import bad_request
 from runners.key_store import check_key_id
 from runners.settings import get_settings
+from service.auth import Caller, predict_caller
 from service.responses import client_zip_response
 from service.wire import OCTET_STREAM
 from service.bodies import declared_length, require_content_type, spool_chunks
@@ -47,22 +48,22 @@ async def _chunks(upload: UploadFile) -> AsyncIterator[bytes]:
 
 
 @router.get("/get_client")
-async def get_client() -> FileResponse:
+async def get_client(caller: Caller = Depends(predict_caller)) -> FileResponse:
     service = bentoml.get_current_service()
     return client_zip_response(service.default)
 
 
 @router.post("/add_key")
-async def add_key(request: Request) -> Response:
+async def add_key(request: Request, caller: Caller = Depends(predict_caller)) -> Response:
     service = bentoml.get_current_service()
     form = await _form(request, settings.max_key_bytes + CHUNK)
     path, key_id, _ = await spool_chunks(_chunks(_file(form, "key")), settings.max_key_bytes, service.staging)
-    answer, _status = await service.register_key(service.default, path, key_id)
+    answer, _status = await service.register_key(service.default, caller, path, key_id)
     return JSONResponse({"uid": answer["key_id"]})
 
 
 @router.post("/compute")
-async def compute(request: Request) -> Response:
+async def compute(request: Request, caller: Caller = Depends(predict_caller)) -> Response:
     service = bentoml.get_current_service()
     form = await _form(request, settings.max_ciphertext_bytes + CHUNK)
     uid = form.get("uid")
@@ -71,5 +72,5 @@ async def compute(request: Request) -> Response:
     ciphertext = await _file(form, "model_input").read()
     if not ciphertext:
         raise bad_request("empty_body", "the model_input file is empty")
-    result = await service.predict(service.default, check_key_id(uid.strip().lower()), ciphertext)
+    result = await service.predict(service.default, caller, check_key_id(uid.strip().lower()), ciphertext)
     return Response(result, media_type=OCTET_STREAM)

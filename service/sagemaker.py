@@ -13,7 +13,7 @@ from collections.abc import AsyncIterator
 from typing import TYPE_CHECKING, BinaryIO, Literal
 
 import bentoml
-from fastapi import APIRouter, Request
+from fastapi import APIRouter, Depends, Request
 from fastapi.responses import JSONResponse, Response
 from pydantic import BaseModel, ConfigDict, ValidationError
 
@@ -21,6 +21,7 @@ from runners.errors import FHEBentoError, bad_request, too_large
 from runners.settings import get_settings
 from service import wire
 from service.wire import OCTET_STREAM
+from service.auth import Caller, predict_caller
 from service.bodies import read_limited, require_content_type, spool_chunks, spool_limited
 from service.responses import client_zip_response
 from service.routes import decode_rows
@@ -81,7 +82,7 @@ async def ping() -> Response:
 
 
 @router.post("/invocations")
-async def invocations(request: Request) -> Response:
+async def invocations(request: Request, caller: Caller = Depends(predict_caller)) -> Response:
     service: FHEBento = bentoml.get_current_service()
     attrs = parse_attributes(request.headers.get(ATTRIBUTES_HEADER, ""))
     op = attrs.op
@@ -90,7 +91,7 @@ async def invocations(request: Request) -> Response:
         require_content_type(request, wire.ENVELOPE_CONTENT_TYPE, OCTET_STREAM)
         op = "envelope"
     if op == "envelope":
-        return await _envelope(service, request, attrs)
+        return await _envelope(service, request, attrs, caller)
 
     spec = service.spec(attrs.model)
     if op == "list_models":
@@ -99,27 +100,27 @@ async def invocations(request: Request) -> Response:
         return client_zip_response(spec)
     if op == "has_key":
         key_id = require(attrs.key, "key")
-        return JSONResponse({"key_id": key_id, "registered": await service.has_key(spec, key_id)})
+        return JSONResponse({"key_id": key_id, "registered": await service.has_key(spec, caller, key_id)})
     if op == "key_parts":
-        return JSONResponse(await service.key_parts(spec, require(attrs.key, "key")))
+        return JSONResponse(await service.key_parts(spec, caller, require(attrs.key, "key")))
     if op == "complete_key":
-        answer, status = await service.complete_key(spec, require(attrs.key, "key"), require(attrs.parts, "parts"))
+        answer, status = await service.complete_key(spec, caller, require(attrs.key, "key"), require(attrs.parts, "parts"))
         return JSONResponse(answer, status_code=status)
 
     require_content_type(request, OCTET_STREAM, wire.CONTENT_TYPE)
     if op == "put_key":
         path, key_id, _ = await spool_limited(request, settings.max_key_bytes, service.staging)
-        answer, status = await service.register_key(spec, path, key_id)
+        answer, status = await service.register_key(spec, caller, path, key_id)
         return JSONResponse(answer, status_code=status)
     if op == "put_key_part":
         body = await read_limited(request, settings.max_part_bytes)
-        part = await service.put_key_part(spec, require(attrs.key, "key"), require(attrs.part, "part"), body)
+        part = await service.put_key_part(spec, caller, require(attrs.key, "key"), require(attrs.part, "part"), body)
         return JSONResponse(part)
     if op == "predict":
         ciphertext = await read_limited(request, settings.max_ciphertext_bytes)
-        return Response(await service.predict(spec, attrs.key, ciphertext), media_type=OCTET_STREAM)
+        return Response(await service.predict(spec, caller, attrs.key, ciphertext), media_type=OCTET_STREAM)
     rows = decode_rows(await read_limited(request, settings.max_batch_bytes))  # predict_batch
-    return Response(wire.encode_batch(await service.predict_batch(spec, attrs.key, rows)), media_type=wire.CONTENT_TYPE)
+    return Response(wire.encode_batch(await service.predict_batch(spec, caller, attrs.key, rows)), media_type=wire.CONTENT_TYPE)
 
 
 async def _region(fh: BinaryIO, size: int) -> AsyncIterator[bytes]:
@@ -131,7 +132,7 @@ async def _region(fh: BinaryIO, size: int) -> AsyncIterator[bytes]:
         yield chunk
 
 
-async def _envelope(service: FHEBento, request: Request, attrs: Attributes) -> Response:
+async def _envelope(service: FHEBento, request: Request, attrs: Attributes, caller: Caller) -> Response:
     """Run an async-inference envelope: optional inline key (registered like an upload), then a batch."""
     limit = settings.max_key_bytes + settings.max_batch_bytes + wire.MAX_ENVELOPE_HEADER + 16
     path, _, _ = await spool_limited(request, limit, service.staging)
@@ -148,11 +149,11 @@ async def _envelope(service: FHEBento, request: Request, attrs: Attributes) -> R
                 if header.key_bytes > settings.max_key_bytes:
                     raise too_large("the inline key is over FHE_BENTO_MAX_KEY_BYTES")
                 key_path, key_id, _ = await spool_chunks(_region(fh, header.key_bytes), header.key_bytes, service.staging)
-                await service.register_key(spec, key_path, key_id)
+                await service.register_key(spec, caller, key_path, key_id)
             rows_body = fh.read(settings.max_batch_bytes + 1)
     finally:
         path.unlink(missing_ok=True)
     if len(rows_body) > settings.max_batch_bytes:
         raise too_large("the envelope's batch is over FHE_BENTO_MAX_BATCH_BYTES")
-    results = await service.predict_batch(spec, key_id, decode_rows(rows_body))
+    results = await service.predict_batch(spec, caller, key_id, decode_rows(rows_body))
     return Response(wire.encode_batch(results), media_type=wire.CONTENT_TYPE)

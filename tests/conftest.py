@@ -29,6 +29,25 @@ class Demo:
         return self.models[name].predict(x, fhe="disable")
 
 
+def assert_error(response, status: int, code: str) -> None:
+    """The JSON error shape of DESIGN.md, with this status and code."""
+    assert response.status_code == status, response.text
+    body = response.json()
+    assert set(body) == {"error"} and body["error"]["code"] == code
+    assert isinstance(body["error"]["message"], str) and body["error"]["message"]
+
+
+def assert_documented_rejection(response) -> str:
+    """A 4xx in the JSON error shape whose code is one of the documented ones, with its documented status;
+    returns the code."""
+    from runners.errors import ERROR_CODES
+
+    assert 400 <= response.status_code < 500, (response.status_code, response.text[:300])
+    code = response.json()["error"]["code"]
+    assert_error(response, ERROR_CODES.get(code, -1), code)
+    return code
+
+
 @pytest.fixture(scope="session")
 def demo() -> Demo:
     from modelkit.demo import save_dev_folder, train
@@ -61,6 +80,7 @@ def server(demo: Demo, server_workdir: Path):
             "FHE_BENTO_STAGING_DIR": str(server_workdir / "staging"),
             "FHE_BENTO_WORKERS": "2",
             "FHE_BENTO_MAX_KEY_BYTES": str(64 * 1024 * 1024),
+            "FHE_BENTO_BODY_IDLE_SECONDS": "5",
         },
     )
     srv.start()

@@ -3,13 +3,15 @@
 from __future__ import annotations
 
 import hashlib
+import json
+import socket
 from collections.abc import Iterator
 
 import httpx
 import pytest
 
 from client import FHEClient
-from conftest import LOGREG, XGB
+from conftest import LOGREG, XGB, assert_error
 from service import wire
 
 OCTET = {"Content-Type": "application/octet-stream"}
@@ -31,12 +33,6 @@ def material(server, demo, client_cache):
         "row": row,
     }
 
-
-def assert_error(response: httpx.Response, status: int, code: str) -> None:
-    assert response.status_code == status, response.text
-    body = response.json()
-    assert set(body) == {"error"} and body["error"]["code"] == code
-    assert isinstance(body["error"]["message"], str) and body["error"]["message"]
 
 
 @pytest.fixture(autouse=True)
@@ -163,3 +159,28 @@ def test_delete_key_then_client_reuploads_transparently(server, demo, client_cac
     row = demo.x_test[50:51]
     assert remote.predict(row)[0] == demo.clear_predict(XGB, row)[0]  # unknown_key -> upload -> retry
     assert httpx.head(f"{server.url}/v1/models/{XGB}/keys/{key_id}").status_code == 200
+
+
+def test_oversized_headers_get_431(server, material):
+    response = httpx.post(f"{server.url}/v1/models/{LOGREG}/predict", content=material["logreg_ct"],
+                          headers={**OCTET, "X-Padding": "p" * 20000})
+    assert_error(response, 431, "headers_too_large")
+    assert httpx.get(f"{server.url}/ping").status_code == 200
+
+
+def test_a_stalled_body_gets_408_and_leaves_nothing_behind(server, server_workdir):
+    """Headers promise 1 MB of key; 10 bytes come, then nothing for longer than FHE_BENTO_BODY_IDLE_SECONDS."""
+    staging = server_workdir / "staging"
+    before = set(staging.iterdir())
+    with socket.create_connection(("127.0.0.1", server.port), timeout=60) as conn:
+        conn.sendall(f"POST /v1/models/{XGB}/keys HTTP/1.1\r\nHost: x\r\nContent-Type: application/octet-stream\r\n"
+                     f"Content-Length: 1000000\r\n\r\n".encode() + b"0123456789")
+        answer = b""
+        while b"\r\n\r\n" not in answer or not answer.rstrip().endswith(b"}"):
+            chunk = conn.recv(65536)
+            if not chunk:
+                break
+            answer += chunk
+    head, _, body = answer.partition(b"\r\n\r\n")
+    assert head.startswith(b"HTTP/1.1 408") and json.loads(body)["error"]["code"] == "body_timeout"
+    assert set(staging.iterdir()) == before  # the partial spool file was removed

@@ -109,6 +109,21 @@ def test_invocations_only_client_uploads_key_in_parts_and_decrypts(container, de
     assert list(client.model(LOGREG).predict(rows)) == list(demo.clear_predict(LOGREG, rows))
 
 
+def test_the_served_container_holds_no_private_key(container):
+    """After clients uploaded keys and predicted (tests above), nothing in the container is a private key
+    file, and the only host folder it sees is the read-only model folder."""
+    probe = subprocess.run(
+        ["podman", "exec", container, "sh", "-c",
+         "find / \\( -path /proc -o -path /sys \\) -prune -o -name 'secretKey*' -print; echo MOUNTS; cat /proc/mounts"],
+        capture_output=True, text=True, check=True,
+    )
+    found, mounts = probe.stdout.split("MOUNTS\n")
+    assert found.strip() == ""
+    host_mounts = [line.split()[1] for line in mounts.splitlines() if line.split()[1].startswith(("/opt", "/home", "/root", "/tmp", "/work"))]
+    assert host_mounts == ["/opt/ml/model"] and " /opt/ml/model " in mounts and "ro," in next(
+        line for line in mounts.splitlines() if line.split()[1] == "/opt/ml/model")
+
+
 @pytest.mark.parametrize(
     ("attributes", "body", "status", "code"),
     [

@@ -169,3 +169,24 @@ def test_cli_predicts_a_csv_file(server, demo, tmp_path):
     assert proba.returncode == 0, proba.stderr
     np.testing.assert_allclose(np.loadtxt(proba.stdout.splitlines(), delimiter=","),
                                demo.models[LOGREG].predict_proba(rows, fhe="disable"), atol=1e-6)
+
+
+def test_the_served_process_holds_no_private_key(server, demo, client_cache):
+    """The server's folders (BentoML home, key store, staging, model store) hold no private key file and
+    nothing byte-equal to one, after clients uploaded keys and predicted; no server process has a file of
+    the client's key folder open, or names it in its environment."""
+    import psutil
+
+    FHEClient(server.url, cache_dir=client_cache, progress=False).model(XGB).ensure_key()
+    secrets = [p.read_bytes() for p in client_cache.rglob("secretKey*")]
+    assert secrets
+    for folder in (server.workdir, Path(os.environ["BENTOML_HOME"]) / "models"):
+        for path in folder.rglob("*"):
+            if path.is_file():
+                assert not path.name.startswith("secretKey"), path
+                if path.stat().st_size in {len(s) for s in secrets}:
+                    assert path.read_bytes() not in secrets, path
+    root = psutil.Process(server.proc.pid)
+    for proc in [root, *root.children(recursive=True)]:
+        assert not [f.path for f in proc.open_files() if str(client_cache) in f.path]
+        assert not [v for v in proc.environ().values() if str(client_cache) in v]

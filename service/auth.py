@@ -1,0 +1,92 @@
+"""Optional bearer tokens (`FHE_BENTO_PREDICT_TOKENS`, `FHE_BENTO_ADMIN_TOKENS`).
+
+With no token configured, every route is open (on SageMaker, IAM on `InvokeEndpoint` is the gate). With
+tokens, every route but `/ping` needs `Authorization: Bearer <token>`:
+- a predict token may read models, upload, check and delete its own keys, and predict;
+- an admin token may also list and delete every key (`/v1/keys`).
+Keys are scoped to the token that uploaded them: the tenant id (a hash of the token) is part of the
+key's storage scope, so another token that knows a key id can neither use, see, nor delete that key.
+Tokens are held only as SHA-256 digests, compared in constant time, and never logged.
+"""
+
+from __future__ import annotations
+
+import hashlib
+import hmac
+from dataclasses import dataclass
+from functools import lru_cache
+
+from fastapi import Request
+
+from runners.errors import FHEBentoError
+from runners.key_store import tenant_scope
+from runners.model_repo import ModelSpec
+from runners.settings import get_settings
+
+CHALLENGE = 'Bearer realm="fhe-bento"'
+
+
+@dataclass(frozen=True)
+class Caller:
+    tenant: str  # "" when tokens are off: keys then live in the model's shared scope
+    admin: bool
+
+    def scope(self, spec: ModelSpec) -> str:
+        """Where this caller's keys for the model are stored."""
+        return tenant_scope(spec.key_scope, self.tenant)
+
+
+def _digest(token: str) -> bytes:
+    return hashlib.sha256(token.encode()).digest()
+
+
+def _unauthorized(code: str, message: str) -> FHEBentoError:
+    return FHEBentoError(401, code, message, headers={"WWW-Authenticate": CHALLENGE})
+
+
+class TokenAuth:
+    def __init__(self, predict_tokens: list[str], admin_tokens: list[str]) -> None:
+        self.tokens = [(_digest(t), False) for t in predict_tokens] + [(_digest(t), True) for t in admin_tokens]
+
+    @property
+    def enabled(self) -> bool:
+        return bool(self.tokens)
+
+    def caller(self, authorization: str | None, need_admin: bool) -> Caller:
+        if not self.enabled:
+            return Caller(tenant="", admin=True)
+        if not authorization:
+            raise _unauthorized("auth_required", "send Authorization: Bearer <token>")
+        scheme, _, token = authorization.partition(" ")
+        if scheme.lower() != "bearer" or not token.strip():
+            raise _unauthorized("invalid_token", "the Authorization header is not 'Bearer <token>'")
+        presented = _digest(token.strip())
+        admin = None
+        for digest, is_admin in self.tokens:  # no early exit: the time does not depend on which token matched
+            if hmac.compare_digest(presented, digest):
+                admin = is_admin
+        if admin is None:
+            raise _unauthorized("invalid_token", "the bearer token is not valid here")
+        if need_admin and not admin:
+            raise FHEBentoError(403, "forbidden", "this route needs an admin token")
+        return Caller(tenant=presented.hex()[:32], admin=admin)
+
+
+def _split(value: str) -> list[str]:
+    return [token.strip() for token in value.split(",") if token.strip()]
+
+
+@lru_cache(maxsize=1)
+def token_auth() -> TokenAuth:
+    settings = get_settings()
+    return TokenAuth(_split(settings.predict_tokens.get_secret_value()), _split(settings.admin_tokens.get_secret_value()))
+
+
+def predict_caller(request: Request) -> Caller:
+    """FastAPI dependency of every route that predicts or manages the caller's own keys."""
+    return token_auth().caller(request.headers.get("authorization"), need_admin=False)
+
+
+def admin_caller(request: Request) -> Caller:
+    """FastAPI dependency of the routes that see or delete every caller's keys."""
+    return token_auth().caller(request.headers.get("authorization"), need_admin=True)
