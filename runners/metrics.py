@@ -47,3 +47,8 @@ OVERLOADED = bentoml.metrics.Counter(
     documentation="Requests refused with 503 overloaded because the model's queue was full",
     labelnames=["model"],
 )
+AUTH_REFUSED = bentoml.metrics.Counter(
+    name="fhe_bento_auth_refused",
+    documentation="Requests refused by the bearer-token check, by code (auth_required, invalid_token, forbidden)",
+    labelnames=["code"],
+)

@@ -13,17 +13,20 @@ from __future__ import annotations
 
 import hashlib
 import hmac
+import logging
 from dataclasses import dataclass
 from functools import lru_cache
 
 from fastapi import Request
 
+from runners import metrics
 from runners.errors import FHEBentoError
 from runners.key_store import tenant_scope
 from runners.model_repo import ModelSpec
 from runners.settings import get_settings
 
 CHALLENGE = 'Bearer realm="fhe-bento"'
+log = logging.getLogger("bentoml.fhe_bento.auth")
 
 
 @dataclass(frozen=True)
@@ -40,8 +43,10 @@ def _digest(token: str) -> bytes:
     return hashlib.sha256(token.encode()).digest()
 
 
-def _unauthorized(code: str, message: str) -> FHEBentoError:
-    return FHEBentoError(401, code, message, headers={"WWW-Authenticate": CHALLENGE})
+def _refused(status: int, code: str, message: str) -> FHEBentoError:
+    metrics.AUTH_REFUSED.labels(code=code).inc()
+    log.info("request refused: %s", code)  # never the token itself
+    return FHEBentoError(status, code, message, headers={"WWW-Authenticate": CHALLENGE} if status == 401 else None)
 
 
 class TokenAuth:
@@ -56,19 +61,19 @@ class TokenAuth:
         if not self.enabled:
             return Caller(tenant="", admin=True)
         if not authorization:
-            raise _unauthorized("auth_required", "send Authorization: Bearer <token>")
+            raise _refused(401, "auth_required", "send Authorization: Bearer <token>")
         scheme, _, token = authorization.partition(" ")
         if scheme.lower() != "bearer" or not token.strip():
-            raise _unauthorized("invalid_token", "the Authorization header is not 'Bearer <token>'")
+            raise _refused(401, "invalid_token", "the Authorization header is not 'Bearer <token>'")
         presented = _digest(token.strip())
         admin = None
         for digest, is_admin in self.tokens:  # no early exit: the time does not depend on which token matched
             if hmac.compare_digest(presented, digest):
                 admin = is_admin
         if admin is None:
-            raise _unauthorized("invalid_token", "the bearer token is not valid here")
+            raise _refused(401, "invalid_token", "the bearer token is not valid here")
         if need_admin and not admin:
-            raise FHEBentoError(403, "forbidden", "this route needs an admin token")
+            raise _refused(403, "forbidden", "this route needs an admin token")
         return Caller(tenant=presented.hex()[:32], admin=admin)
 
 

@@ -98,6 +98,7 @@ def test_auth_matrix(secured, logreg_ct):
             assert http.request(method, path, headers=bearer(ADMIN)).status_code in (200, 404)
         assert http.get("/ping").status_code == 200  # SageMaker's health check never needs a token
         assert_error(http.get("/v1/models", headers={"Authorization": f"Basic {ALICE}"}), 401, "invalid_token")
+    assert secured.metric("fhe_bento_auth_refused_total", code="forbidden") == len(ADMIN_ROUTES)
 
 
 def test_keys_are_scoped_to_the_token_that_uploaded_them(secured, demo, tmp_path):

@@ -140,7 +140,7 @@ def test_readme_lists_exactly_the_error_codes_the_server_sends():
         text = path.read_text()
         for helper, code in re.findall(r"\b(bad_request|not_found|unprocessable)\(\s*\"([a-z_]+)\"", text):
             assert ERROR_CODES.get(code) == helpers[helper], (path.name, code)
-        for status, code in re.findall(r"FHEBentoError\(\s*(\d{3}),\s*\"([a-z_]+)\"", text):
+        for status, code in re.findall(r"(?:FHEBentoError|_refused)\(\s*(\d{3}),\s*\"([a-z_]+)\"", text):
             assert ERROR_CODES.get(code) == int(status), (path.name, code)
 
 
