@@ -65,6 +65,10 @@ def _classify_run_error(exc: Exception) -> FHEBentoError:
 @bentoml.service(
     name="fhe_runner",
     workers=settings.workers,
+    # BentoML runs at most `threads` sync calls of one worker at once (default 1, which would serialise
+    # concurrent requests). The row pool bounds the FHE work; the two extra threads let key registrations
+    # and readiness checks through while rows compute.
+    threads=settings.row_threads + 2,
     traffic={"timeout": settings.request_timeout},
 )
 class FHERunner:
