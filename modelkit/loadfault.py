@@ -183,7 +183,7 @@ replica is back in rotation once its `/ping` answers 200 again.
 | run time | {outcome.seconds:.0f} s |
 | keys accepted | {len(outcome.accepted_keys)} |
 | **keys lost** (accepted, then not registered or not usable on every replica) | **{keys_lost}** |
-| predictions answered 200 | {len(outcome.predictions)} |
+| rows predicted with a 200 answer (decrypted and checked) | {len(outcome.predictions)} |
 | **200 answers that did not decrypt to the clear prediction** | **{wrong_predictions}** |
 | surviving replica RSS, all processes, before / after | {outcome.rss_before / 1e6:.0f} MB / {outcome.rss_after / 1e6:.0f} MB ({outcome.rss_after / outcome.rss_before:.2f}x) |
 
