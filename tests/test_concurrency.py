@@ -3,6 +3,7 @@ queue gets 503 `overloaded` with Retry-After, and everything admitted completes 
 
 from __future__ import annotations
 
+import time
 from concurrent.futures import ThreadPoolExecutor
 
 import httpx
@@ -69,3 +70,29 @@ def test_client_backs_off_and_gets_every_row(tight, demo, tmp_path):
     refused_before = tight.metric("fhe_bento_overloaded_total", model=XGB)
     assert list(remote.predict(rows)) == list(demo.clear_predict(XGB, rows))
     assert tight.metric("fhe_bento_overloaded_total", model=XGB) > refused_before  # it was overloaded, and coped
+
+
+def test_a_key_registers_while_rows_compute(tight, demo, tmp_path):
+    """Key uploads are not queued behind FHE rows in the runner worker: a new key sent while a two-row
+    batch computes is registered before that batch answers."""
+    busy = FHEClient(tight.url, cache_dir=tmp_path / "busy", progress=False, batch_size=2).model(XGB)
+    busy.ensure_key()
+    newcomer = FHEClient(tight.url, cache_dir=tmp_path / "new", progress=False).model(XGB)
+    newcomer.evaluation_key()  # generated before the race starts
+    finished: list[str] = []
+    rows = demo.x_test[16:18]
+
+    def batch() -> None:
+        assert list(busy.predict(rows)) == list(demo.clear_predict(XGB, rows))
+        finished.append("batch")
+
+    def upload() -> None:
+        while tight.metric("fhe_bento_queue_rows", model=XGB) < 2 and not finished:  # the batch is in the runner
+            time.sleep(0.05)
+        newcomer.ensure_key()
+        finished.append("key")
+
+    with ThreadPoolExecutor(2) as pool:
+        for future in [pool.submit(batch), pool.submit(upload)]:
+            future.result()
+    assert finished == ["key", "batch"]
