@@ -76,7 +76,10 @@ class Server:
         root = psutil.Process(self.proc.pid)
         procs = [root, *root.children(recursive=True)]
         for proc in procs:
-            proc.kill()
+            try:
+                proc.kill()
+            except psutil.NoSuchProcess:  # a short-lived child (concrete runs addr2line) exited meanwhile
+                pass
         psutil.wait_procs(procs, timeout=30)
         self.proc.wait()
         self.proc = None

@@ -153,11 +153,10 @@ def run(replicas: list[Server], victim: Server, owners: list[Owner], x: np.ndarr
             done.release()
 
     started = time.perf_counter()
-    kill_thread = threading.Thread(target=killer)
-    kill_thread.start()
-    with ThreadPoolExecutor(len(owners)) as pool:
+    with ThreadPoolExecutor(len(owners) + 1) as pool:
+        killed = pool.submit(killer)
         list(pool.map(client, owners))
-    kill_thread.join()
+        killed.result()  # a kill or restart that failed fails the run
     outcome.seconds = time.perf_counter() - started
     outcome.rss_after = tree_rss(survivor)
     return outcome
