@@ -11,7 +11,6 @@ from __future__ import annotations
 import threading
 import time
 from collections import Counter
-from collections.abc import Callable
 from concurrent.futures import ThreadPoolExecutor
 from dataclasses import dataclass, field
 
@@ -20,10 +19,9 @@ import numpy as np
 import psutil
 
 from client.api import RemoteModel
+from client.http_transport import OCTET
 from modelkit.devserver import Server
 from service import wire
-
-OCTET = {"Content-Type": "application/octet-stream"}
 
 
 @dataclass
@@ -41,8 +39,11 @@ class Outcome:
     predictions: list[tuple[RemoteModel, int, bytes]] = field(default_factory=list)  # (model, row, answer)
     rss_before: int = 0
     rss_after: int = 0
-    requests: int = 0
     seconds: float = 0.0
+
+    @property
+    def requests(self) -> int:
+        return sum(self.answers.values())
 
 
 def tree_rss(server: Server) -> int:
@@ -85,7 +86,6 @@ class Balancer:
     def record(self, answer: str) -> None:
         with self.lock:
             self.outcome.answers[answer] += 1
-            self.outcome.requests += 1
 
 
 def client_round(lb: Balancer, owner: Owner, x: np.ndarray, index: int, outcome: Outcome) -> None:
@@ -121,19 +121,17 @@ def client_round(lb: Balancer, owner: Owner, x: np.ndarray, index: int, outcome:
         lb.send(method, path, **options)
 
 
-def run(replicas: list[Server], victim: Server, owners: list[Owner], x: np.ndarray, rounds: int,
-        after_warm_up: Callable[[], None] = lambda: None) -> Outcome:
+def run(replicas: list[Server], victim: Server, owners: list[Owner], x: np.ndarray, rounds: int) -> Outcome:
     """Warm every replica up, measure the survivor's memory, run `rounds` rounds per owner while the
     victim is SIGKILLed and restarted once a third of the way, then measure the survivor again."""
     outcome = Outcome()
     survivor = next(s for s in replicas if s is not victim)
     for owner in owners:
         key_id = owner.keyed.ensure_key()
+        ciphertext = owner.keyed.encrypt(x[:1])[0]
         for server in replicas:  # every worker of every replica has used every key once
-            ciphertext = owner.keyed.encrypt(x[:1])[0]
             httpx.post(f"{server.url}/v1/models/{owner.keyed.name}/predict", content=ciphertext, timeout=600,
                        headers={**OCTET, "X-FHE-Key-Id": key_id}).raise_for_status()
-    after_warm_up()
     outcome.rss_before = tree_rss(survivor)
     lb = Balancer(replicas, outcome)
     total = len(owners) * rounds
