@@ -2,7 +2,8 @@
 
 Private keys live only under the client's cache directory (default `~/.cache/fhe-bento`, or
 `FHE_BENTO_CLIENT_CACHE`), one folder per model `client_sha256`; nothing sent to the server holds
-plaintext or a private key.
+plaintext or a private key. The folders the client creates there are mode 0700 and every file in a
+model's folder 0600, whatever the umask.
 """
 
 from __future__ import annotations
@@ -36,12 +37,34 @@ class Transport(Protocol):
     def predict_batch(self, name: str, key_id: str | None, rows: list[bytes]) -> list[bytes]: ...
 
 
-BACKOFF_BASE = 1.0  # seconds before the first retry of an overloaded request without Retry-After
+BACKOFF_BASE = 1.0  # seconds before the first retry of a retryable answer without Retry-After
 BACKOFF_CAP = 30.0
 
 
 def default_cache_dir() -> Path:
     return Path(os.environ.get("FHE_BENTO_CLIENT_CACHE", Path.home() / ".cache" / "fhe-bento"))
+
+
+def _private_dir(path: Path) -> None:
+    """Create `path` and its missing parents with mode 0700 (mkdir(parents=True) would give the parents
+    the umask's mode), and make `path` 0700 if it already exists."""
+    for folder in reversed([path, *path.parents]):
+        if not folder.exists():
+            folder.mkdir(mode=0o700, exist_ok=True)
+            folder.chmod(0o700)  # mkdir's mode is masked by the umask
+    path.chmod(0o700)
+
+
+def _make_private(root: Path) -> None:
+    """Mode 0700 for `root` and every folder under it, 0600 for every file: concrete writes its keys with
+    the process umask. Symbolic links are left alone, so that nothing outside `root` changes."""
+    root.chmod(0o700)
+    for folder, dirs, files in os.walk(root):
+        for names, mode in ((dirs, 0o700), (files, 0o600)):
+            for name in names:
+                path = os.path.join(folder, name)
+                if not os.path.islink(path):
+                    os.chmod(path, mode)
 
 
 class RemoteModel:
@@ -60,11 +83,17 @@ class RemoteModel:
         self.concurrency = concurrency
         self.progress = progress
         self.max_retries = max_retries
-        folder = cache_dir / self.info["client_sha256"]
-        self._ensure_client_zip(folder)
-        self.fhe = FHEModelClient(str(folder), key_dir=str(folder / "keys"))
+        self.folder = cache_dir / self.info["client_sha256"]
+        # Both folders exist, private, before concrete writes a key: its files are unreachable to others
+        # from the start, not only once `_generate_keys` has fixed their modes.
+        _private_dir(self.folder)
+        _private_dir(self.folder / "keys")
+        self._ensure_client_zip(self.folder)
+        self.fhe = FHEModelClient(str(self.folder), key_dir=str(self.folder / "keys"))
         self._key_id: str | None = None
         self._key_lock = threading.Lock()
+        self._keygen_lock = threading.Lock()  # not _key_lock: ensure_key holds that one while it generates keys
+        self._keys_private = False
 
     def _ensure_client_zip(self, folder: Path) -> None:
         expected = self.info["client_sha256"]
@@ -75,14 +104,23 @@ class RemoteModel:
         actual = hashlib.sha256(data).hexdigest()
         if actual != expected or (header and header != expected):
             raise FHEServiceError(0, "client_zip_mismatch", f"client.zip hashes to {actual}, expected {expected}")
-        folder.mkdir(parents=True, exist_ok=True)
         tmp = folder / "client.zip.tmp"
         tmp.write_bytes(data)
+        tmp.chmod(0o600)
         tmp.replace(target)
+
+    def _generate_keys(self) -> None:
+        """Generate (or load from the key folder) the private and evaluation keys once, then make every
+        file concrete wrote in the model's folder private."""
+        with self._keygen_lock:
+            if not self._keys_private:
+                self.fhe.generate_private_and_evaluation_keys(force=False)
+                _make_private(self.folder)
+                self._keys_private = True
 
     def evaluation_key(self) -> bytes:
         """The serialized evaluation key, generated on first use and kept in the key cache folder."""
-        self.fhe.generate_private_and_evaluation_keys(force=False)
+        self._generate_keys()
         return self.fhe.get_serialized_evaluation_keys()
 
     def ensure_key(self, force_upload: bool = False) -> str | None:
@@ -105,11 +143,13 @@ class RemoteModel:
             return key_id
 
     def encrypt(self, x: np.ndarray) -> list[bytes]:
+        self._generate_keys()  # a model without an evaluation key gets its private key here
         return [self.fhe.quantize_encrypt_serialize(row.reshape(1, -1)) for row in x]
 
     def _run_batch(self, rows: list[bytes]) -> list[bytes]:
-        """One batch, with the two recoveries: a lost key is uploaded again (once), and an overloaded
-        server is retried after its Retry-After (or an exponential backoff with jitter)."""
+        """One batch, with the two recoveries: a lost key is uploaded again (once), and a retryable answer
+        (overloaded, runner restarting: `RETRYABLE_CODES`) is retried after its Retry-After (or an
+        exponential backoff with jitter)."""
         reuploaded = False
         for attempt in range(self.max_retries + 1):
             try:
@@ -119,7 +159,7 @@ class RemoteModel:
                     # Evicted, expired or deleted on the server: upload once more and retry.
                     self.ensure_key(force_upload=True)
                     reuploaded = True
-                elif exc.overloaded and attempt < self.max_retries:
+                elif exc.retryable and attempt < self.max_retries:
                     backoff = min(BACKOFF_CAP, BACKOFF_BASE * 2**attempt)
                     time.sleep((exc.retry_after or backoff) * random.uniform(1.0, 1.5))
                 else:

@@ -13,6 +13,9 @@ from service import wire
 KEY_ID_HEADER = "X-FHE-Key-Id"
 CLIENT_SHA_HEADER = "X-FHE-Client-SHA256"
 OCTET = {"Content-Type": "application/octet-stream"}
+# Codes of a 429/503 that the client retries after Retry-After: the model is overloaded, or its runner
+# is restarting; `http_error` is a 503 without the service's JSON error (a proxy in front of it).
+RETRYABLE_CODES = ("overloaded", "runner_unavailable", "http_error")
 
 
 class FHEServiceError(RuntimeError):
@@ -23,11 +26,11 @@ class FHEServiceError(RuntimeError):
         self.status = status
         self.code = code
         self.message = message
-        self.retry_after = retry_after  # seconds, from Retry-After when the server is overloaded
+        self.retry_after = retry_after  # seconds, from Retry-After on a retryable answer
 
     @property
-    def overloaded(self) -> bool:
-        return self.status in (429, 503) and self.code in ("overloaded", "runner_unavailable", "http_error")
+    def retryable(self) -> bool:
+        return self.status in (429, 503) and self.code in RETRYABLE_CODES
 
 
 def error_from_body(status: int, body: bytes | str, fallback_code: str, retry_after: float | None = None
@@ -41,12 +44,20 @@ def error_from_body(status: int, body: bytes | str, fallback_code: str, retry_af
         return FHEServiceError(status, fallback_code, text[:200], retry_after)
 
 
+def retry_after_seconds(headers: httpx.Headers) -> float | None:
+    """Retry-After in seconds; None when it is absent or an HTTP date (the client then backs off itself)."""
+    value = headers.get("retry-after")
+    try:
+        return float(value) if value else None
+    except ValueError:
+        return None
+
+
 def _raise_for_error(response: httpx.Response) -> httpx.Response:
     if response.status_code < 400:
         return response
-    retry_after = response.headers.get("retry-after")
     raise error_from_body(response.status_code, response.content or response.reason_phrase, "http_error",
-                          float(retry_after) if retry_after else None)
+                          retry_after_seconds(response.headers))
 
 
 class HTTPTransport:

@@ -27,7 +27,7 @@ from urllib.parse import urlparse
 import httpx
 from tqdm.auto import tqdm
 
-from client.http_transport import FHEServiceError, error_from_body
+from client.http_transport import FHEServiceError, error_from_body, retry_after_seconds
 from client.uploads import PART_BYTES, upload_key
 from service import wire
 
@@ -38,8 +38,8 @@ def attributes(**fields: object) -> str:
     return "; ".join(f"{name}={value}" for name, value in fields.items() if value is not None)
 
 
-def _model_error(status: int, body: bytes | str) -> FHEServiceError:
-    return error_from_body(status, body, "model_error")
+def _model_error(status: int, body: bytes | str, retry_after: float | None = None) -> FHEServiceError:
+    return error_from_body(status, body, "model_error", retry_after)
 
 
 class Invoker(Protocol):
@@ -80,7 +80,7 @@ class LocalInvoker:
             "/invocations", content=body, headers={"Content-Type": content_type, ATTRIBUTES_HEADER: custom_attributes}
         )
         if response.status_code >= 400:
-            raise _model_error(response.status_code, response.content)
+            raise _model_error(response.status_code, response.content, retry_after_seconds(response.headers))
         return response.content
 
 

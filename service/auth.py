@@ -7,6 +7,8 @@ tokens, every route but `/ping` needs `Authorization: Bearer <token>`:
 Keys are scoped to the token that uploaded them: the tenant id (a hash of the token) is part of the
 key's storage scope, so another token that knows a key id can neither use, see, nor delete that key.
 Tokens are held only as SHA-256 digests, compared in constant time, and never logged.
+Settings that could turn auth off by mistake stop the service at start: an empty entry in a token list
+(`" , "`, `"a,,b"`, `"a, "`), or predict tokens without an admin token.
 """
 
 from __future__ import annotations
@@ -77,14 +79,38 @@ class TokenAuth:
         return Caller(tenant=presented.hex()[:32], admin=admin)
 
 
-def _split(value: str) -> list[str]:
-    return [token.strip() for token in value.split(",") if token.strip()]
+class TokenSettingsError(ValueError):
+    """Token settings that would turn auth off, or on without an admin, by mistake: the service does not start."""
+
+
+def _tokens(variable: str, value: str) -> list[str]:
+    """The tokens of one comma-separated setting. An empty entry is refused, not skipped: skipping would
+    turn `" , "` into no tokens at all, that is auth silently off. The message never holds a token."""
+    if not value.strip():
+        return []
+    tokens = [token.strip() for token in value.split(",")]
+    if not all(tokens):
+        raise TokenSettingsError(
+            f"{variable} holds an empty token: give non-empty comma-separated tokens, or leave it empty for no auth"
+        )
+    return tokens
+
+
+def parse_token_settings(predict_tokens: str, admin_tokens: str) -> TokenAuth:
+    """The token check of FHE_BENTO_PREDICT_TOKENS and FHE_BENTO_ADMIN_TOKENS, or TokenSettingsError."""
+    predict = _tokens("FHE_BENTO_PREDICT_TOKENS", predict_tokens)
+    admin = _tokens("FHE_BENTO_ADMIN_TOKENS", admin_tokens)
+    if predict and not admin:
+        raise TokenSettingsError(
+            "FHE_BENTO_PREDICT_TOKENS is set but FHE_BENTO_ADMIN_TOKENS is empty: name at least one admin token"
+        )
+    return TokenAuth(predict, admin)
 
 
 @lru_cache(maxsize=1)
 def token_auth() -> TokenAuth:
     settings = get_settings()
-    return TokenAuth(_split(settings.predict_tokens.get_secret_value()), _split(settings.admin_tokens.get_secret_value()))
+    return parse_token_settings(settings.predict_tokens.get_secret_value(), settings.admin_tokens.get_secret_value())
 
 
 def predict_caller(request: Request) -> Caller:
@@ -95,3 +121,8 @@ def predict_caller(request: Request) -> Caller:
 def admin_caller(request: Request) -> Caller:
     """FastAPI dependency of the routes that see or delete every caller's keys."""
     return token_auth().caller(request.headers.get("authorization"), need_admin=True)
+
+
+# Evaluated at import, so that the service (every process that loads service/app.py) refuses to start on
+# bad token settings instead of failing, or serving without auth, at the first request.
+token_auth()

@@ -1,6 +1,7 @@
 """Reading request bodies within limits: checked against Content-Length first, then counted while
-streaming, so an oversized body is refused before it is held in memory or on disk; a body that stalls
-for `FHE_BENTO_BODY_IDLE_SECONDS` between two chunks is refused with 408."""
+streaming whatever the framing (chunked, or a Content-Length that lies), so an oversized body is refused
+before it is held in memory or on disk; a body that stalls for `FHE_BENTO_BODY_IDLE_SECONDS` between two
+chunks is refused with 408. Every body is read through `limited_chunks`."""
 
 from __future__ import annotations
 
@@ -24,10 +25,8 @@ def require_content_type(request: Request, *allowed: str) -> None:
         )
 
 
-def declared_length(request: Request, limit: int, required: bool = False) -> None:
+def declared_length(request: Request, limit: int) -> None:
     declared = request.headers.get("content-length")
-    if declared is None and required:
-        raise FHEBentoError(411, "length_required", "send a Content-Length header")
     if declared is not None and declared.isdigit() and int(declared) > limit:
         raise too_large(f"the body is {declared} bytes; the limit here is {limit}")
 
@@ -46,18 +45,28 @@ async def body_chunks(request: Request) -> AsyncIterator[bytes]:
         yield chunk
 
 
-async def read_limited(request: Request, limit: int) -> bytes:
+def limited_chunks(request: Request, limit: int) -> AsyncIterator[bytes]:
+    """The body's chunks (see `body_chunks`) within `limit`: 413 at once when Content-Length is over it
+    (before anything is read or spooled), else as soon as their running total passes it, whatever the
+    framing; 400 when the client leaves mid-body."""
     declared_length(request, limit)
-    chunks, size = [], 0
+    return _counted(body_chunks(request), limit)
+
+
+async def _counted(chunks: AsyncIterator[bytes], limit: int) -> AsyncIterator[bytes]:
+    size = 0
     try:
-        async for chunk in body_chunks(request):
+        async for chunk in chunks:
             size += len(chunk)
             if size > limit:
                 raise too_large(f"the body is over the limit of {limit} bytes")
-            chunks.append(chunk)
+            yield chunk
     except ClientDisconnect:
         raise bad_request("incomplete_body", "the client closed the connection before the body ended") from None
-    body = b"".join(chunks)
+
+
+async def read_limited(request: Request, limit: int) -> bytes:
+    body = b"".join([chunk async for chunk in limited_chunks(request, limit)])
     if not body:
         raise bad_request("empty_body", "the request body is empty")
     return body
@@ -65,8 +74,7 @@ async def read_limited(request: Request, limit: int) -> bytes:
 
 async def spool_limited(request: Request, limit: int, directory: Path) -> tuple[Path, str, int]:
     """Stream the body to a file under `directory`; see `spool_chunks`."""
-    declared_length(request, limit)
-    return await spool_chunks(body_chunks(request), limit, directory)
+    return await spool_chunks(limited_chunks(request, limit), limit, directory)
 
 
 async def spool_chunks(chunks: AsyncIterator[bytes], limit: int, directory: Path) -> tuple[Path, str, int]:
@@ -84,9 +92,6 @@ async def spool_chunks(chunks: AsyncIterator[bytes], limit: int, directory: Path
                 fh.write(chunk)
         if size == 0:
             raise bad_request("empty_body", "the request body is empty")
-    except ClientDisconnect:
-        path.unlink(missing_ok=True)
-        raise bad_request("incomplete_body", "the client closed the connection before the body ended") from None
     except BaseException:
         path.unlink(missing_ok=True)
         raise

@@ -2,37 +2,50 @@
 
 `GET /get_client`, `POST /add_key` (multipart file `key` -> `{"uid": ...}`) and `POST /compute`
 (multipart file `model_input` + form field `uid` -> raw encrypted result). Here `uid` is the key id.
+The form is parsed as its body streams in, within the body size and idle limits (see `service.bodies`).
 """
 
 from __future__ import annotations
 
 from collections.abc import AsyncIterator
+from contextlib import asynccontextmanager
 
 import bentoml
 from fastapi import APIRouter, Depends, Request
 from fastapi.responses import FileResponse, JSONResponse, Response
 from starlette.datastructures import FormData, UploadFile
+from starlette.formparsers import MultiPartParser
 
-from runners.errors import bad_request
+from runners.errors import FHEBentoError, bad_request, too_large
 from runners.key_store import check_key_id
 from runners.settings import get_settings
 from service.auth import Caller, predict_caller
 from service.responses import client_zip_response
 from service.wire import OCTET_STREAM
-from service.bodies import declared_length, require_content_type, spool_chunks
+from service.bodies import limited_chunks, require_content_type, spool_chunks
 
 router = APIRouter()
 settings = get_settings()
 CHUNK = 1 << 20
+FORM_OVERHEAD = 64 * 1024  # bytes a form may hold beyond its file's limit: boundaries, part headers, uid
 
 
-async def _form(request: Request, limit: int) -> FormData:
+@asynccontextmanager
+async def _form(request: Request, limit: int) -> AsyncIterator[FormData]:
+    """The parsed form of a body of at most `limit` bytes; its spooled files are closed on exit.
+    starlette's parser reads `limited_chunks`, so the size and idle limits hold while it streams."""
     require_content_type(request, "multipart/form-data")
-    declared_length(request, limit, required=True)
+    parser = MultiPartParser(request.headers, limited_chunks(request, limit), max_files=1, max_fields=2)
     try:
-        return await request.form(max_files=1, max_fields=2)
+        form = await parser.parse()
+    except FHEBentoError:  # 413, 408, 400 incomplete_body from the body stream
+        raise
     except Exception as exc:  # starlette raises several parser errors; all mean a malformed form
         raise bad_request("invalid_multipart", f"the multipart form could not be parsed: {exc}") from None
+    try:
+        yield form
+    finally:
+        await form.close()
 
 
 def _file(form: FormData, field: str) -> UploadFile:
@@ -56,8 +69,8 @@ async def get_client(caller: Caller = Depends(predict_caller)) -> FileResponse:
 @router.post("/add_key")
 async def add_key(request: Request, caller: Caller = Depends(predict_caller)) -> Response:
     service = bentoml.get_current_service()
-    form = await _form(request, settings.max_key_bytes + CHUNK)
-    path, key_id, _ = await spool_chunks(_chunks(_file(form, "key")), settings.max_key_bytes, service.staging)
+    async with _form(request, settings.max_key_bytes + FORM_OVERHEAD) as form:
+        path, key_id, _ = await spool_chunks(_chunks(_file(form, "key")), settings.max_key_bytes, service.staging)
     answer, _status = await service.register_key(service.default, caller, path, key_id)
     return JSONResponse({"uid": answer["key_id"]})
 
@@ -65,11 +78,14 @@ async def add_key(request: Request, caller: Caller = Depends(predict_caller)) ->
 @router.post("/compute")
 async def compute(request: Request, caller: Caller = Depends(predict_caller)) -> Response:
     service = bentoml.get_current_service()
-    form = await _form(request, settings.max_ciphertext_bytes + CHUNK)
-    uid = form.get("uid")
-    if not isinstance(uid, str):
-        raise bad_request("missing_field", "the form needs a text field 'uid'")
-    ciphertext = await _file(form, "model_input").read()
+    async with _form(request, settings.max_ciphertext_bytes + FORM_OVERHEAD) as form:
+        uid = form.get("uid")
+        if not isinstance(uid, str):
+            raise bad_request("missing_field", "the form needs a text field 'uid'")
+        upload = _file(form, "model_input")
+        if upload.size is not None and upload.size > settings.max_ciphertext_bytes:
+            raise too_large(f"model_input is {upload.size} bytes; the limit here is {settings.max_ciphertext_bytes}")
+        ciphertext = await upload.read()
     if not ciphertext:
         raise bad_request("empty_body", "the model_input file is empty")
     result = await service.predict(service.default, caller, check_key_id(uid.strip().lower()), ciphertext)

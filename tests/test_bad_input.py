@@ -184,3 +184,74 @@ def test_a_stalled_body_gets_408_and_leaves_nothing_behind(server, server_workdi
     head, _, body = answer.partition(b"\r\n\r\n")
     assert head.startswith(b"HTTP/1.1 408") and json.loads(body)["error"]["code"] == "body_timeout"
     assert set(staging.iterdir()) == before  # the partial spool file was removed
+
+
+BOUNDARY = "fhebentotest"
+MULTIPART = {"Content-Type": f"multipart/form-data; boundary={BOUNDARY}"}
+
+
+def _file_part(field: str) -> bytes:
+    return (f'--{BOUNDARY}\r\nContent-Disposition: form-data; name="{field}"; filename="f.bin"\r\n'
+            "Content-Type: application/octet-stream\r\n\r\n").encode()
+
+
+def _chunked(data: bytes, size: int = 64 * 1024) -> bytes:
+    frames = [b"%x\r\n%s\r\n" % (len(data[i:i + size]), data[i:i + size]) for i in range(0, len(data), size)]
+    return b"".join(frames) + b"0\r\n\r\n"
+
+
+def _raw_request(server, path: str, headers: str, body: bytes) -> tuple[bytes, dict]:
+    """Send a request head and (part of) a body on a raw socket; returns the answer's status line and JSON
+    body. Reads until the JSON body ends or the server closes; the socket timeout bounds the wait."""
+    with socket.create_connection(("127.0.0.1", server.port), timeout=60) as conn:
+        conn.sendall(f"POST {path} HTTP/1.1\r\nHost: x\r\nContent-Type: {MULTIPART['Content-Type']}\r\n"
+                     f"{headers}\r\n".encode() + body)
+        answer = b""
+        while b"\r\n\r\n" not in answer or not answer.rstrip().endswith(b"}"):
+            chunk = conn.recv(65536)
+            if not chunk:
+                break
+            answer += chunk
+    head, _, payload = answer.partition(b"\r\n\r\n")
+    return head.split(b"\r\n", 1)[0], json.loads(payload)
+
+
+def test_a_chunked_form_that_lies_about_its_length_gets_413(server, material):
+    """`Content-Length: 200` with `Transfer-Encoding: chunked`: the server frames the body as chunked, and
+    the ciphertext limit still holds while the form streams in."""
+    form = (f'--{BOUNDARY}\r\nContent-Disposition: form-data; name="uid"\r\n\r\n{material["xgb_key_id"]}\r\n'.encode()
+            + _file_part("model_input") + b"\x00" * (1024 * 1024 + 128 * 1024) + f"\r\n--{BOUNDARY}--\r\n".encode())
+    status, body = _raw_request(server, "/compute", "Content-Length: 200\r\nTransfer-Encoding: chunked\r\n",
+                                _chunked(form))
+    assert status.startswith(b"HTTP/1.1 413") and body["error"]["code"] == "payload_too_large"
+
+
+def test_a_form_with_no_content_length_over_the_key_limit_gets_413(server, server_workdir):
+    """A chunked /add_key body (httpx sends a generator without Content-Length) of 65 MiB, over the
+    server's 64 MiB key limit: refused while it streams, nothing left in the staging folder."""
+    staging = server_workdir / "staging"
+    before = set(staging.iterdir())
+
+    def stream() -> Iterator[bytes]:
+        yield _file_part("key")
+        for _ in range(65):
+            yield b"\x00" * (1024 * 1024)
+        yield f"\r\n--{BOUNDARY}--\r\n".encode()
+
+    response = httpx.post(f"{server.url}/add_key", content=stream(), headers=MULTIPART, timeout=120)
+    assert "content-length" not in response.request.headers
+    assert_error(response, 413, "payload_too_large")
+    assert set(staging.iterdir()) == before
+
+
+@pytest.mark.parametrize(("path", "framing"), [
+    ("/compute", "Content-Length: 100000\r\n"),
+    ("/add_key", "Transfer-Encoding: chunked\r\n"),
+])
+def test_a_stalled_form_gets_408(server, path, framing):
+    """The head and the start of a form, then nothing for longer than FHE_BENTO_BODY_IDLE_SECONDS (5 s)."""
+    start = _file_part("model_input" if path == "/compute" else "key") + b"0123456789"
+    if "chunked" in framing:
+        start = b"%x\r\n%s\r\n" % (len(start), start)  # one chunk, and no last chunk
+    status, body = _raw_request(server, path, framing, start)
+    assert status.startswith(b"HTTP/1.1 408") and body["error"]["code"] == "body_timeout"
