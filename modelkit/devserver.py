@@ -3,7 +3,6 @@
 from __future__ import annotations
 
 import os
-import re
 import signal
 import socket
 import subprocess
@@ -12,6 +11,7 @@ import time
 from pathlib import Path
 
 import httpx
+from prometheus_client.parser import text_string_to_metric_families
 
 ROOT = Path(__file__).resolve().parents[1]
 
@@ -70,16 +70,19 @@ class Server:
 
     def kill(self) -> None:
         """SIGKILL the whole server at once, as a crashed host or container would die. BentoML's workers
-        run in sessions of their own, so the process group alone would leave them serving."""
+        run in sessions of their own, so the process group alone would leave them serving. Every process is
+        frozen (SIGSTOP) before any is killed: otherwise a worker could see its runner die first and answer
+        503 runner_unavailable, which a dead host never does."""
         import psutil
 
         root = psutil.Process(self.proc.pid)
         procs = [root, *root.children(recursive=True)]
-        for proc in procs:
-            try:
-                proc.kill()
-            except psutil.NoSuchProcess:  # a short-lived child (concrete runs addr2line) exited meanwhile
-                pass
+        for signal_name in ("SIGSTOP", "SIGKILL"):
+            for proc in procs:
+                try:
+                    proc.send_signal(getattr(signal, signal_name))
+                except psutil.NoSuchProcess:  # a short-lived child (concrete runs addr2line) exited meanwhile
+                    pass
         psutil.wait_procs(procs, timeout=30)
         self.proc.wait()
         self.proc = None
@@ -93,12 +96,9 @@ class Server:
 
     def metric(self, name: str, **labels: str) -> float:
         """Sum of a Prometheus sample over all series whose labels include `labels`."""
-        total = 0.0
-        for line in httpx.get(f"{self.url}/metrics", timeout=10).text.splitlines():
-            match = re.match(rf"^{re.escape(name)}\{{(.*)\}} (\S+)$", line)
-            if match and all(f'{k}="{v}"' in match.group(1) for k, v in labels.items()):
-                total += float(match.group(2))
-        return total
+        text = httpx.get(f"{self.url}/metrics", timeout=10).text
+        return sum(sample.value for family in text_string_to_metric_families(text) for sample in family.samples
+                   if sample.name == name and labels.items() <= sample.labels.items())
 
 
 class MotoServer:

@@ -1,12 +1,14 @@
 """`fhe-bento import`: describe a concrete-ml `FHEModelDev` folder and put it in the BentoML model store.
 
-This is model-owner tooling. It uses concrete-ml's client side once, to learn the circuit's
-evaluation-key layout from two throwaway key sets that are deleted right away; the server never does.
+This is model-owner tooling. It uses concrete-ml's client side once, with two throwaway key sets that are
+deleted right away, to learn the exact layout of the circuit's keys and ciphertexts and the memory a warm
+key costs; the server never holds a private key.
 """
 
 from __future__ import annotations
 
 import json
+import multiprocessing
 import platform
 import shutil
 import tempfile
@@ -14,46 +16,89 @@ import zipfile
 from pathlib import Path
 
 import bentoml
+import numpy as np
 
+from runners.capnp_wire import first_difference, read_shape
 from runners.model_repo import METADATA_FILE, ModelMetadata, sha256_file, zip_versions
+from runners.payload_check import check_keyset_params
 
 
-def _throwaway_eval_key(folder: Path):
+def _throwaway_keys(folder: Path, key_dir: Path, count: int):
+    """A client with fresh keys, and `count` serialized evaluation keys of fresh key sets."""
     from concrete.ml.deployment import FHEModelClient
 
-    with tempfile.TemporaryDirectory(prefix="fhe-bento-keygen-") as key_dir:
-        client = FHEModelClient(str(folder), key_dir=key_dir)
+    keys = []
+    for index in range(count):
+        client = FHEModelClient(str(folder), key_dir=str(key_dir / str(index)))
         client.generate_private_and_evaluation_keys(force=True)
-        return client, client.get_serialized_evaluation_keys()
+        keys.append(client.get_serialized_evaluation_keys())
+    return client, keys
 
 
-def _common_prefix(a: bytes, b: bytes) -> bytes:
-    size = min(len(a), len(b))
-    for index in range(size):
-        if a[index] != b[index]:
-            return a[:index]
-    return a[:size]
+def _measure(server_zip_dir: str, ciphertext: bytes, keys: list[bytes], queue) -> None:
+    """In a fresh process: the resident bytes that one more warm key costs (RSS after a second key was
+    deserialized and used, minus RSS after the first one was), and the seconds of FHE for one row."""
+    import time
+
+    import psutil
+    from concrete import fhe
+    from concrete.ml.deployment import FHEModelServer
+
+    server = FHEModelServer(server_zip_dir)
+    process = psutil.Process()
+    warm = [fhe.EvaluationKeys.deserialize(keys[0])]
+    server.run(ciphertext, warm[0])  # pays the one-time costs (OpenMP pool, first expansion)
+    before = process.memory_info().rss
+    warm.append(fhe.EvaluationKeys.deserialize(keys[1]))
+    started = time.perf_counter()
+    server.run(ciphertext, warm[1])
+    seconds = time.perf_counter() - started
+    queue.put((max(0, process.memory_info().rss - before), seconds))
+
+
+def _measure_in_fresh_process(folder: Path, ciphertext: bytes, keys: list[bytes]) -> tuple[int, float]:
+    context = multiprocessing.get_context("spawn")
+    queue = context.Queue()
+    process = context.Process(target=_measure, args=(str(folder), ciphertext, keys, queue))
+    process.start()
+    try:
+        return queue.get(timeout=600)
+    finally:
+        process.join(60)
 
 
 def describe(folder: Path, classes: list | None = None) -> ModelMetadata:
-    """Derive the metadata the server needs from client.zip and server.zip."""
-    client, first = _throwaway_eval_key(folder)
-    _, second = _throwaway_eval_key(folder)
-    keyset = client.client.specs.program_info.get_keyset_info()
-    with zipfile.ZipFile(folder / "client.zip") as archive:
-        circuit = json.loads(archive.read("client.specs.json"))["circuits"][0]
-    (input_gate,) = circuit["inputs"]  # concrete-ml built-in models take one encrypted row
-    n_features = input_gate["typeInfo"]["lweCiphertext"]["abstractShape"]["dimensions"][-1]
-    n_outputs = circuit["outputs"][0]["typeInfo"]["lweCiphertext"]["abstractShape"]["dimensions"][-1]
+    """Derive the metadata the server needs from client.zip and server.zip, with throwaway keys that are
+    deleted right away: the shapes every ciphertext and key must have, and the cost of a warm key."""
+    with tempfile.TemporaryDirectory(prefix="fhe-bento-keygen-") as key_dir:
+        client, keys = _throwaway_keys(folder, Path(key_dir), 2)
+        with zipfile.ZipFile(folder / "client.zip") as archive:
+            circuit = json.loads(archive.read("client.specs.json"))["circuits"][0]
+        (input_gate,) = circuit["inputs"]  # concrete-ml built-in models take one encrypted row
+        n_features = input_gate["typeInfo"]["lweCiphertext"]["abstractShape"]["dimensions"][-1]
+        n_outputs = circuit["outputs"][0]["typeInfo"]["lweCiphertext"]["abstractShape"]["dimensions"][-1]
+        ciphertext = client.quantize_encrypt_serialize(np.zeros((1, n_features)))
+        key_shape = read_shape(keys[0])
+        if first_difference(read_shape(keys[1]), key_shape) or len(keys[1]) != len(keys[0]):
+            raise ValueError("two key sets of this circuit serialize to different layouts: it cannot be checked")
+        check_keyset_params(key_shape, folder / "client.zip")
+        keyset = client.client.specs.program_info.get_keyset_info()
+        needs_key = bool(keyset.bootstrap_keys() or keyset.keyswitch_keys())
+        warm_key_bytes, row_seconds = _measure_in_fresh_process(folder, ciphertext, keys)
     return ModelMetadata(
         model_class=type(client.model).__name__,
         n_features=n_features,
         classes=classes,
         n_outputs=len(classes) if classes else n_outputs,
         client_sha256=sha256_file(folder / "client.zip"),
-        needs_key=bool(keyset.bootstrap_keys() or keyset.keyswitch_keys()),
-        eval_key_bytes=len(first),
-        eval_key_header=_common_prefix(first, second).hex(),
+        needs_key=needs_key,
+        eval_key_bytes=len(keys[0]),
+        key_shape=key_shape,
+        ciphertext_bytes=len(ciphertext),
+        ciphertext_shape=read_shape(ciphertext),
+        builtin_key=None if needs_key else keys[0].hex(),
+        warm_key_bytes=warm_key_bytes if needs_key else 0,
+        row_seconds=row_seconds,
         versions=zip_versions(folder / "server.zip"),
         machine=platform.machine(),
     )
@@ -73,7 +118,7 @@ def import_model(source: Path, name: str, classes: list | None = None) -> bentom
             raise FileNotFoundError(f"{source / name_} is missing: pass a concrete-ml FHEModelDev folder")
     meta = describe(source, classes)
     labels = {"framework": "concrete-ml", "fhe-bento": "1"}
-    metadata = meta.model_dump(exclude={"eval_key_header"}, exclude_none=True)
+    metadata = meta.model_dump(exclude={"key_shape", "ciphertext_shape", "builtin_key"}, exclude_none=True)
     with bentoml.models.create(name, labels=labels, metadata=metadata) as ref:
         write_model_folder(source, Path(ref.path), meta)
     return ref.tag

@@ -20,8 +20,10 @@ ERROR_CODES: dict[str, int] = {
     ), 400),
     "auth_required": 401, "invalid_token": 401, "forbidden": 403,
     "unknown_model": 404, "unknown_key": 404, "method_not_allowed": 405,
-    "body_timeout": 408, "length_required": 411, "payload_too_large": 413, "key_store_full": 413,
-    "unsupported_media_type": 415, "ciphertext_mismatch": 422, "key_mismatch": 422, "headers_too_large": 431,
+    "body_timeout": 408, "payload_too_large": 413, "key_store_full": 413,
+    "batch_too_long": 413,
+    "unsupported_media_type": 415, "ciphertext_mismatch": 422, "key_mismatch": 422, "too_many_uploads": 429,
+    "headers_too_large": 431,
     "not_ready": 503, "runner_unavailable": 503, "overloaded": 503, "request_timeout": 504,
 }
 
@@ -38,6 +40,9 @@ class FHEBentoError(Exception):
         self.code = code
         self.message = message
         self.headers = headers or {}
+
+    def __reduce__(self):  # errors raised in an engine process cross back to its runner worker
+        return type(self), (self.status, self.code, self.message, self.headers)
 
     def body(self) -> dict:
         return {"error": ErrorBody(code=self.code, message=self.message).model_dump()}
@@ -66,12 +71,13 @@ class RunnerReply(BaseModel):
     info: dict | None = None
     status: int = 200
     error: ErrorBody | None = None
+    headers: dict[str, str] = {}  # of the error answer (Retry-After)
 
     @classmethod
     def failed(cls, exc: FHEBentoError) -> "RunnerReply":
-        return cls(status=exc.status, error=ErrorBody(code=exc.code, message=exc.message))
+        return cls(status=exc.status, error=ErrorBody(code=exc.code, message=exc.message), headers=exc.headers)
 
     def unwrap(self) -> "RunnerReply":
         if self.error is not None:
-            raise FHEBentoError(self.status, self.error.code, self.error.message)
+            raise FHEBentoError(self.status, self.error.code, self.error.message, self.headers)
         return self

@@ -1,179 +1,115 @@
-"""The FHE runner: a BentoML service whose workers hold concrete-ml `FHEModelServer`s and a key cache.
+"""The FHE runner: a BentoML service whose workers check every ciphertext and key, then hand them to their
+supervised engine processes (`runners/engine.py`), which hold the concrete-ml servers and the key cache.
 
-It runs as its own worker processes (`bentoml.depends` from the HTTP service), so FHE never blocks the
-HTTP event loop, and each sync API method runs in a thread (concrete releases the GIL while it computes).
-Runner methods return a `RunnerReply` instead of raising, so that error codes cross the process hop.
+Its API methods are async: a worker only validates and relays, so `ready()` answers at once even while
+every core computes FHE. Methods return a `RunnerReply` instead of raising, so that error codes cross the
+process hop.
 """
 
 from __future__ import annotations
 
+import asyncio
 import logging
 import os
-import time
-from concurrent.futures import ThreadPoolExecutor
 from pathlib import Path
-from typing import Any
 
 import bentoml
 
 from runners import metrics
-from runners.errors import FHEBentoError, RunnerReply, bad_request, not_found, unprocessable
-from runners.key_cache import KeyCache
+from runners.engine import Engine
+from runners.errors import FHEBentoError, RunnerReply, not_found
 from runners.key_registry import KeyRegistry
+from runners.lifecycle import stop_server
 from runners.key_store import open_store, tenant_scope
 from runners.model_repo import ModelSpec, load_specs
+from runners.payload_check import check_ciphertext, check_key
 from runners.settings import get_settings
 
 log = logging.getLogger("bentoml.fhe_bento.runner")
 settings = get_settings()
 
 
-def _fhe():
-    from concrete import fhe  # imported lazily: this module is also imported by the HTTP process
-
-    return fhe
-
-
-class LoadedModel:
-    def __init__(self, spec: ModelSpec) -> None:
-        from concrete.ml.deployment import FHEModelServer
-
-        self.spec = spec
-        self.server = FHEModelServer(str(spec.path))
-        # A model without bootstrapping has an empty keyset: its whole evaluation key is the header.
-        self.builtin_key = None
-        if not spec.meta.needs_key:
-            self.builtin_key = _fhe().EvaluationKeys.deserialize(bytes.fromhex(spec.meta.eval_key_header))
-
-    def check_fits(self, key: bytes) -> None:
-        meta = self.spec.meta
-        if len(key) != meta.eval_key_bytes or not key.startswith(bytes.fromhex(meta.eval_key_header)):
-            raise unprocessable(
-                "key_mismatch",
-                f"this evaluation key was not made for model {self.spec.name!r} "
-                f"(expected {meta.eval_key_bytes} bytes with this model's key parameters)",
-            )
-
-
-def _classify_run_error(exc: Exception) -> FHEBentoError:
-    text = str(exc)
-    if "incompatible" in text:  # type info or variance of another circuit
-        return unprocessable("ciphertext_mismatch", "the ciphertext was not made for this model")
-    return bad_request("invalid_ciphertext", "the ciphertext could not be deserialized")
-
-
-@bentoml.service(
-    name="fhe_runner",
-    workers=settings.workers,
-    # BentoML runs at most `threads` sync calls of one worker at once (default 1, which would serialise
-    # concurrent requests). The row pool bounds the FHE work; the two extra threads let key registrations
-    # and readiness checks through while rows compute.
-    threads=settings.row_threads + 2,
-    traffic={"timeout": settings.request_timeout},
-)
+@bentoml.service(name="fhe_runner", workers=settings.workers, traffic={"timeout": settings.request_timeout})
 class FHERunner:
     def __init__(self) -> None:
-        # Read by the OpenMP runtime when concrete first computes, so it must be set before that.
+        # Read by the OpenMP runtime when concrete first computes, in the engine processes this starts.
         os.environ["OMP_NUM_THREADS"] = str(settings.omp_threads_per_row())
-        self.models = {name: LoadedModel(spec) for name, spec in load_specs(settings).items()}
+        self.specs = load_specs(settings)
         self.keys = KeyRegistry(open_store(settings.key_store_url()), settings)
-        self.cache = KeyCache(settings.key_cache_bytes)
-        self.rows_pool = ThreadPoolExecutor(settings.row_threads, thread_name_prefix="fhe-row")
-        log.info("FHE runner ready: models=%s row_threads=%d omp_threads=%s", sorted(self.models),
+        self.engine = Engine(settings.row_threads, settings.engine_max_failed_starts, give_up=stop_server)
+        log.info("FHE runner started: models=%s engine processes=%d omp_threads=%s", sorted(self.specs),
                  settings.row_threads, os.environ["OMP_NUM_THREADS"])
 
     @bentoml.api
-    def ready(self) -> bool:
-        return True
+    async def ready(self) -> bool:
+        return self.engine.ready()
 
-    def _model(self, name: str) -> LoadedModel:
+    def _spec(self, name: str) -> ModelSpec:
         try:
-            return self.models[name]
+            return self.specs[name]
         except KeyError:
             raise not_found("unknown_model", f"no model named {name!r} is served") from None
 
-    def _evaluation_key(self, model: LoadedModel, tenant: str, key_id: str | None) -> Any:
-        if model.builtin_key is not None:
-            return model.builtin_key
-        if not key_id:
-            raise bad_request("missing_key_id", "this model needs an evaluation key: send X-FHE-Key-Id")
-        scope = tenant_scope(model.spec.key_scope, tenant)
-        if not self.keys.has(scope, key_id):
-            self.cache.discard((scope, key_id))  # deleted or expired: a cached copy must not outlive it
-            raise not_found("unknown_key", f"key {key_id} is not registered for model {model.spec.name!r}")
-
-        def load() -> tuple[Any, int]:
-            data = self.keys.store.read(scope, key_id)
-            return _fhe().EvaluationKeys.deserialize(data), len(data)
-
-        key, hit = self.cache.get_or_load((scope, key_id), load)
-        self.keys.mark_used(scope, key_id)
-        metrics.KEY_CACHE.labels(model=model.spec.name, result="hit" if hit else "miss").inc()
-        return key
-
-    def _run_row(self, model: LoadedModel, key: Any, ciphertext: bytes) -> bytes:
-        started = time.perf_counter()
-        try:
-            result = model.server.run(ciphertext, key)
-        except (RuntimeError, ValueError, AssertionError) as exc:
-            metrics.ROWS.labels(model=model.spec.name, outcome="error").inc()
-            raise _classify_run_error(exc) from exc
-        metrics.FHE_RUN_SECONDS.labels(model=model.spec.name).observe(time.perf_counter() - started)
-        metrics.ROWS.labels(model=model.spec.name, outcome="ok").inc()
-        return result
+    async def _rows(self, model: str, tenant: str, key_id: str | None, ciphertexts: list[bytes],
+                    request_id: str, deadline: float) -> RunnerReply:
+        """The rows' results, and their mean FHE seconds per row (for the service's admission control)."""
+        spec = self._spec(model)
+        meta = spec.meta
+        for ciphertext in ciphertexts:  # all of them before any row runs
+            check_ciphertext(ciphertext, meta.ciphertext_bytes, meta.ciphertext_shape, model)
+        scope = tenant_scope(spec.key_scope, tenant)
+        results = await self.engine.run(request_id, [(model, scope, key_id, ct, deadline) for ct in ciphertexts])
+        if any(result is None for result in results):
+            raise FHEBentoError(504, "request_timeout", "the request's time ran out before all its rows started")
+        return RunnerReply(payload=[r for r, _ in results], info={"row_seconds": sum(s for _, s in results) / len(results)})
 
     @bentoml.api
-    def predict(self, model: str, tenant: str, key_id: str | None, ciphertext: bytes) -> RunnerReply:
+    async def predict(self, model: str, tenant: str, key_id: str | None, ciphertext: bytes, request_id: str,
+                      deadline: float) -> RunnerReply:
         try:
-            loaded = self._model(model)
-            key = self._evaluation_key(loaded, tenant, key_id)
-            # Through the row pool, like batch rows: at most row_threads rows compute at once per worker.
-            return RunnerReply(payload=self.rows_pool.submit(self._run_row, loaded, key, ciphertext).result())
+            reply = await self._rows(model, tenant, key_id, [ciphertext], request_id, deadline)
+            return reply.model_copy(update={"payload": reply.payload[0]})
         except FHEBentoError as exc:
             return RunnerReply.failed(exc)
 
     @bentoml.api
-    def predict_batch(self, model: str, tenant: str, key_id: str | None, ciphertexts: list[bytes]) -> RunnerReply:
+    async def predict_batch(self, model: str, tenant: str, key_id: str | None, ciphertexts: list[bytes],
+                            request_id: str, deadline: float) -> RunnerReply:
         try:
-            loaded = self._model(model)
-            key = self._evaluation_key(loaded, tenant, key_id)
-            results = list(self.rows_pool.map(lambda ct: self._run_row(loaded, key, ct), ciphertexts))
-            return RunnerReply(payload=results)
+            return await self._rows(model, tenant, key_id, ciphertexts, request_id, deadline)
         except FHEBentoError as exc:
             return RunnerReply.failed(exc)
 
     @bentoml.api
-    def register_key(self, model: str, tenant: str, key_id: str, staged_path: str) -> RunnerReply:
-        """Verify a spooled upload and store it for the tenant; the caller deletes the spool file."""
+    async def cancel(self, request_id: str) -> int:
+        """Drop the rows of a request whose client went away or whose time ran out, before they start."""
+        dropped = self.engine.cancel(request_id)
+        if dropped:
+            log.info("request %s cancelled: %d rows dropped before they started", request_id, dropped)
+        return dropped
+
+    @bentoml.api
+    async def register_key(self, model: str, tenant: str, key_id: str, staged_path: str) -> RunnerReply:
+        """Check a spooled upload, deserialize it once in a throwaway process, then store it for the tenant;
+        the caller deletes the spool file."""
         try:
-            loaded = self._model(model)
-            return RunnerReply(info=self._register(loaded, tenant, key_id, Path(staged_path)))
+            return RunnerReply(info=await self._register(self._spec(model), tenant, key_id, Path(staged_path)))
         except FHEBentoError as exc:
             metrics.KEY_UPLOADS.labels(model=model, outcome="rejected").inc()
-            log.info("key upload rejected: model=%s bytes=%s code=%s", model, _size(staged_path), exc.code)
+            log.info("key upload rejected: model=%s code=%s", model, exc.code)
             return RunnerReply.failed(exc)
 
-    def _register(self, model: LoadedModel, tenant: str, key_id: str, staged: Path) -> dict:
-        scope = tenant_scope(model.spec.key_scope, tenant)
+    async def _register(self, spec: ModelSpec, tenant: str, key_id: str, staged: Path) -> dict:
+        scope = tenant_scope(spec.key_scope, tenant)
         size = staged.stat().st_size
-        if self.keys.has(scope, key_id):
-            metrics.KEY_UPLOADS.labels(model=model.spec.name, outcome="exists").inc()
+        if await asyncio.to_thread(self.keys.has, scope, key_id):
+            metrics.KEY_UPLOADS.labels(model=spec.name, outcome="exists").inc()
             return {"key_id": key_id, "bytes": size, "created": False}
-        data = staged.read_bytes()
-        try:
-            key = _fhe().EvaluationKeys.deserialize(data)
-        except RuntimeError:
-            raise bad_request("invalid_key", "the body is not a serialized concrete evaluation key") from None
-        model.check_fits(data)
-        created = self.keys.put(scope, key_id, staged, {"model": model.spec.name, "bytes": size, "owner": tenant})
-        self.cache.put((scope, key_id), key, size)
-        metrics.KEY_UPLOADS.labels(model=model.spec.name, outcome="created" if created else "exists").inc()
-        log.info("key registered: model=%s key_id=%s bytes=%d created=%s", model.spec.name, key_id, size, created)
+        # Bounded by FHE_BENTO_MAX_KEY_BYTES at upload; the strict reader copies no blob.
+        check_key(await asyncio.to_thread(staged.read_bytes), spec.meta.eval_key_bytes, spec.meta.key_shape, spec.name)
+        await self.engine.verify_key(str(staged))
+        info = {"model": spec.name, "bytes": size, "owner": tenant}
+        created = await asyncio.to_thread(self.keys.put, scope, key_id, staged, info)
+        metrics.KEY_UPLOADS.labels(model=spec.name, outcome="created" if created else "exists").inc()
+        log.info("key registered: model=%s key_id=%s bytes=%d created=%s", spec.name, key_id, size, created)
         return {"key_id": key_id, "bytes": size, "created": created}
-
-
-def _size(path: str) -> int | None:
-    try:
-        return os.path.getsize(path)
-    except OSError:
-        return None

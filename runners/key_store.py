@@ -16,7 +16,7 @@ import time
 import uuid
 from collections.abc import Iterator
 from pathlib import Path
-from typing import Protocol
+from typing import NamedTuple, Protocol
 from urllib.parse import unquote, urlparse
 
 from runners.errors import bad_request
@@ -34,6 +34,17 @@ def tenant_scope(model_scope: str, tenant: str) -> str:
     """Where one tenant's keys for one model live: the model's own scope when tokens are off, else a
     scope derived from both, so that a key id alone never reaches another tenant's key."""
     return hashlib.sha256(f"{model_scope}:{tenant}".encode()).hexdigest() if tenant else model_scope
+
+
+class Upload(NamedTuple):
+    """An unfinished chunked upload as its store holds it."""
+
+    parts: dict[int, int]  # part index -> bytes
+    last_part: float  # epoch seconds of the newest part (or of the upload's start)
+
+    @property
+    def bytes(self) -> int:
+        return sum(self.parts.values())
 
 
 def check_scope(scope: str, key_id: str) -> None:
@@ -68,8 +79,8 @@ class KeyStore(Protocol):
     def list_keys(self) -> Iterator[tuple[str, str]]:
         """(scope, key_id) of every stored key."""
 
-    def stale_uploads(self, older_than: float) -> Iterator[tuple[str, str]]:
-        """(scope, key_id) of unfinished chunked uploads whose last part came before `older_than`."""
+    def open_uploads(self) -> dict[tuple[str, str], Upload]:
+        """(scope, key_id) -> every unfinished chunked upload in the store, from one listing."""
 
     def put_part(self, scope: str, key_id: str, index: int, data: bytes) -> None:
         """Hold one part of a chunked upload; rewriting a part is harmless (resumable uploads)."""
@@ -147,11 +158,23 @@ class FileKeyStore:
         for path in self.root.glob("*/*.key"):
             yield path.parent.name, path.stem
 
-    def stale_uploads(self, older_than: float) -> Iterator[tuple[str, str]]:
+    def open_uploads(self) -> dict[tuple[str, str], Upload]:
+        uploads = {}
         for folder in self.root.glob("*/uploads/*"):
-            stamps = [p.stat().st_mtime for p in folder.iterdir()] or [folder.stat().st_mtime]
-            if max(stamps) < older_than:
-                yield folder.parent.parent.name, folder.name
+            try:
+                stats, last = {}, folder.stat().st_mtime
+                for path in folder.iterdir():
+                    try:
+                        stats[path.name] = path.stat()
+                    except FileNotFoundError:  # a .tmp- file renamed, or a part dropped, meanwhile
+                        continue
+            except FileNotFoundError:  # the upload completed or was dropped meanwhile
+                continue
+            # A part being written (.tmp-*) counts for the upload's age, not yet for its bytes.
+            last = max((st.st_mtime for st in stats.values()), default=last)
+            parts = {int(name[: -len(".part")]): st.st_size for name, st in stats.items() if name.endswith(".part")}
+            uploads[(folder.parent.parent.name, folder.name)] = Upload(parts, last)
+        return uploads
 
     def _parts_dir(self, scope: str, key_id: str) -> Path:
         return self._key_path(scope, key_id).parent / "uploads" / key_id

@@ -52,3 +52,7 @@ AUTH_REFUSED = bentoml.metrics.Counter(
     documentation="Requests refused by the bearer-token check, by code (auth_required, invalid_token, forbidden)",
     labelnames=["code"],
 )
+ENGINE_RESTARTS = bentoml.metrics.Counter(
+    name="fhe_bento_engine_restarts",
+    documentation="FHE engine processes started again after one died (a crash that validation missed, or a kill)",
+)

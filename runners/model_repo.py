@@ -17,8 +17,9 @@ import zipfile
 from importlib.metadata import PackageNotFoundError, version
 from pathlib import Path
 
-from pydantic import BaseModel
+from pydantic import BaseModel, ValidationError
 
+from runners.payload_check import check_keyset_params
 from runners.settings import Settings
 
 METADATA_FILE = "fhe-bento.json"
@@ -34,10 +35,18 @@ class ModelMetadata(BaseModel):
     n_outputs: int
     client_sha256: str
     needs_key: bool
-    # Size and leading bytes shared by every evaluation key of this circuit: a key that differs here was
-    # made for another circuit. Such a key must never reach concrete, which aborts the process on it.
+    # What concrete-ml's client produces for this circuit (runners/payload_check.py): every ciphertext and
+    # evaluation key must have exactly these sizes and Cap'n Proto shapes before concrete sees it.
     eval_key_bytes: int
-    eval_key_header: str
+    key_shape: list
+    ciphertext_bytes: int
+    ciphertext_shape: list
+    # The whole evaluation key of a model that needs none (no bootstrapping, an empty keyset).
+    builtin_key: str | None = None
+    # Measured at import in a fresh process (modelkit/importer.py): resident bytes one more warm key
+    # costs (deserialized and used once), and seconds of FHE for one row.
+    warm_key_bytes: int
+    row_seconds: float
     versions: dict[str, str]
     machine: str
 
@@ -60,6 +69,8 @@ class ModelSpec(BaseModel):
             "client_sha256": self.meta.client_sha256,
             "needs_key": self.meta.needs_key,
             "eval_key_bytes": self.meta.eval_key_bytes,
+            "warm_key_bytes": self.meta.warm_key_bytes,
+            "row_seconds": self.meta.row_seconds,
         }
 
     @property
@@ -110,9 +121,19 @@ def load_folder(folder: Path, name: str, model_version: str | None = None) -> Mo
                 f"model {name!r}: {folder / required} is missing; "
                 "import FHEModelDev folders with `fhe-bento import`"
             )
-    meta = ModelMetadata.model_validate_json((folder / METADATA_FILE).read_text())
+    try:
+        meta = ModelMetadata.model_validate_json((folder / METADATA_FILE).read_text())
+    except ValidationError as exc:
+        raise ModelLoadError(
+            f"model {name!r}: {folder / METADATA_FILE} is not this fhe-bento's metadata ({exc.error_count()} "
+            "errors); import the FHEModelDev folder again with `fhe-bento import`"
+        ) from None
     if sha256_file(folder / "client.zip") != meta.client_sha256:
         raise ModelLoadError(f"model {name!r}: client.zip does not match its recorded SHA-256")
+    try:
+        check_keyset_params(meta.key_shape, folder / "client.zip")
+    except (ValueError, IndexError, TypeError, KeyError) as exc:
+        raise ModelLoadError(f"model {name!r}: the recorded key shape does not fit client.specs.json: {exc}") from None
     check_compatible(name, folder, meta)
     return ModelSpec(
         name=name, version=model_version or meta.client_sha256[:12], path=folder, meta=meta

@@ -15,7 +15,7 @@ from collections.abc import Iterator
 from pathlib import Path
 
 from runners.errors import bad_request
-from runners.key_store import check_scope
+from runners.key_store import Upload, check_scope
 
 
 class S3KeyStore:
@@ -121,12 +121,14 @@ class S3KeyStore:
     def drop_parts(self, scope: str, key_id: str) -> None:
         self._delete_all(list(self._list(self._uploads(scope, key_id))))
 
-    def stale_uploads(self, older_than: float) -> Iterator[tuple[str, str]]:
-        newest: dict[tuple[str, str], float] = {}
+    def open_uploads(self) -> dict[tuple[str, str], Upload]:
+        uploads: dict[tuple[str, str], Upload] = {}
         for obj in self._list(self._path("uploads", "")):
-            scope, key_id = obj["Key"].split("/")[-3:-1]
-            newest[(scope, key_id)] = max(newest.get((scope, key_id), 0.0), obj["LastModified"].timestamp())
-        yield from (upload for upload, stamp in newest.items() if stamp < older_than)
+            scope, key_id, name = obj["Key"].split("/")[-3:]
+            held = uploads.get((scope, key_id), Upload({}, 0.0))
+            held.parts[int(name.split(".")[0])] = obj["Size"]
+            uploads[(scope, key_id)] = held._replace(last_part=max(held.last_part, obj["LastModified"].timestamp()))
+        return uploads
 
     def _delete_all(self, objects: list[dict]) -> None:
         for start in range(0, len(objects), 1000):

@@ -6,6 +6,7 @@ Every field here is documented in the README's settings table with its default; 
 from __future__ import annotations
 
 import os
+import time
 from functools import lru_cache
 from pathlib import Path
 
@@ -14,6 +15,8 @@ from pydantic_settings import BaseSettings, SettingsConfigDict
 
 DEMO_MODELS = ("breast-cancer-xgb:latest", "breast-cancer-logreg:latest")
 MiB = 1024 * 1024
+# Past FHE_BENTO_REQUEST_TIMEOUT a request may still be winding down (BentoML's own deadline comes 5 s later).
+STAGING_GRACE_SECONDS = 60
 
 
 def _bentoml_home() -> Path:
@@ -36,18 +39,37 @@ class Settings(BaseSettings):
     key_store: str = Field(
         default="", description="Key store URL; empty means file://$BENTOML_HOME/fhe-bento/keys."
     )
-    key_cache_bytes: int = Field(default=512 * MiB, ge=0)
+    key_cache_bytes: int = Field(
+        default=2048 * MiB, ge=0,
+        description="Resident bytes of warm keys each engine process may hold (each key costs its model's warm_key_bytes).",
+    )
     max_key_bytes: int = Field(default=256 * MiB, gt=0)
-    max_part_bytes: int = Field(default=5 * MiB, gt=0, description="Largest part of a chunked key upload.")
-    max_key_parts: int = Field(default=1024, gt=0, description="Most parts one chunked key upload may have.")
-    max_store_bytes: int = Field(default=20 * 1024 * MiB, gt=0, description="Bytes of keys stored per model.")
+    max_part_bytes: int = Field(
+        default=5 * MiB, gt=0,
+        description="Largest part of a chunked key upload; a model's key of K bytes has at most ceil(K / this) parts.",
+    )
+    max_store_bytes: int = Field(
+        default=20 * 1024 * MiB, gt=0, description="Bytes of keys and unfinished uploads stored per model scope."
+    )
     key_ttl_seconds: int = Field(default=0, ge=0, description="Delete keys unused this long; 0 keeps them.")
     upload_ttl_seconds: int = Field(default=86400, gt=0, description="Drop unfinished chunked uploads idle this long.")
+    max_open_uploads: int = Field(default=64, gt=0, description="Unfinished chunked uploads in the whole store.")
+    max_open_uploads_per_scope: int = Field(
+        default=4, gt=0, description="Unfinished chunked uploads per model scope (per tenant when tokens are on)."
+    )
     max_ciphertext_bytes: int = Field(default=1 * MiB, gt=0)
     max_batch_bytes: int = Field(default=64 * MiB, gt=0)
     max_batch_rows: int = Field(default=256, gt=0)
     workers: int = Field(default=1, gt=0, description="FHE runner worker processes.")
-    row_threads: int = Field(default=1, gt=0, description="Rows one runner worker evaluates at once.")
+    row_threads: int = Field(
+        default=1, gt=0, description="Engine processes per runner worker, each evaluating one row at a time."
+    )
+    runner_down_seconds: int = Field(
+        default=30, gt=0, description="Seconds the HTTP service waits for a runner that stopped answering; then the server stops."
+    )
+    engine_max_failed_starts: int = Field(
+        default=3, gt=0, description="Engine starts in a row that may die before they are ready; then the server stops."
+    )
     omp_threads: int = Field(
         default=0, ge=0, description="OpenMP threads per row; 0: cores / (workers x row_threads)."
     )
@@ -86,6 +108,22 @@ class Settings(BaseSettings):
         path = self.staging_dir or _bentoml_home() / "fhe-bento" / "staging"
         path.mkdir(parents=True, exist_ok=True)
         return path
+
+    def clear_staging(self) -> int:
+        """Delete the spool files (service/bodies.py's `upload-*`, FHEBento._assemble's `assembled-*`) that a
+        crashed process left behind; returns how many. Only files untouched for longer than a whole request
+        may go: a spool file lives no longer than the request that wrote it, and another HTTP worker may be
+        writing or verifying a younger one right now."""
+        cutoff = time.time() - self.request_timeout - STAGING_GRACE_SECONDS
+        removed = 0
+        for path in [*self.staging_path().glob("upload-*"), *self.staging_path().glob("assembled-*")]:
+            try:
+                if path.stat().st_mtime < cutoff:
+                    path.unlink()
+                    removed += 1
+            except FileNotFoundError:  # its request ended meanwhile and removed it
+                continue
+        return removed
 
 
 @lru_cache(maxsize=1)

@@ -15,6 +15,7 @@ import asyncio
 import hashlib
 import logging
 import os
+import time
 import uuid
 from pathlib import Path
 
@@ -26,6 +27,7 @@ from fastapi.responses import JSONResponse, Response
 from starlette.exceptions import HTTPException as StarletteHTTPException
 
 from runners.errors import FHEBentoError, RunnerReply, bad_request, not_found, too_large
+from runners.lifecycle import exit_nonzero_if_stopped, stop_server
 from runners.fhe_runner import FHERunner
 from runners import metrics
 from runners.key_registry import KeyRegistry
@@ -35,13 +37,17 @@ from runners.settings import get_settings
 from service.admission import Admission
 from service.auth import Caller
 from service.compat import router as compat_router
-from service.limits import RequestLimits
+from service.limits import RequestLimits, request_deadline
 from service.routes import admin_router, router as native_router
 from service.sagemaker import router as sagemaker_router
 
 log = logging.getLogger("bentoml.fhe_bento.service")
 settings = get_settings()
 READY_TIMEOUT = 0.5  # seconds; SageMaker gives /ping 2 s
+RUNNER_RETRY_AFTER = 5  # seconds a client is told to wait when the runner does not answer
+RUNNER_WATCH_SECONDS = 5.0
+
+exit_nonzero_if_stopped()
 
 app = FastAPI(title="fhe-bento", version="1", docs_url=None, redoc_url=None)
 app.add_middleware(RequestLimits, max_header_bytes=settings.max_header_bytes, timeout=settings.request_timeout)
@@ -81,8 +87,12 @@ class FHEBento:
         self.default = default_model(settings, self.specs)
         self.keys = KeyRegistry(open_store(settings.key_store_url()), settings)
         self.staging = settings.staging_path()
-        self.runner_ready = False
-        self.admission = Admission(settings.max_queue_rows, parallelism=os.cpu_count() or 1)
+        if removed := settings.clear_staging():
+            log.info("removed %d spool files left in %s by an earlier process", removed, self.staging)
+        self._tasks: set[asyncio.Task] = set()
+        self._watch: asyncio.Future | None = None
+        self.admission = Admission(settings.max_queue_rows, settings.request_timeout, parallelism=os.cpu_count() or 1,
+                                   batch_parallelism=settings.row_threads)
         log.info("serving models %s (default %s)", sorted(self.specs), self.default.name)
 
     def spec(self, name: str | None) -> ModelSpec:
@@ -93,14 +103,41 @@ class FHEBento:
         except KeyError:
             raise not_found("unknown_model", f"no model named {name!r} is served") from None
 
+    async def runner_state(self) -> bool | None:
+        """True when the runner's engine is up, False while it (re)starts, None when the runner itself does
+        not answer. The runner answers at once (its API is async), even while every core computes."""
+        # A call to a hung runner is abandoned, not awaited: BentoML's client does not give up on
+        # cancellation, so `wait_for` would hang with it.
+        call = asyncio.ensure_future(self.runner.to_async.ready())
+        done, _ = await asyncio.wait({call}, timeout=READY_TIMEOUT)
+        if not done:
+            call.cancel()
+            return None
+        try:
+            return bool(call.result())
+        except Exception:  # runner starting or gone: connection refused, ...
+            return None
+
     async def is_ready(self) -> bool:
-        # Asked once per process until true: later pings never wait on a runner busy with FHE.
-        if not self.runner_ready:
-            try:
-                self.runner_ready = bool(await asyncio.wait_for(self.runner.to_async.ready(), READY_TIMEOUT))
-            except Exception:  # runner still starting: connection refused, timeout, ...
-                return False
-        return self.runner_ready
+        """Asked on every /ping, so a dead or restarting engine turns /ping to 503 at its next check."""
+        if self._watch is None:  # started here, on the serving event loop, by the first health check
+            self._watch = asyncio.ensure_future(self._watch_runner())
+        return bool(await self.runner_state())
+
+    async def _watch_runner(self) -> None:
+        """Stop the server once a runner that answered before has not answered for FHE_BENTO_RUNNER_DOWN_SECONDS.
+        BentoML does not respawn a dead worker under BENTOML_CONTAINERIZED (so in every image), and an
+        orchestrator replaces a server that exits, not one that only fails its health checks."""
+        seen, down_since = False, None
+        while True:
+            await asyncio.sleep(RUNNER_WATCH_SECONDS)
+            if await self.runner_state() is not None:
+                seen, down_since = True, None
+            elif seen:
+                down_since = down_since or time.monotonic()
+                if time.monotonic() - down_since > settings.runner_down_seconds:
+                    stop_server(f"the FHE runner has not answered for {settings.runner_down_seconds} s")
+                    return
 
     async def call(self, method: str, **kwargs) -> RunnerReply:
         # Runner calls are safe to repeat (FHE is pure, key registration is content-addressed), and a
@@ -109,14 +146,29 @@ class FHEBento:
         for attempt in (1, 2):
             try:
                 reply = await getattr(self.runner.to_async, method)(**kwargs)
+            except asyncio.CancelledError:
+                if "request_id" in kwargs:  # client gone or time out: drop the rows that have not started
+                    self._background(self.runner.to_async.cancel(request_id=kwargs["request_id"]))
+                raise
             except Exception as exc:
                 timed_out = isinstance(exc, (asyncio.TimeoutError, httpx.TimeoutException))
                 log.warning("runner call %s failed (attempt %d): %s", method, attempt, type(exc).__name__)
                 if attempt == 2 or timed_out:
-                    raise FHEBentoError(503, "runner_unavailable", "the FHE runner did not answer; retry") from None
+                    raise FHEBentoError(503, "runner_unavailable", "the FHE runner did not answer; retry",
+                                        headers={"Retry-After": str(RUNNER_RETRY_AFTER)}) from None
                 continue
             return reply.unwrap()
         raise AssertionError("unreachable: the second attempt returns or raises")
+
+    def _background(self, coroutine) -> None:
+        task = asyncio.ensure_future(coroutine)
+        self._tasks.add(task)
+        task.add_done_callback(self._tasks.discard)
+
+    def _rows_call(self, spec: ModelSpec, caller: Caller) -> dict:
+        """What every prediction call tells the runner besides its rows."""
+        return {"model": spec.name, "tenant": caller.tenant, "request_id": uuid.uuid4().hex,
+                "deadline": request_deadline(settings.request_timeout)}
 
     # --- operations shared by every transport -------------------------------------------------------
 
@@ -124,14 +176,16 @@ class FHEBento:
         return [spec.public() for spec in self.specs.values()]
 
     async def predict(self, spec: ModelSpec, caller: Caller, key_id: str | None, ciphertext: bytes) -> bytes:
-        async with self.admission.admit(spec.name, 1):
-            reply = await self.call("predict", model=spec.name, tenant=caller.tenant, key_id=key_id, ciphertext=ciphertext)
-            return reply.payload
+        async with self.admission.admit(spec, 1):
+            reply = await self.call("predict", key_id=key_id, ciphertext=ciphertext, **self._rows_call(spec, caller))
+        self.admission.observe(spec.name, reply.info["row_seconds"])
+        return reply.payload
 
     async def predict_batch(self, spec: ModelSpec, caller: Caller, key_id: str | None, rows: list[bytes]) -> list[bytes]:
-        async with self.admission.admit(spec.name, len(rows)):
-            reply = await self.call("predict_batch", model=spec.name, tenant=caller.tenant, key_id=key_id, ciphertexts=rows)
-            return reply.payload
+        async with self.admission.admit(spec, len(rows)):
+            reply = await self.call("predict_batch", key_id=key_id, ciphertexts=rows, **self._rows_call(spec, caller))
+        self.admission.observe(spec.name, reply.info["row_seconds"])
+        return reply.payload
 
     async def register_key(self, spec: ModelSpec, caller: Caller, path: Path, key_id: str) -> tuple[dict, int]:
         """Have the runner verify and store a spooled key file (deleted here). Returns (answer, status)."""
@@ -170,19 +224,12 @@ class FHEBento:
 
     async def put_key_part(self, spec: ModelSpec, caller: Caller, key_id: str, index: int, data: bytes) -> dict:
         check_key_id(key_id)
-        if not 0 <= index < settings.max_key_parts:
-            raise bad_request("invalid_part", f"part index must be in 0..{settings.max_key_parts - 1}")
         if len(data) > settings.max_part_bytes:
             raise too_large(f"a part holds at most {settings.max_part_bytes} bytes")
         if not data:
             raise bad_request("empty_body", "a key part is empty")
-
-        def store_part() -> None:
-            self.keys.sweep()
-            self.keys.store.put_part(scope, key_id, index, data)
-
-        scope = caller.scope(spec)
-        await asyncio.to_thread(store_part)
+        await asyncio.to_thread(self.keys.put_part, caller.scope(spec), key_id, index, data,
+                                model=spec.name, key_bytes=spec.meta.eval_key_bytes)
         metrics.PART_BYTES.labels(model=spec.name).inc(len(data))
         return {"key_id": key_id, "part": index, "bytes": len(data)}
 
@@ -194,8 +241,9 @@ class FHEBento:
     async def complete_key(self, spec: ModelSpec, caller: Caller, key_id: str, count: int) -> tuple[dict, int]:
         """Join parts 0..count-1, check the SHA-256 against the key id, then register as a whole upload."""
         check_key_id(key_id)
-        if not 0 < count <= settings.max_key_parts:
-            raise bad_request("invalid_part", f"a key has 1 to {settings.max_key_parts} parts")
+        most = self.keys.max_parts(spec.meta.eval_key_bytes)
+        if not 0 < count <= most:
+            raise bad_request("invalid_part", f"a key of model {spec.name!r} has 1 to {most} parts")
         scope = caller.scope(spec)
         known = await asyncio.to_thread(self._assemble, scope, key_id, count)
         if isinstance(known, dict):

@@ -1,5 +1,8 @@
 """Limits every request meets before any route runs: the size of its request line and headers
-(`FHE_BENTO_MAX_HEADER_BYTES`, 431) and its whole time (`FHE_BENTO_REQUEST_TIMEOUT`, 504).
+(`FHE_BENTO_MAX_HEADER_BYTES`, 431), its whole time (`FHE_BENTO_REQUEST_TIMEOUT`, 504), and its client's
+presence: once the body is read, a client that disconnects cancels the request, so that the runner drops
+its rows that have not started (see `FHEBento.call`). `request_deadline()` tells the operations when the
+request's time runs out.
 
 A plain ASGI middleware rather than a Starlette `BaseHTTPMiddleware`, so that bodies keep streaming.
 """
@@ -7,7 +10,9 @@ A plain ASGI middleware rather than a Starlette `BaseHTTPMiddleware`, so that bo
 from __future__ import annotations
 
 import asyncio
+import contextvars
 import logging
+import time
 
 from fastapi.responses import JSONResponse
 from starlette.types import ASGIApp, Message, Receive, Scope, Send
@@ -15,6 +20,12 @@ from starlette.types import ASGIApp, Message, Receive, Scope, Send
 from runners.errors import FHEBentoError
 
 log = logging.getLogger("bentoml.fhe_bento.service")
+_DEADLINE: contextvars.ContextVar[float] = contextvars.ContextVar("fhe_bento_request_deadline")
+
+
+def request_deadline(timeout: float) -> float:
+    """The wall-clock time (time.time()) at which the current request's time runs out."""
+    return _DEADLINE.get(time.time() + timeout)
 
 
 class RequestLimits:
@@ -36,18 +47,43 @@ class RequestLimits:
             return
 
         started = False
+        body_read = asyncio.Event()
+        client_gone = False
+        handler = asyncio.current_task()
 
         async def tracking_send(message: Message) -> None:
             nonlocal started
             started = started or message["type"] == "http.response.start"
             await send(message)
 
+        async def tracking_receive() -> Message:
+            message = await receive()
+            if message["type"] != "http.request" or not message.get("more_body", False):
+                body_read.set()
+            return message
+
+        async def watch_client() -> None:
+            nonlocal client_gone
+            await body_read.wait()
+            if (await receive())["type"] == "http.disconnect" and not started:
+                client_gone = True
+                handler.cancel()
+
+        _DEADLINE.set(time.time() + self.timeout)
+        watcher = asyncio.create_task(watch_client())
         try:
             async with asyncio.timeout(self.timeout):
-                await self.app(scope, receive, tracking_send)
+                await self.app(scope, tracking_receive, tracking_send)
+        except asyncio.CancelledError:
+            if not client_gone:
+                raise
+            handler.uncancel()
+            log.info("client went away: %s %s cancelled", scope["method"], scope["path"])
         except TimeoutError:
             log.warning("request over FHE_BENTO_REQUEST_TIMEOUT (%ss): %s %s", self.timeout, scope["method"], scope["path"])
             if started:  # the answer is half sent: all that is left is to cut the connection
                 raise
             error = FHEBentoError(504, "request_timeout", f"the request took over {self.timeout} s")
             await JSONResponse(error.body(), status_code=error.status)(scope, receive, send)
+        finally:
+            watcher.cancel()

@@ -29,6 +29,15 @@ class Demo:
         return self.models[name].predict(x, fhe="disable")
 
 
+def imported_spec(name: str):
+    """The served description (ModelSpec) of a demo model, as the server loads it from the model store."""
+    import bentoml
+
+    from runners.model_repo import load_folder
+
+    return load_folder(Path(bentoml.models.get(f"{name}:latest").path), name)
+
+
 def assert_error(response, status: int, code: str) -> None:
     """The JSON error shape of DESIGN.md, with this status and code."""
     assert response.status_code == status, response.text

@@ -165,3 +165,287 @@ def test_request_limits_answer_431_and_504_in_the_error_shape():
         assert late.status_code == 504 and late.json()["error"]["code"] == "request_timeout"
         big = http.get("/?s=0", headers={"X-Big": "x" * 3000})
         assert big.status_code == 431 and big.json()["error"]["code"] == "headers_too_large"
+
+
+def _registry(root: Path, **settings):
+    from runners.key_registry import KeyRegistry
+    from runners.settings import Settings
+
+    store = FileKeyStore(root)
+    return store, KeyRegistry(store, Settings(**settings))
+
+
+def _id(name: str) -> str:
+    return hashlib.sha256(name.encode()).hexdigest()
+
+
+OTHER_SCOPE = "b" * 64
+
+
+def test_unfinished_uploads_count_toward_the_store_quota(tmp_path):
+    store, registry = _registry(tmp_path / "store", max_store_bytes=40, max_part_bytes=10)
+    source = tmp_path / "k"
+    source.write_bytes(b"k" * 10)
+    assert registry.put(SCOPE, _id("stored"), source, {"model": "m"})
+    for key, index in (("a", 0), ("a", 1), ("b", 0)):
+        registry.put_part(SCOPE, _id(key), index, b"p" * 10, model="m", key_bytes=25)
+    with pytest.raises(FHEBentoError) as full:  # 10 bytes of keys + 30 of parts: the quota is used up
+        registry.put_part(SCOPE, _id("b"), 1, b"p", model="m", key_bytes=25)
+    assert (full.value.status, full.value.code) == (413, "key_store_full")
+    assert "10 bytes of keys and 30 bytes of unfinished uploads" in full.value.message
+    registry.put_part(SCOPE, _id("a"), 1, b"q" * 10, model="m", key_bytes=25)  # a resent part replaces itself
+    registry.put_part(OTHER_SCOPE, _id("a"), 0, b"p" * 10, model="m", key_bytes=25)  # another scope has its own
+
+    # Completing "a": its own 20 bytes of parts become the key and are not counted twice.
+    source.write_bytes(b"a" * 20)
+    assert registry.put(SCOPE, _id("a"), source, {"model": "m"})
+    store.drop_parts(SCOPE, _id("a"))
+    source.write_bytes(b"c")
+    with pytest.raises(FHEBentoError) as full:
+        registry.put(SCOPE, _id("c"), source, {"model": "m"})
+    assert full.value.code == "key_store_full"
+    assert "30 bytes of keys and 10 bytes of unfinished uploads" in full.value.message
+
+
+def test_part_index_and_upload_bytes_are_bounded_by_the_model_key(tmp_path):
+    store, registry = _registry(tmp_path / "store", max_part_bytes=10)
+    assert [registry.max_parts(k) for k in (1, 10, 11, 25, 30, 31)] == [1, 1, 2, 3, 3, 4]
+    key = _id("k")
+    for index in (-1, 3, 1023):  # a 25-byte key has 3 parts of 10 bytes
+        with pytest.raises(FHEBentoError) as bad:
+            registry.put_part(SCOPE, key, index, b"p", model="m", key_bytes=25)
+        assert (bad.value.status, bad.value.code) == (400, "invalid_part") and "0..2" in bad.value.message
+    for index, size in ((0, 10), (1, 10), (2, 5)):
+        registry.put_part(SCOPE, key, index, b"p" * size, model="m", key_bytes=25)
+    with pytest.raises(FHEBentoError) as big:  # 10 + 10 + 6 bytes held for a 25-byte key
+        registry.put_part(SCOPE, key, 2, b"p" * 6, model="m", key_bytes=25)
+    assert (big.value.status, big.value.code) == (413, "payload_too_large")
+    assert store.list_parts(SCOPE, key) == {0: 10, 1: 10, 2: 5}
+
+
+def test_open_uploads_are_bounded_per_scope_and_in_total_but_resume(tmp_path):
+    store, registry = _registry(tmp_path / "store", max_open_uploads=3, max_open_uploads_per_scope=2,
+                              max_part_bytes=10)
+
+    def put(scope: str, key: str, index: int = 0) -> None:
+        registry.put_part(scope, _id(key), index, b"p", model="m", key_bytes=100)
+
+    put(SCOPE, "a"), put(SCOPE, "b")
+    with pytest.raises(FHEBentoError) as many:
+        put(SCOPE, "c")
+    assert (many.value.status, many.value.code) == (429, "too_many_uploads")
+    assert "FHE_BENTO_MAX_OPEN_UPLOADS_PER_SCOPE" in many.value.message
+    assert "expires 86400 s after its last part (FHE_BENTO_UPLOAD_TTL_SECONDS)" in many.value.message
+    put(SCOPE, "a", 1), put(SCOPE, "a", 0)  # an open upload resumes at the bound, resent parts included
+    put(OTHER_SCOPE, "a")
+    with pytest.raises(FHEBentoError) as many:  # 3 open in the whole store
+        put(OTHER_SCOPE, "b")
+    assert many.value.code == "too_many_uploads" and "FHE_BENTO_MAX_OPEN_UPLOADS)" in many.value.message
+    put(OTHER_SCOPE, "a", 1)
+    store.drop_parts(SCOPE, _id("b"))  # completed: its slot is free
+    put(SCOPE, "c")
+    assert set(store.open_uploads()) == {(SCOPE, _id("a")), (SCOPE, _id("c")), (OTHER_SCOPE, _id("a"))}
+    assert store.open_uploads()[(SCOPE, _id("a"))].parts == {0: 1, 1: 1}
+
+
+def test_an_expired_upload_frees_its_slot_before_the_check(tmp_path):
+    import os
+    import time
+
+    store, registry = _registry(tmp_path / "store", max_open_uploads_per_scope=1, upload_ttl_seconds=60)
+    registry.put_part(SCOPE, _id("old"), 0, b"p", model="m", key_bytes=100)
+    registry.sweep(force=True)  # the periodic sweep just ran: the part check alone must drop the old upload
+    with pytest.raises(FHEBentoError):
+        registry.put_part(SCOPE, _id("new"), 0, b"p", model="m", key_bytes=100)
+    an_hour_ago = time.time() - 3600
+    for part in (store.root / SCOPE / "uploads" / _id("old")).iterdir():
+        os.utime(part, (an_hour_ago, an_hour_ago))
+    registry.put_part(SCOPE, _id("new"), 0, b"p", model="m", key_bytes=100)
+    assert set(store.open_uploads()) == {(SCOPE, _id("new"))}
+
+
+def test_staging_cleanup_removes_only_old_spool_files(tmp_path):
+    import os
+    import time
+
+    from runners.settings import Settings
+
+    settings = Settings(staging_dir=tmp_path / "staging", request_timeout=10)
+    staging = settings.staging_path()
+    old = time.time() - 3600
+    for name in ("upload-crashed", "assembled-crashed", "notes.txt"):
+        (staging / name).write_bytes(b"x")
+        os.utime(staging / name, (old, old))
+    (staging / "upload-being-written").write_bytes(b"x")  # another HTTP worker's, right now
+    assert settings.clear_staging() == 2
+    assert sorted(p.name for p in staging.iterdir()) == ["notes.txt", "upload-being-written"]
+
+
+def test_s3_store_counts_and_bounds_uploads_like_the_file_store(moto_url, tmp_path):
+    import boto3
+
+    from runners.key_registry import KeyRegistry
+    from runners.s3_key_store import S3KeyStore
+    from runners.settings import Settings
+
+    boto3.client("s3").create_bucket(Bucket="fhe-bento-units")
+    store = S3KeyStore("fhe-bento-units", f"units-{tmp_path.name}")
+    registry = KeyRegistry(store, Settings(max_store_bytes=40, max_part_bytes=10, max_open_uploads_per_scope=2))
+    for key, index in (("a", 0), ("a", 1), ("b", 0)):
+        registry.put_part(SCOPE, _id(key), index, b"p" * 10, model="m", key_bytes=25)
+    uploads = store.open_uploads()
+    assert {name: held.parts for name, held in uploads.items()} == {
+        (SCOPE, _id("a")): {0: 10, 1: 10}, (SCOPE, _id("b")): {0: 10}}
+    assert all(held.last_part > 0 for held in uploads.values())
+    with pytest.raises(FHEBentoError) as many:
+        registry.put_part(SCOPE, _id("c"), 0, b"p", model="m", key_bytes=25)
+    assert many.value.code == "too_many_uploads"
+    source = tmp_path / "k"
+    source.write_bytes(b"k" * 20)
+    with pytest.raises(FHEBentoError) as full:  # 30 bytes of parts + 20 of a new key
+        registry.put(SCOPE, _id("other"), source, {"model": "m"})
+    assert "0 bytes of keys and 30 bytes of unfinished uploads" in full.value.message
+    assert registry.put(SCOPE, _id("a"), source, {"model": "m"})  # a's own parts become the key
+    store.drop_parts(SCOPE, _id("a"))
+    registry.put_part(SCOPE, _id("b"), 1, b"p" * 10, model="m", key_bytes=25)  # 20 + 20: resumes to the quota
+    with pytest.raises(FHEBentoError) as full:
+        registry.put_part(SCOPE, _id("b"), 2, b"p", model="m", key_bytes=25)
+    assert "20 bytes of keys and 20 bytes of unfinished uploads" in full.value.message
+
+
+@pytest.mark.parametrize(
+    ("predict", "admin", "variable"),
+    [
+        (" , ", "", "FHE_BENTO_PREDICT_TOKENS"),
+        ("tok-p1,,tok-p2", "tok-admin", "FHE_BENTO_PREDICT_TOKENS"),
+        ("tok-p1, ", "tok-admin", "FHE_BENTO_PREDICT_TOKENS"),
+        ("", " , ", "FHE_BENTO_ADMIN_TOKENS"),
+        ("", "tok-admin,", "FHE_BENTO_ADMIN_TOKENS"),
+        ("tok-p1", "", "FHE_BENTO_ADMIN_TOKENS"),  # predict tokens need an admin token
+        ("tok-p1", "  ", "FHE_BENTO_ADMIN_TOKENS"),
+    ],
+)
+def test_token_settings_that_could_turn_auth_off_are_refused(predict, admin, variable):
+    from service.auth import TokenSettingsError, parse_token_settings
+
+    with pytest.raises(TokenSettingsError, match=variable) as refused:
+        parse_token_settings(predict, admin)
+    assert "tok-" not in str(refused.value)  # the message never shows a token
+
+
+def test_token_settings_accepted_forms():
+    from service.auth import parse_token_settings
+
+    assert not parse_token_settings("", "").enabled and not parse_token_settings("  ", " ").enabled
+    auth = parse_token_settings(" tok-p1 , tok-p2 ", "tok-admin")
+    assert not auth.caller("Bearer tok-p2", need_admin=False).admin
+    assert auth.caller("Bearer tok-admin", need_admin=True).admin
+    assert parse_token_settings("", "tok-admin").caller("Bearer tok-admin", need_admin=True).admin  # admin only
+
+
+def test_bad_token_settings_stop_the_service_at_import():
+    import os
+    import subprocess
+    import sys
+
+    env = {**os.environ, "FHE_BENTO_PREDICT_TOKENS": "tok-p1,,tok-p2", "FHE_BENTO_ADMIN_TOKENS": "tok-admin"}
+    done = subprocess.run([sys.executable, "-c", "import service.auth"], cwd=ROOT, env=env, capture_output=True,
+                          text=True)
+    assert done.returncode != 0 and "TokenSettingsError: FHE_BENTO_PREDICT_TOKENS" in done.stderr
+    assert "tok-" not in done.stderr
+
+
+class _DevFolderTransport:
+    """Just what a RemoteModel needs to start, from a FHEModelDev folder, and a predict_batch that answers
+    `refusals` times with a 503 of `code` (Retry-After: 7) before it answers."""
+
+    def __init__(self, dev_dir: Path) -> None:
+        self.zip = (dev_dir / "client.zip").read_bytes()
+
+    def info(self, name: str) -> dict:
+        return {"name": name, "client_sha256": hashlib.sha256(self.zip).hexdigest(), "needs_key": False,
+                "n_features": 30, "n_outputs": 2}
+
+    def get_model(self, name: str) -> dict:
+        return self.info(name)
+
+    def get_client_zip(self, name: str) -> tuple[bytes, str]:
+        return self.zip, ""
+
+
+def test_client_key_cache_is_private_whatever_the_umask(demo, tmp_path):
+    import os
+    import stat
+
+    from client import FHEClient
+    from conftest import LOGREG, XGB
+
+    cache = tmp_path / "made" / "cache"  # the client creates both folders
+    old_umask = os.umask(0o022)
+    try:
+        client = FHEClient(transport=_DevFolderTransport(demo.dev_dirs[XGB]), cache_dir=cache, progress=False)
+        assert client.model(XGB).evaluation_key()
+        plain = FHEClient(transport=_DevFolderTransport(demo.dev_dirs[LOGREG]), cache_dir=cache, progress=False)
+        assert plain.model(LOGREG).encrypt(demo.x_test[:1])  # keygen through encryption alone
+    finally:
+        os.umask(old_umask)
+    folders = [tmp_path / "made", *(p for p in [cache, *cache.rglob("*")] if p.is_dir())]
+    files = [p for p in cache.rglob("*") if p.is_file()]
+    assert len(folders) >= 6 and any(p.parent.name == "keys" for p in cache.rglob("*"))
+    assert {str(p): oct(stat.S_IMODE(p.stat().st_mode)) for p in folders} == {str(p): "0o700" for p in folders}
+    assert files and {str(p): oct(stat.S_IMODE(p.stat().st_mode)) for p in files} == {str(p): "0o600" for p in files}
+
+
+@pytest.mark.parametrize("code", ["overloaded", "runner_unavailable"])
+@pytest.mark.parametrize("transport", ["http", "sagemaker"])
+def test_client_retries_a_busy_or_restarting_server_after_retry_after(demo, tmp_path, monkeypatch, code, transport):
+    import json
+    from types import SimpleNamespace
+
+    import httpx
+
+    from client import FHEClient, api
+    from client.http_transport import FHEServiceError, HTTPTransport
+    from client.sagemaker_transport import ATTRIBUTES_HEADER, LocalInvoker, SageMakerTransport
+    from conftest import LOGREG
+
+    dev = _DevFolderTransport(demo.dev_dirs[LOGREG])
+    refusals = {"left": 0}
+
+    def handler(request: httpx.Request) -> httpx.Response:
+        op = dict(f.strip().split("=", 1) for f in request.headers.get(ATTRIBUTES_HEADER, "").split(";") if f)
+        op = op.get("op") or request.url.path.rsplit("/", 1)[-1]
+        if op == "list_models":
+            return httpx.Response(200, json=[dev.info(LOGREG)])
+        if op == LOGREG:
+            return httpx.Response(200, json=dev.info(LOGREG))
+        if op in ("client.zip", "get_client"):
+            return httpx.Response(200, content=dev.zip)
+        assert op == "predict_batch", op
+        if refusals["left"]:
+            refusals["left"] -= 1
+            body = json.dumps({"error": {"code": code, "message": "busy"}})
+            return httpx.Response(503, content=body, headers={"Retry-After": "7"})
+        return httpx.Response(200, content=wire.encode_batch([b"answer"]))
+
+    http = httpx.Client(base_url="http://fhe.test", transport=httpx.MockTransport(handler))
+    if transport == "http":
+        chosen = HTTPTransport("http://fhe.test", client=http)
+    else:
+        invoker = LocalInvoker("http://fhe.test")
+        invoker.http.close()
+        invoker.http = http
+        chosen = SageMakerTransport(invoker)
+    sleeps: list[float] = []
+    monkeypatch.setattr(api, "time", SimpleNamespace(sleep=sleeps.append))
+    model = FHEClient(transport=chosen, cache_dir=tmp_path, progress=False, max_retries=3).model(LOGREG)
+
+    refusals["left"] = 3  # as many as max_retries: the last attempt answers
+    assert model._run_batch([b"row"]) == [b"answer"]
+    assert len(sleeps) == 3 and all(7 <= s <= 7 * 1.5 for s in sleeps)
+
+    sleeps.clear()
+    refusals["left"] = 4  # one more than max_retries: the error reaches the caller
+    with pytest.raises(FHEServiceError) as refused:
+        model._run_batch([b"row"])
+    assert refused.value.code == code and refused.value.status == 503 and len(sleeps) == 3

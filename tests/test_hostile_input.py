@@ -1,0 +1,317 @@
+"""Hostile ciphertexts and keys: nothing reaches concrete before it has the exact shape that concrete-ml's
+client produces for the model, and a crafted message never takes the FHE engine down.
+
+In process: the attacks measured in issue 10 (payload split into several blobs, a shortened inner blob,
+tiny fake key sets), and a structured fuzzer (hypothesis) that mutates real messages at the Cap'n Proto
+level: pointer words (offsets, kinds, list lengths, struct sizes), data sections (key parameters),
+segment tables, truncations, blob counts and sizes. Then the same fuzzer against a real served runner,
+while honest clients predict: no engine death, no 5xx, every honest answer decrypts correctly.
+"""
+
+from __future__ import annotations
+
+import struct
+import threading
+
+import httpx
+import pytest
+from hypothesis import HealthCheck, given, settings
+from hypothesis import strategies as st
+
+from capnp_builder import write_message
+from client import FHEClient
+from conftest import LOGREG, XGB, assert_documented_rejection, imported_spec
+from runners.capnp_wire import MalformedMessage, first_difference, read_shape
+from runners.errors import FHEBentoError
+from runners.model_repo import ModelSpec
+from runners.payload_check import check_ciphertext, check_key
+
+OCTET = {"Content-Type": "application/octet-stream"}
+IN_PROCESS = settings(max_examples=400, deadline=None, suppress_health_check=[HealthCheck.too_slow])
+SERVED = settings(max_examples=250, deadline=None, suppress_health_check=[HealthCheck.too_slow,
+                                                                         HealthCheck.function_scoped_fixture])
+
+
+@pytest.fixture(scope="module")
+def real(server, demo, client_cache):
+    """Real ciphertexts and evaluation keys of both demo models, made by the fhe-bento client."""
+    client = FHEClient(server.url, cache_dir=client_cache, progress=False)
+    xgb, logreg = client.model(XGB), client.model(LOGREG)
+    row = demo.x_test[:1]
+    return {"xgb": xgb, "logreg": logreg, "xgb_key": xgb.evaluation_key(), "xgb_key_id": xgb.ensure_key(),
+            "xgb_ct": xgb.encrypt(row)[0], "logreg_ct": logreg.encrypt(row)[0],
+            "specs": {XGB: imported_spec(XGB), LOGREG: imported_spec(LOGREG)}}
+
+
+def check(spec: ModelSpec, data: bytes, what: str) -> None:
+    meta = spec.meta
+    if what == "key":
+        check_key(data, meta.eval_key_bytes, meta.key_shape, spec.name)
+    else:
+        check_ciphertext(data, meta.ciphertext_bytes, meta.ciphertext_shape, spec.name)
+
+
+def refusal(spec: ModelSpec, data: bytes, what: str) -> FHEBentoError:
+    with pytest.raises(FHEBentoError) as caught:
+        check(spec, data, what)
+    assert (caught.value.status, caught.value.code) in {(400, f"invalid_{what}"), (422, f"{what}_mismatch")}
+    return caught.value
+
+
+def payloads(shape) -> list[list]:
+    """Every Payload.data list (a pointer list of blobs) in a shape read with keep_blobs."""
+    found = []
+
+    def walk(node) -> None:
+        if isinstance(node, list):
+            if node and node[0] == "P" and node[1] and all(_unfar(b) and _unfar(b)[0] == "B" for b in node[1]):
+                found.append(node)
+            for child in node:
+                walk(child)
+
+    walk(shape)
+    return found
+
+
+def _unfar(node):
+    return node[1] if node and node[0] == "F" else node
+
+
+def split_blobs(data: bytes, parts: int, which: int = 0) -> bytes:
+    """The attack of issue 10: one payload's blob split into `parts` blobs of the same total size."""
+    shape = read_shape(data, keep_blobs=True)
+    payload = payloads(shape)[which]
+    _, size, content = _unfar(payload[1][0])
+    cuts = [size * i // parts for i in range(parts + 1)]
+    payload[1] = [["B", b - a, content[a:b]] for a, b in zip(cuts, cuts[1:])]
+    return write_message(shape)
+
+
+def resize_blob(data: bytes, which: int, delta: int) -> bytes:
+    shape = read_shape(data, keep_blobs=True)
+    payload = payloads(shape)[which]
+    _, size, content = _unfar(payload[1][0])
+    payload[1] = [["B", size + delta, content[: size + delta].ljust(size + delta, b"\1")]]
+    return write_message(shape)
+
+
+# --- the attacks of issue 10, in process ---------------------------------------------------------------
+
+@pytest.mark.parametrize("parts", [2, 4])
+def test_a_payload_split_into_several_blobs_is_refused(real, parts):
+    for name, what, data in [(LOGREG, "ciphertext", real["logreg_ct"]), (XGB, "ciphertext", real["xgb_ct"]),
+                             (XGB, "key", real["xgb_key"])]:
+        error = refusal(real["specs"][name], split_blobs(data, parts), what)
+        assert error.status == 422, error.message
+
+
+def test_a_key_with_one_inner_blob_shortened_is_refused_even_at_the_right_size(real):
+    key = real["xgb_key"]
+    # Shorten the first bootstrap key's blob by 8 bytes and lengthen the last payload's by 8: same total.
+    shape = read_shape(key, keep_blobs=True)
+    first, last = payloads(shape)[0], payloads(shape)[-1]
+    _, size, content = _unfar(first[1][0])
+    first[1] = [["B", size - 8, content[: size - 8]]]
+    _, size, content = _unfar(last[1][0])
+    last[1] = [["B", size + 8, content + bytes(8)]]
+    crafted = write_message(shape)
+    error = refusal(real["specs"][XGB], crafted, "key")
+    assert "blob" in error.message or "bytes" in error.message
+
+
+@pytest.mark.parametrize("blob_bytes", [(8, 8), (7,), (8,), ()])
+def test_a_tiny_fake_key_set_is_refused_by_its_size(real, blob_bytes):
+    shape = read_shape(real["xgb_key"], keep_blobs=True)
+    keys = _unfar(shape[1][2][0])  # the bootstrap keys
+    keys[3] = keys[3][:1]
+    payload = payloads(["M", keys[3][0], []])[0]
+    payload[1] = [["B", n, bytes(n)] for n in blob_bytes]
+    shape[1][2][1] = shape[1][2][2] = None
+    fake = write_message(shape)
+    assert len(fake) < 200
+    error = refusal(real["specs"][XGB], fake, "key")
+    assert error.status == 422 and f"{len(fake)} bytes" in error.message
+
+
+def test_real_messages_pass_and_foreign_ones_do_not(real):
+    specs = real["specs"]
+    check(specs[XGB], real["xgb_ct"], "ciphertext")
+    check(specs[LOGREG], real["logreg_ct"], "ciphertext")
+    check(specs[XGB], real["xgb_key"], "key")
+    assert refusal(specs[LOGREG], real["xgb_ct"], "ciphertext").status == 422  # another circuit's variance
+    assert refusal(specs[LOGREG], real["xgb_key"], "key").status == 422
+    assert refusal(specs[XGB], real["xgb_key"][: len(real["xgb_key"]) // 3], "key").status == 400
+
+
+def test_the_reader_refuses_double_far_and_shared_pointers(real):
+    data = bytearray(real["logreg_ct"])
+    root_at = 16  # two segments: 8 bytes of table, padded to 16
+    root = struct.unpack_from("<Q", data, root_at)[0]
+    struct.pack_into("<Q", data, root_at, root & ~3 | 2 | 4)  # made a double-far pointer
+    with pytest.raises(MalformedMessage, match="far"):
+        read_shape(bytes(data))
+    # Point the rawInfo pointer (root struct's second pointer) at the payload struct: shared.
+    data = bytearray(real["logreg_ct"])
+    root_struct = root_at + 8 * (1 + ((root >> 2) & ((1 << 30) - 1)))
+    payload_ptr = struct.unpack_from("<Q", data, root_struct)[0]
+    target_words = (payload_ptr >> 2) & ((1 << 30) - 1)  # relative to word 0 of the root struct
+    shared = ((target_words - 1) << 2) & 0xFFFFFFFF | payload_ptr & ~0xFFFFFFFF
+    struct.pack_into("<Q", data, root_struct + 8, shared)
+    with pytest.raises(MalformedMessage, match="share"):
+        read_shape(bytes(data))
+
+
+def test_rewriting_a_message_keeps_its_content(real):
+    """The test tooling writes real Cap'n Proto: concrete's own types read back what it wrote."""
+    from concrete import fhe
+
+    rewritten = write_message(read_shape(real["xgb_ct"], keep_blobs=True))
+    assert first_difference(read_shape(rewritten, keep_blobs=True)[1], _flatten_far(read_shape(real["xgb_ct"], keep_blobs=True)[1])) is None
+    assert fhe.Value.deserialize(rewritten).serialize() == fhe.Value.deserialize(real["xgb_ct"]).serialize()
+
+
+def _flatten_far(node):
+    if isinstance(node, list):
+        node = _unfar(node)
+        return [_flatten_far(child) for child in node]
+    return node
+
+
+# --- structured fuzzing -----------------------------------------------------------------------------------
+
+def structural_words(data: bytes) -> list[int]:
+    """Byte offsets of the words of a message that are not blob content: segment table, pointers, data."""
+    count = struct.unpack_from("<I", data, 0)[0] + 1
+    header = 4 + 4 * count + (-(4 + 4 * count) % 8)
+    blob_ranges = []
+    shape = read_shape(data, keep_blobs=True)
+    for payload in payloads(shape):
+        for blob in payload[1]:
+            content = _unfar(blob)[2]
+            start = data.find(content)
+            blob_ranges.append((start, start + len(content)))
+    words = [offset for offset in range(0, header, 8)]
+    for offset in range(header, len(data), 8):
+        if not any(a <= offset < b for a, b in blob_ranges):
+            words.append(offset)
+    return words
+
+
+@st.composite
+def mutation(draw, data: bytes, allow_content: bool = True):
+    """A real message mutated the way an attacker would, and whether only blob content changed."""
+    kinds = ["word", "bits", "truncate", "table", "split", "resize"] + (["content"] if allow_content else [])
+    kind = draw(st.sampled_from(kinds))
+    raw = bytearray(data)
+    if kind in ("word", "bits"):
+        offset = draw(st.sampled_from(structural_words(data)))
+        old = struct.unpack_from("<Q", raw, offset)[0]
+        new = draw(st.integers(0, 2**64 - 1)) if kind == "word" else old ^ (1 << draw(st.integers(0, 63)))
+        struct.pack_into("<Q", raw, offset, new if new != old else old ^ 1)
+    elif kind == "truncate":
+        del raw[draw(st.integers(0, len(raw) - 1)):]
+    elif kind == "table":
+        raw[draw(st.integers(0, 7))] ^= 1 << draw(st.integers(0, 7))
+    elif kind == "split":
+        return split_blobs(data, draw(st.integers(2, 5)), draw(st.integers(0, len(payloads(read_shape(data))) - 1))), False
+    elif kind == "resize":
+        delta = draw(st.sampled_from([-16, -8, -7, -1, 1, 7, 8, 16]))
+        return resize_blob(data, draw(st.integers(0, len(payloads(read_shape(data))) - 1)), delta), False
+    else:
+        blob_start = data.find(_unfar(payloads(read_shape(data, keep_blobs=True))[0][1][0])[2])
+        raw[blob_start + draw(st.integers(0, 15))] ^= 0xFF
+        return bytes(raw), True
+    return bytes(raw), False
+
+
+@given(data=st.data())
+@IN_PROCESS
+def test_fuzzed_ciphertexts_are_refused_unless_only_their_payload_changed(real, data):
+    name = data.draw(st.sampled_from([XGB, LOGREG]))
+    message, content_only = data.draw(mutation(real[f"{'xgb' if name == XGB else 'logreg'}_ct"]))
+    try:
+        check(real["specs"][name], message, "ciphertext")
+    except FHEBentoError as exc:
+        assert not content_only
+        assert (exc.status, exc.code) in {(400, "invalid_ciphertext"), (422, "ciphertext_mismatch")}
+    else:
+        assert content_only or first_difference(read_shape(message), real["specs"][name].meta.ciphertext_shape) is None
+
+
+@given(data=st.data())
+@settings(max_examples=40, deadline=None, suppress_health_check=[HealthCheck.too_slow])
+def test_fuzzed_keys_are_refused_unless_only_their_payload_changed(real, data):
+    message, content_only = data.draw(mutation(real["xgb_key"]))
+    try:
+        check(real["specs"][XGB], message, "key")
+    except FHEBentoError:
+        assert not content_only
+    else:
+        assert content_only or first_difference(read_shape(message), real["specs"][XGB].meta.key_shape) is None
+
+
+# --- the same fuzzer against a served runner ------------------------------------------------------------
+
+class HonestClients:
+    """Honest predictions in a loop while the fuzzer runs: every one must decrypt to the clear prediction."""
+
+    def __init__(self, real, demo) -> None:
+        self.real, self.demo = real, demo
+        self.answers: list[bool] = []
+        self.stop = threading.Event()
+        self.thread = threading.Thread(target=self.run, daemon=True)
+
+    def run(self) -> None:
+        rows = self.demo.x_test
+        index = 0
+        while not self.stop.is_set() and index < 2000:  # bounded
+            model = self.real["xgb"] if index % 25 == 0 else self.real["logreg"]
+            row = rows[index % len(rows) : index % len(rows) + 1]
+            self.answers.append(model.predict(row)[0] == self.demo.clear_predict(model.name, row)[0])
+            index += 1
+
+    def __enter__(self) -> "HonestClients":
+        self.thread.start()
+        return self
+
+    def __exit__(self, *exc) -> None:
+        self.stop.set()
+        self.thread.join()
+
+
+@pytest.fixture(scope="module")
+def honest(real, demo, server):
+    restarts = server.metric("fhe_bento_engine_restarts_total")
+    with HonestClients(real, demo) as clients:
+        yield clients
+    assert clients.answers and all(clients.answers), clients.answers.count(False)
+    assert server.metric("fhe_bento_engine_restarts_total") == restarts
+    assert "FHE engine process died" not in server.log()
+
+
+def served_answer(response: httpx.Response, content_only: bool) -> None:
+    assert response.status_code < 500, (response.status_code, response.text[:300])
+    if response.status_code not in (200, 201):
+        assert not content_only
+        assert_documented_rejection(response)
+
+
+@given(data=st.data())
+@SERVED
+def test_fuzzed_ciphertexts_never_take_the_served_engine_down(server, real, honest, data):
+    name = data.draw(st.sampled_from([XGB, LOGREG]))
+    # A content-only mutation of an XGB row would compute for seconds: those are covered in process.
+    message, content_only = data.draw(mutation(real["xgb_ct" if name == XGB else "logreg_ct"],
+                                               allow_content=name == LOGREG))
+    headers = {**OCTET, "X-FHE-Key-Id": real["xgb_key_id"]}
+    response = httpx.post(f"{server.url}/v1/models/{name}/predict", content=message, headers=headers, timeout=120)
+    served_answer(response, content_only)
+
+
+@given(data=st.data())
+@settings(max_examples=25, deadline=None, suppress_health_check=[HealthCheck.too_slow,
+                                                                 HealthCheck.function_scoped_fixture])
+def test_fuzzed_keys_never_take_the_served_engine_down(server, real, honest, data):
+    message, content_only = data.draw(mutation(real["xgb_key"], allow_content=False))
+    response = httpx.post(f"{server.url}/v1/models/{XGB}/keys", content=message, headers=OCTET, timeout=300)
+    served_answer(response, content_only)

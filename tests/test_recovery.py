@@ -1,0 +1,172 @@
+"""Crashes that get through anyway, as an image runs (BENTOML_CONTAINERIZED=true: BentoML respawns nothing).
+
+- An engine process SIGKILLed mid-row: its runner worker survives and starts a new engine, the row in
+  flight gets 503 runner_unavailable with Retry-After, /ping is 503 until the new engine is ready, and
+  then predictions decrypt correctly again.
+- A runner worker SIGKILLed or hung: /ping is never 200 again, and the server exits with a failure
+  status, with no engine left behind, so that an orchestrator replaces it.
+- More warm keys than the cache holds: the engine's resident memory grows by no more than the bound.
+"""
+
+from __future__ import annotations
+
+import signal
+import threading
+import time
+
+import httpx
+import psutil
+import pytest
+
+from client import FHEClient
+from conftest import LOGREG, XGB, imported_spec
+from modelkit.devserver import Server
+from runners.lifecycle import STOPPED_STATUS
+
+OCTET = {"Content-Type": "application/octet-stream"}
+CONTAINERIZED = {"BENTOML_CONTAINERIZED": "true", "FHE_BENTO_MODELS": f"{XGB}:latest,{LOGREG}:latest"}
+
+
+def runner_worker(server: Server) -> psutil.Process:
+    (worker,) = [p for p in psutil.Process(server.proc.pid).children()
+                 if "--service-name fhe_runner" in " ".join(p.cmdline())]
+    return worker
+
+
+def engines(server: Server) -> list[psutil.Process]:
+    """The engine processes: children of the runner worker's forkserver."""
+    found = []
+    for proc in runner_worker(server).children(recursive=True):
+        try:
+            if "forkserver" in " ".join(proc.parent().cmdline()):
+                found.append(proc)
+        except psutil.NoSuchProcess:
+            pass
+    return found
+
+
+def wait_for(condition, what: str, limit: float = 300.0, every: float = 0.1):
+    """Poll until condition() is truthy; the limit only stops a broken run from hanging."""
+    deadline = time.monotonic() + limit
+    while time.monotonic() < deadline:
+        if value := condition():
+            return value
+        time.sleep(every)
+    raise AssertionError(f"never happened: {what}")
+
+
+def ping(server: Server) -> int:
+    try:
+        return httpx.get(f"{server.url}/ping", timeout=5).status_code
+    except httpx.TransportError:
+        return 0
+
+
+@pytest.fixture(scope="module")
+def image_like(demo, tmp_path_factory):
+    root = tmp_path_factory.mktemp("recovery")
+    server = Server(root / "server", {**CONTAINERIZED, "FHE_BENTO_KEY_STORE": (root / "keys").as_uri()})
+    server.start()
+    yield server
+    server.stop()
+
+
+def test_an_engine_killed_mid_row_is_replaced_and_the_row_is_retryable(image_like, demo, tmp_path):
+    client = FHEClient(image_like.url, cache_dir=tmp_path / "owner", progress=False)
+    xgb, logreg = client.model(XGB), client.model(LOGREG)
+    key_id, row = xgb.ensure_key(), demo.x_test[:1]
+    assert xgb.predict(row)[0] == demo.clear_predict(XGB, row)[0]
+    worker = runner_worker(image_like)
+    (engine,) = engines(image_like)
+    cpu_before = sum(engine.cpu_times()[:2])
+    answers = []
+    sender = threading.Thread(target=lambda: answers.append(httpx.post(
+        f"{image_like.url}/v1/models/{XGB}/predict", content=xgb.encrypt(row)[0],
+        headers={**OCTET, "X-FHE-Key-Id": key_id}, timeout=600)))
+    sender.start()
+    wait_for(lambda: sum(engine.cpu_times()[:2]) > cpu_before + 1.0, "the engine computing the row")
+    killed_at = time.monotonic()
+    engine.send_signal(signal.SIGKILL)
+    sender.join()
+    (answer,) = answers
+    assert answer.status_code == 503 and answer.json()["error"]["code"] == "runner_unavailable", answer.text
+    assert int(answer.headers["Retry-After"]) > 0
+    wait_for(lambda: ping(image_like) == 200, "/ping back to 200")
+    recovered = time.monotonic() - killed_at
+    assert worker.is_running() and runner_worker(image_like).pid == worker.pid  # the supervisor survived
+    assert [e.pid for e in engines(image_like)] != [engine.pid]
+    for model, clear in ((xgb, XGB), (logreg, LOGREG)):
+        assert model.predict(row)[0] == demo.clear_predict(clear, row)[0]
+    assert image_like.metric("fhe_bento_engine_restarts_total") == 1
+    print(f"engine recovered {recovered:.1f} s after SIGKILL")
+
+
+def test_ping_is_503_while_the_engine_restarts(image_like, demo, tmp_path):
+    logreg = FHEClient(image_like.url, cache_dir=tmp_path / "owner", progress=False).model(LOGREG)
+    row = demo.x_test[:1]
+    (engine,) = engines(image_like)
+    engine.send_signal(signal.SIGKILL)
+    wait_for(lambda: ping(image_like) == 503, "/ping 503 after the engine died")
+    # While /ping says 503, a prediction is refused with the retryable code, or (if the engine came back
+    # in between) answered correctly: never a 5xx of another kind, never a wrong answer.
+    response = httpx.post(f"{image_like.url}/v1/models/{LOGREG}/predict", content=logreg.encrypt(row)[0],
+                          headers=OCTET, timeout=60)
+    if response.status_code != 200:
+        assert response.status_code == 503 and response.json()["error"]["code"] == "runner_unavailable"
+    wait_for(lambda: ping(image_like) == 200, "/ping back to 200")
+    assert logreg.predict(row)[0] == demo.clear_predict(LOGREG, row)[0]
+
+
+# SIGKILL: BentoML's arbiter quits at once when a watcher has no process left (status 1). SIGSTOP: a
+# runner that hangs is found by the HTTP service's watch, which stops the server (status 3).
+@pytest.mark.parametrize(("kill", "status"), [(signal.SIGKILL, 1), (signal.SIGSTOP, STOPPED_STATUS)])
+def test_a_dead_or_hung_runner_worker_stops_the_server_with_a_failure_status(demo, tmp_path, kill, status):
+    server = Server(tmp_path / "server", {**CONTAINERIZED, "FHE_BENTO_RUNNER_DOWN_SECONDS": "5",
+                                          "FHE_BENTO_KEY_STORE": (tmp_path / "keys").as_uri()})
+    server.start()
+    proc = server.proc
+    try:
+        engine_pids = [e.pid for e in engines(server)]
+        assert engine_pids
+        worker = runner_worker(server)
+        worker.send_signal(kill)
+        killed_at = time.monotonic()
+        pings = []
+        wait_for(lambda: pings.append(ping(server)) or proc.poll() is not None, "the server to exit", every=0.2)
+        assert 200 not in pings[1:], pings  # the first may have been answered before the kill was seen
+        assert proc.returncode == status
+        if kill == signal.SIGSTOP:
+            assert "the FHE runner has not answered" in server.log()
+            worker.kill()
+        wait_for(lambda: not [pid for pid in engine_pids if psutil.pid_exists(pid)], "the engines to exit with it")
+        print(f"server exited {time.monotonic() - killed_at:.1f} s after its runner worker got {kill.name}")
+    finally:
+        if proc.poll() is None:
+            server.kill()
+
+
+def test_warm_keys_stay_within_the_resident_bound(demo, tmp_path):
+    warm = imported_spec(XGB).meta.warm_key_bytes
+    bound = int(2.5 * warm)  # two warm keys fit
+    server = Server(tmp_path / "server", {**CONTAINERIZED, "FHE_BENTO_KEY_CACHE_BYTES": str(bound),
+                                          "FHE_BENTO_KEY_STORE": (tmp_path / "keys").as_uri()})
+    server.start()
+    try:
+        row = demo.x_test[:1]
+        owners = [FHEClient(server.url, cache_dir=tmp_path / f"owner{i}", progress=False).model(XGB) for i in range(5)]
+        for owner in owners:
+            owner.ensure_key()
+        logreg = FHEClient(server.url, cache_dir=tmp_path / "logreg", progress=False).model(LOGREG)
+        assert logreg.predict(row)[0] == demo.clear_predict(LOGREG, row)[0]  # the engine has computed once
+        (engine,) = engines(server)
+        before = engine.memory_info().rss
+        growth = []
+        for owner in owners + owners[:2]:  # the first two were evicted by then: loaded again
+            assert owner.predict(row)[0] == demo.clear_predict(XGB, row)[0]
+            growth.append(engine.memory_info().rss - before)
+        # Five keys of `warm` bytes each went through a cache bounded to 2.5 x warm.
+        assert max(growth) <= bound + 0.25 * warm, ([g / 1e6 for g in growth], warm / 1e6)
+        assert max(growth) < 4 * warm  # what an unbounded cache would have reached by the fifth key
+        print(f"warm key {warm / 1e6:.0f} MB, bound {bound / 1e6:.0f} MB, growth MB: {[round(g / 1e6) for g in growth]}")
+    finally:
+        server.stop()
