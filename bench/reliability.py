@@ -1,5 +1,5 @@
-"""The load-and-fault scenario of tests/test_reliability.py, run to write its figures to
-docs/reliability.md. Run it with `bench/run-reliability`."""
+"""The load-and-fault scenario of tests/test_reliability.py, then crafted inputs and kills
+(bench/hostile.py), run to write their figures to docs/reliability.md. Run it with `bench/run-reliability`."""
 
 from __future__ import annotations
 
@@ -39,7 +39,10 @@ def main() -> None:
     finally:
         for server in replicas:
             server.stop()
-    report = loadfault.markdown(outcome, lost, wrong, os.cpu_count() or 1)
+    import hostile
+
+    report = loadfault.markdown(outcome, lost, wrong, os.cpu_count() or 1) + hostile.run(
+        home, data.x_test, lambda name, rows: models[name].predict(rows, fhe="disable"))
     (ROOT / "docs" / "reliability.md").write_text(report)
     print(report)
 

@@ -87,6 +87,26 @@ class Server:
         self.proc.wait()
         self.proc = None
 
+    def runner_worker(self):
+        """The psutil process of the (first) FHE runner worker."""
+        import psutil
+
+        return next(p for p in psutil.Process(self.proc.pid).children()
+                    if "--service-name fhe_runner" in " ".join(p.cmdline()))
+
+    def engines(self) -> list:
+        """The psutil processes of the runner worker's FHE engines (children of its forkserver)."""
+        import psutil
+
+        found = []
+        for proc in self.runner_worker().children(recursive=True):
+            try:
+                if "forkserver" in " ".join(proc.parent().cmdline()):
+                    found.append(proc)
+            except psutil.NoSuchProcess:
+                pass
+        return found
+
     def restart(self) -> None:
         self.stop()
         self.start()

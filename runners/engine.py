@@ -25,6 +25,7 @@ import logging
 import multiprocessing
 import os
 import select
+import signal
 import threading
 import time
 from concurrent.futures import Future, ProcessPoolExecutor
@@ -105,6 +106,10 @@ def _exit_with(supervisor: int) -> None:
 
 def _start_engine(supervisor: int) -> None:
     global _state
+    # A server that stops signals the whole process tree; an engine that died of it first would look like
+    # a crash to its supervisor. Engines stop only with their supervisor.
+    signal.signal(signal.SIGTERM, signal.SIG_IGN)
+    signal.signal(signal.SIGINT, signal.SIG_IGN)
     threading.Thread(target=_exit_with, args=(supervisor,), name="fhe-engine-supervisor", daemon=True).start()
     # Large blocks (keys are tens of MB) always come from mmap, so an evicted key goes back to the system
     # instead of staying in malloc's arenas: the cache bound is a bound on resident memory.
@@ -189,7 +194,6 @@ class Engine:
         self.failed_starts = 0
         self.restarts = 0
         self._pool = self._start()
-        self._requests: dict[str, list[Future]] = {}
         threading.Thread(target=self._monitor, name="fhe-engine-monitor", daemon=True).start()
 
     def _start(self) -> ProcessPoolExecutor:
@@ -244,9 +248,9 @@ class Engine:
     def ready(self) -> bool:
         return self._ready.is_set()
 
-    async def run(self, request_id: str, rows: list[tuple]) -> list[tuple[bytes, float] | None]:
-        """Evaluate rows (the arguments of `_run_row`) in the engine, under a request id that `cancel` can
-        drop: (result, FHE seconds) per row, None for a row whose deadline passed before it started."""
+    async def run(self, rows: list[tuple]) -> list[tuple[bytes, float] | None]:
+        """Evaluate rows (the arguments of `_run_row`) in the engine: (result, FHE seconds) per row, None
+        for a row whose deadline passed before it started. Cancelling this drops the rows not started."""
         pool = self._pool
         if pool is None or not self._ready.is_set():
             raise _unavailable("is restarting")
@@ -255,19 +259,16 @@ class Engine:
         except BrokenProcessPool:
             self._replace(pool)
             raise _unavailable("process died") from None
-        self._requests[request_id] = futures
         try:
             return [await asyncio.wrap_future(future) for future in futures]
         except BrokenProcessPool:
             self._replace(pool)
             raise _unavailable("process died while computing") from None
         finally:
-            for future in self._requests.pop(request_id, []):
-                future.cancel()
-
-    def cancel(self, request_id: str) -> int:
-        """Drop the rows of a request that have not started; returns how many were dropped."""
-        return sum(future.cancel() for future in self._requests.get(request_id, []))
+            dropped = sum(future.cancel() for future in futures)
+            if dropped:
+                metrics.ROWS.labels(model=rows[0][0], outcome="dropped").inc(dropped)
+                log.info("%d rows of a cancelled request dropped before they started", dropped)
 
     async def verify_key(self, path: str) -> int:
         """Deserialize an upload in a throwaway process; 400 invalid_key if that process dies on it."""

@@ -27,6 +27,7 @@ from runners.settings import get_settings
 
 log = logging.getLogger("bentoml.fhe_bento.runner")
 settings = get_settings()
+DISCONNECT_POLL_SECONDS = 0.5
 
 
 @bentoml.service(name="fhe_runner", workers=settings.workers, traffic={"timeout": settings.request_timeout})
@@ -50,43 +51,42 @@ class FHERunner:
         except KeyError:
             raise not_found("unknown_model", f"no model named {name!r} is served") from None
 
-    async def _rows(self, model: str, tenant: str, key_id: str | None, ciphertexts: list[bytes],
-                    request_id: str, deadline: float) -> RunnerReply:
-        """The rows' results, and their mean FHE seconds per row (for the service's admission control)."""
+    async def _rows(self, model: str, tenant: str, key_id: str | None, ciphertexts: list[bytes], deadline: float,
+                    ctx: bentoml.Context) -> RunnerReply:
+        """The rows' results, and their mean FHE seconds per row (for the service's admission control).
+        The service's call goes away when its client does or its time runs out: the rows not started then
+        are dropped."""
         spec = self._spec(model)
         meta = spec.meta
         for ciphertext in ciphertexts:  # all of them before any row runs
             check_ciphertext(ciphertext, meta.ciphertext_bytes, meta.ciphertext_shape, model)
         scope = tenant_scope(spec.key_scope, tenant)
-        results = await self.engine.run(request_id, [(model, scope, key_id, ct, deadline) for ct in ciphertexts])
+        work = asyncio.ensure_future(self.engine.run([(model, scope, key_id, ct, deadline) for ct in ciphertexts]))
+        while not (await asyncio.wait({work}, timeout=DISCONNECT_POLL_SECONDS))[0]:
+            if await ctx.request.is_disconnected():
+                work.cancel()
+                raise FHEBentoError(504, "request_timeout", "the caller went away")
+        results = work.result()
         if any(result is None for result in results):
             raise FHEBentoError(504, "request_timeout", "the request's time ran out before all its rows started")
         return RunnerReply(payload=[r for r, _ in results], info={"row_seconds": sum(s for _, s in results) / len(results)})
 
     @bentoml.api
-    async def predict(self, model: str, tenant: str, key_id: str | None, ciphertext: bytes, request_id: str,
-                      deadline: float) -> RunnerReply:
+    async def predict(self, model: str, tenant: str, key_id: str | None, ciphertext: bytes, deadline: float,
+                      ctx: bentoml.Context) -> RunnerReply:
         try:
-            reply = await self._rows(model, tenant, key_id, [ciphertext], request_id, deadline)
+            reply = await self._rows(model, tenant, key_id, [ciphertext], deadline, ctx)
             return reply.model_copy(update={"payload": reply.payload[0]})
         except FHEBentoError as exc:
             return RunnerReply.failed(exc)
 
     @bentoml.api
     async def predict_batch(self, model: str, tenant: str, key_id: str | None, ciphertexts: list[bytes],
-                            request_id: str, deadline: float) -> RunnerReply:
+                            deadline: float, ctx: bentoml.Context) -> RunnerReply:
         try:
-            return await self._rows(model, tenant, key_id, ciphertexts, request_id, deadline)
+            return await self._rows(model, tenant, key_id, ciphertexts, deadline, ctx)
         except FHEBentoError as exc:
             return RunnerReply.failed(exc)
-
-    @bentoml.api
-    async def cancel(self, request_id: str) -> int:
-        """Drop the rows of a request whose client went away or whose time ran out, before they start."""
-        dropped = self.engine.cancel(request_id)
-        if dropped:
-            log.info("request %s cancelled: %d rows dropped before they started", request_id, dropped)
-        return dropped
 
     @bentoml.api
     async def register_key(self, model: str, tenant: str, key_id: str, staged_path: str) -> RunnerReply:

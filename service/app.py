@@ -89,7 +89,6 @@ class FHEBento:
         self.staging = settings.staging_path()
         if removed := settings.clear_staging():
             log.info("removed %d spool files left in %s by an earlier process", removed, self.staging)
-        self._tasks: set[asyncio.Task] = set()
         self._watch: asyncio.Future | None = None
         self.admission = Admission(settings.max_queue_rows, settings.request_timeout, parallelism=os.cpu_count() or 1,
                                    batch_parallelism=settings.row_threads)
@@ -146,10 +145,6 @@ class FHEBento:
         for attempt in (1, 2):
             try:
                 reply = await getattr(self.runner.to_async, method)(**kwargs)
-            except asyncio.CancelledError:
-                if "request_id" in kwargs:  # client gone or time out: drop the rows that have not started
-                    self._background(self.runner.to_async.cancel(request_id=kwargs["request_id"]))
-                raise
             except Exception as exc:
                 timed_out = isinstance(exc, (asyncio.TimeoutError, httpx.TimeoutException))
                 log.warning("runner call %s failed (attempt %d): %s", method, attempt, type(exc).__name__)
@@ -160,15 +155,9 @@ class FHEBento:
             return reply.unwrap()
         raise AssertionError("unreachable: the second attempt returns or raises")
 
-    def _background(self, coroutine) -> None:
-        task = asyncio.ensure_future(coroutine)
-        self._tasks.add(task)
-        task.add_done_callback(self._tasks.discard)
-
     def _rows_call(self, spec: ModelSpec, caller: Caller) -> dict:
         """What every prediction call tells the runner besides its rows."""
-        return {"model": spec.name, "tenant": caller.tenant, "request_id": uuid.uuid4().hex,
-                "deadline": request_deadline(settings.request_timeout)}
+        return {"model": spec.name, "tenant": caller.tenant, "deadline": request_deadline(settings.request_timeout)}
 
     # --- operations shared by every transport -------------------------------------------------------
 

@@ -1,7 +1,7 @@
 """Limits every request meets before any route runs: the size of its request line and headers
 (`FHE_BENTO_MAX_HEADER_BYTES`, 431), its whole time (`FHE_BENTO_REQUEST_TIMEOUT`, 504), and its client's
 presence: once the body is read, a client that disconnects cancels the request, so that the runner drops
-its rows that have not started (see `FHEBento.call`). `request_deadline()` tells the operations when the
+its rows that have not started (see `FHERunner._rows`). `request_deadline()` tells the operations when the
 request's time runs out.
 
 A plain ASGI middleware rather than a Starlette `BaseHTTPMiddleware`, so that bodies keep streaming.

@@ -172,17 +172,9 @@ def test_a_stalled_body_gets_408_and_leaves_nothing_behind(server, server_workdi
     """Headers promise 1 MB of key; 10 bytes come, then nothing for longer than FHE_BENTO_BODY_IDLE_SECONDS."""
     staging = server_workdir / "staging"
     before = set(staging.iterdir())
-    with socket.create_connection(("127.0.0.1", server.port), timeout=60) as conn:
-        conn.sendall(f"POST /v1/models/{XGB}/keys HTTP/1.1\r\nHost: x\r\nContent-Type: application/octet-stream\r\n"
-                     f"Content-Length: 1000000\r\n\r\n".encode() + b"0123456789")
-        answer = b""
-        while b"\r\n\r\n" not in answer or not answer.rstrip().endswith(b"}"):
-            chunk = conn.recv(65536)
-            if not chunk:
-                break
-            answer += chunk
-    head, _, body = answer.partition(b"\r\n\r\n")
-    assert head.startswith(b"HTTP/1.1 408") and json.loads(body)["error"]["code"] == "body_timeout"
+    status, body = _raw_request(server, f"/v1/models/{XGB}/keys", "Content-Length: 1000000\r\n", b"0123456789",
+                                content_type="application/octet-stream")
+    assert status.startswith(b"HTTP/1.1 408") and body["error"]["code"] == "body_timeout"
     assert set(staging.iterdir()) == before  # the partial spool file was removed
 
 
@@ -200,11 +192,12 @@ def _chunked(data: bytes, size: int = 64 * 1024) -> bytes:
     return b"".join(frames) + b"0\r\n\r\n"
 
 
-def _raw_request(server, path: str, headers: str, body: bytes) -> tuple[bytes, dict]:
+def _raw_request(server, path: str, headers: str, body: bytes,
+                 content_type: str = MULTIPART["Content-Type"]) -> tuple[bytes, dict]:
     """Send a request head and (part of) a body on a raw socket; returns the answer's status line and JSON
     body. Reads until the JSON body ends or the server closes; the socket timeout bounds the wait."""
     with socket.create_connection(("127.0.0.1", server.port), timeout=60) as conn:
-        conn.sendall(f"POST {path} HTTP/1.1\r\nHost: x\r\nContent-Type: {MULTIPART['Content-Type']}\r\n"
+        conn.sendall(f"POST {path} HTTP/1.1\r\nHost: x\r\nContent-Type: {content_type}\r\n"
                      f"{headers}\r\n".encode() + body)
         answer = b""
         while b"\r\n\r\n" not in answer or not answer.rstrip().endswith(b"}"):

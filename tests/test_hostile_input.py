@@ -18,9 +18,9 @@ import pytest
 from hypothesis import HealthCheck, given, settings
 from hypothesis import strategies as st
 
-from capnp_builder import write_message
 from client import FHEClient
 from conftest import LOGREG, XGB, assert_documented_rejection, imported_spec
+from modelkit.capnp_attacks import FAMILIES, mutate, payloads, split_blobs, unfar, write_message
 from runners.capnp_wire import MalformedMessage, first_difference, read_shape
 from runners.errors import FHEBentoError
 from runners.model_repo import ModelSpec
@@ -58,43 +58,6 @@ def refusal(spec: ModelSpec, data: bytes, what: str) -> FHEBentoError:
     return caught.value
 
 
-def payloads(shape) -> list[list]:
-    """Every Payload.data list (a pointer list of blobs) in a shape read with keep_blobs."""
-    found = []
-
-    def walk(node) -> None:
-        if isinstance(node, list):
-            if node and node[0] == "P" and node[1] and all(_unfar(b) and _unfar(b)[0] == "B" for b in node[1]):
-                found.append(node)
-            for child in node:
-                walk(child)
-
-    walk(shape)
-    return found
-
-
-def _unfar(node):
-    return node[1] if node and node[0] == "F" else node
-
-
-def split_blobs(data: bytes, parts: int, which: int = 0) -> bytes:
-    """The attack of issue 10: one payload's blob split into `parts` blobs of the same total size."""
-    shape = read_shape(data, keep_blobs=True)
-    payload = payloads(shape)[which]
-    _, size, content = _unfar(payload[1][0])
-    cuts = [size * i // parts for i in range(parts + 1)]
-    payload[1] = [["B", b - a, content[a:b]] for a, b in zip(cuts, cuts[1:])]
-    return write_message(shape)
-
-
-def resize_blob(data: bytes, which: int, delta: int) -> bytes:
-    shape = read_shape(data, keep_blobs=True)
-    payload = payloads(shape)[which]
-    _, size, content = _unfar(payload[1][0])
-    payload[1] = [["B", size + delta, content[: size + delta].ljust(size + delta, b"\1")]]
-    return write_message(shape)
-
-
 # --- the attacks of issue 10, in process ---------------------------------------------------------------
 
 @pytest.mark.parametrize("parts", [2, 4])
@@ -110,9 +73,9 @@ def test_a_key_with_one_inner_blob_shortened_is_refused_even_at_the_right_size(r
     # Shorten the first bootstrap key's blob by 8 bytes and lengthen the last payload's by 8: same total.
     shape = read_shape(key, keep_blobs=True)
     first, last = payloads(shape)[0], payloads(shape)[-1]
-    _, size, content = _unfar(first[1][0])
+    _, size, content = unfar(first[1][0])
     first[1] = [["B", size - 8, content[: size - 8]]]
-    _, size, content = _unfar(last[1][0])
+    _, size, content = unfar(last[1][0])
     last[1] = [["B", size + 8, content + bytes(8)]]
     crafted = write_message(shape)
     error = refusal(real["specs"][XGB], crafted, "key")
@@ -122,7 +85,7 @@ def test_a_key_with_one_inner_blob_shortened_is_refused_even_at_the_right_size(r
 @pytest.mark.parametrize("blob_bytes", [(8, 8), (7,), (8,), ()])
 def test_a_tiny_fake_key_set_is_refused_by_its_size(real, blob_bytes):
     shape = read_shape(real["xgb_key"], keep_blobs=True)
-    keys = _unfar(shape[1][2][0])  # the bootstrap keys
+    keys = unfar(shape[1][2][0])  # the bootstrap keys
     keys[3] = keys[3][:1]
     payload = payloads(["M", keys[3][0], []])[0]
     payload[1] = [["B", n, bytes(n)] for n in blob_bytes]
@@ -172,56 +135,19 @@ def test_rewriting_a_message_keeps_its_content(real):
 
 def _flatten_far(node):
     if isinstance(node, list):
-        node = _unfar(node)
+        node = unfar(node)
         return [_flatten_far(child) for child in node]
     return node
 
 
 # --- structured fuzzing -----------------------------------------------------------------------------------
 
-def structural_words(data: bytes) -> list[int]:
-    """Byte offsets of the words of a message that are not blob content: segment table, pointers, data."""
-    count = struct.unpack_from("<I", data, 0)[0] + 1
-    header = 4 + 4 * count + (-(4 + 4 * count) % 8)
-    blob_ranges = []
-    shape = read_shape(data, keep_blobs=True)
-    for payload in payloads(shape):
-        for blob in payload[1]:
-            content = _unfar(blob)[2]
-            start = data.find(content)
-            blob_ranges.append((start, start + len(content)))
-    words = [offset for offset in range(0, header, 8)]
-    for offset in range(header, len(data), 8):
-        if not any(a <= offset < b for a, b in blob_ranges):
-            words.append(offset)
-    return words
-
-
 @st.composite
 def mutation(draw, data: bytes, allow_content: bool = True):
-    """A real message mutated the way an attacker would, and whether only blob content changed."""
-    kinds = ["word", "bits", "truncate", "table", "split", "resize"] + (["content"] if allow_content else [])
-    kind = draw(st.sampled_from(kinds))
-    raw = bytearray(data)
-    if kind in ("word", "bits"):
-        offset = draw(st.sampled_from(structural_words(data)))
-        old = struct.unpack_from("<Q", raw, offset)[0]
-        new = draw(st.integers(0, 2**64 - 1)) if kind == "word" else old ^ (1 << draw(st.integers(0, 63)))
-        struct.pack_into("<Q", raw, offset, new if new != old else old ^ 1)
-    elif kind == "truncate":
-        del raw[draw(st.integers(0, len(raw) - 1)):]
-    elif kind == "table":
-        raw[draw(st.integers(0, 7))] ^= 1 << draw(st.integers(0, 7))
-    elif kind == "split":
-        return split_blobs(data, draw(st.integers(2, 5)), draw(st.integers(0, len(payloads(read_shape(data))) - 1))), False
-    elif kind == "resize":
-        delta = draw(st.sampled_from([-16, -8, -7, -1, 1, 7, 8, 16]))
-        return resize_blob(data, draw(st.integers(0, len(payloads(read_shape(data))) - 1)), delta), False
-    else:
-        blob_start = data.find(_unfar(payloads(read_shape(data, keep_blobs=True))[0][1][0])[2])
-        raw[blob_start + draw(st.integers(0, 15))] ^= 0xFF
-        return bytes(raw), True
-    return bytes(raw), False
+    """A real message mutated by one attack family, and whether only blob content changed."""
+    families = [f for f in FAMILIES if allow_content or f != "blob content"]
+    family = draw(st.sampled_from(families))
+    return mutate(data, family, lambda lo, hi: draw(st.integers(lo, hi))), family == "blob content"
 
 
 @given(data=st.data())

@@ -10,6 +10,7 @@
 
 from __future__ import annotations
 
+import math
 import signal
 import threading
 import time
@@ -19,30 +20,13 @@ import psutil
 import pytest
 
 from client import FHEClient
-from conftest import LOGREG, XGB, imported_spec
+from conftest import LOGREG, XGB, assert_error, imported_spec
 from modelkit.devserver import Server
 from runners.lifecycle import STOPPED_STATUS
+from service import wire
 
 OCTET = {"Content-Type": "application/octet-stream"}
 CONTAINERIZED = {"BENTOML_CONTAINERIZED": "true", "FHE_BENTO_MODELS": f"{XGB}:latest,{LOGREG}:latest"}
-
-
-def runner_worker(server: Server) -> psutil.Process:
-    (worker,) = [p for p in psutil.Process(server.proc.pid).children()
-                 if "--service-name fhe_runner" in " ".join(p.cmdline())]
-    return worker
-
-
-def engines(server: Server) -> list[psutil.Process]:
-    """The engine processes: children of the runner worker's forkserver."""
-    found = []
-    for proc in runner_worker(server).children(recursive=True):
-        try:
-            if "forkserver" in " ".join(proc.parent().cmdline()):
-                found.append(proc)
-        except psutil.NoSuchProcess:
-            pass
-    return found
 
 
 def wait_for(condition, what: str, limit: float = 300.0, every: float = 0.1):
@@ -76,8 +60,8 @@ def test_an_engine_killed_mid_row_is_replaced_and_the_row_is_retryable(image_lik
     xgb, logreg = client.model(XGB), client.model(LOGREG)
     key_id, row = xgb.ensure_key(), demo.x_test[:1]
     assert xgb.predict(row)[0] == demo.clear_predict(XGB, row)[0]
-    worker = runner_worker(image_like)
-    (engine,) = engines(image_like)
+    worker = image_like.runner_worker()
+    (engine,) = image_like.engines()
     cpu_before = sum(engine.cpu_times()[:2])
     answers = []
     sender = threading.Thread(target=lambda: answers.append(httpx.post(
@@ -93,8 +77,8 @@ def test_an_engine_killed_mid_row_is_replaced_and_the_row_is_retryable(image_lik
     assert int(answer.headers["Retry-After"]) > 0
     wait_for(lambda: ping(image_like) == 200, "/ping back to 200")
     recovered = time.monotonic() - killed_at
-    assert worker.is_running() and runner_worker(image_like).pid == worker.pid  # the supervisor survived
-    assert [e.pid for e in engines(image_like)] != [engine.pid]
+    assert worker.is_running() and image_like.runner_worker().pid == worker.pid  # the supervisor survived
+    assert [e.pid for e in image_like.engines()] != [engine.pid]
     for model, clear in ((xgb, XGB), (logreg, LOGREG)):
         assert model.predict(row)[0] == demo.clear_predict(clear, row)[0]
     assert image_like.metric("fhe_bento_engine_restarts_total") == 1
@@ -104,7 +88,7 @@ def test_an_engine_killed_mid_row_is_replaced_and_the_row_is_retryable(image_lik
 def test_ping_is_503_while_the_engine_restarts(image_like, demo, tmp_path):
     logreg = FHEClient(image_like.url, cache_dir=tmp_path / "owner", progress=False).model(LOGREG)
     row = demo.x_test[:1]
-    (engine,) = engines(image_like)
+    (engine,) = image_like.engines()
     engine.send_signal(signal.SIGKILL)
     wait_for(lambda: ping(image_like) == 503, "/ping 503 after the engine died")
     # While /ping says 503, a prediction is refused with the retryable code, or (if the engine came back
@@ -120,15 +104,46 @@ def test_ping_is_503_while_the_engine_restarts(image_like, demo, tmp_path):
 # SIGKILL: BentoML's arbiter quits at once when a watcher has no process left (status 1). SIGSTOP: a
 # runner that hangs is found by the HTTP service's watch, which stops the server (status 3).
 @pytest.mark.parametrize(("kill", "status"), [(signal.SIGKILL, 1), (signal.SIGSTOP, STOPPED_STATUS)])
+def test_rows_of_a_request_whose_client_went_away_are_dropped(image_like, demo, tmp_path):
+    xgb = FHEClient(image_like.url, cache_dir=tmp_path / "owner", progress=False).model(XGB)
+    key_id = xgb.ensure_key()
+    batch = wire.encode_batch(xgb.encrypt(demo.x_test[:6]))
+    computed = image_like.metric("fhe_bento_rows_total", model=XGB, outcome="ok")
+    with pytest.raises(httpx.ReadTimeout):  # the client gives up during the first row (each takes seconds)
+        httpx.post(f"{image_like.url}/v1/models/{XGB}/predict_batch", content=batch, timeout=httpx.Timeout(60, read=3),
+                   headers={"Content-Type": wire.CONTENT_TYPE, "X-FHE-Key-Id": key_id})
+    # At most two rows had left the queue (the running one, one handed to the engine's pipe).
+    dropped = wait_for(lambda: image_like.metric("fhe_bento_rows_total", model=XGB, outcome="dropped"), "rows dropped")
+    assert dropped >= 3
+    wait_for(lambda: ping(image_like) == 200 and image_like.metric("fhe_bento_queue_rows", model=XGB) == 0, "idle")
+    assert xgb.predict(demo.x_test[:1])[0] == demo.clear_predict(XGB, demo.x_test[:1])[0]
+    assert image_like.metric("fhe_bento_rows_total", model=XGB, outcome="ok") - computed <= 2 + 1
+
+
+def test_a_batch_that_cannot_finish_in_time_is_refused_up_front(image_like, demo, tmp_path):
+    xgb = FHEClient(image_like.url, cache_dir=tmp_path / "owner", progress=False).model(XGB)
+    key_id = xgb.ensure_key()
+    model = httpx.get(f"{image_like.url}/v1/models/{XGB}").json()
+    fit = math.floor(600 / model["row_seconds"])
+    assert fit < 256, model  # the batch below is within FHE_BENTO_MAX_BATCH_ROWS
+    computed = image_like.metric("fhe_bento_rows_total", model=XGB, outcome="ok")
+    rows = xgb.encrypt(demo.x_test[: fit + 1].repeat(3, axis=0)[: fit + 1])
+    response = httpx.post(f"{image_like.url}/v1/models/{XGB}/predict_batch", content=wire.encode_batch(rows),
+                          headers={"Content-Type": wire.CONTENT_TYPE, "X-FHE-Key-Id": key_id}, timeout=60)
+    assert_error(response, 413, "batch_too_long")
+    assert f"{fit} rows fit" in response.json()["error"]["message"]
+    assert image_like.metric("fhe_bento_rows_total", model=XGB, outcome="ok") == computed
+
+
 def test_a_dead_or_hung_runner_worker_stops_the_server_with_a_failure_status(demo, tmp_path, kill, status):
     server = Server(tmp_path / "server", {**CONTAINERIZED, "FHE_BENTO_RUNNER_DOWN_SECONDS": "5",
                                           "FHE_BENTO_KEY_STORE": (tmp_path / "keys").as_uri()})
     server.start()
     proc = server.proc
     try:
-        engine_pids = [e.pid for e in engines(server)]
+        engine_pids = [e.pid for e in server.engines()]
         assert engine_pids
-        worker = runner_worker(server)
+        worker = server.runner_worker()
         worker.send_signal(kill)
         killed_at = time.monotonic()
         pings = []
@@ -158,7 +173,7 @@ def test_warm_keys_stay_within_the_resident_bound(demo, tmp_path):
             owner.ensure_key()
         logreg = FHEClient(server.url, cache_dir=tmp_path / "logreg", progress=False).model(LOGREG)
         assert logreg.predict(row)[0] == demo.clear_predict(LOGREG, row)[0]  # the engine has computed once
-        (engine,) = engines(server)
+        (engine,) = server.engines()
         before = engine.memory_info().rss
         growth = []
         for owner in owners + owners[:2]:  # the first two were evicted by then: loaded again
