@@ -135,7 +135,7 @@ class FHEBento:
             elif seen:
                 down_since = down_since or time.monotonic()
                 if time.monotonic() - down_since > settings.runner_down_seconds:
-                    stop_server(f"the FHE runner has not answered for {settings.runner_down_seconds} s")
+                    stop_server(f"the FHE runner has not answered for {settings.runner_down_seconds} s", kill_runners=True)
                     return
 
     async def call(self, method: str, **kwargs) -> RunnerReply:
