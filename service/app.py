@@ -90,6 +90,7 @@ class FHEBento:
         if removed := settings.clear_staging():
             log.info("removed %d spool files left in %s by an earlier process", removed, self.staging)
         self._watch: asyncio.Future | None = None
+        self._runner_seen = False  # by any health check or watch: only a runner that answered can be down
         self.admission = Admission(settings.max_queue_rows, settings.request_timeout, parallelism=os.cpu_count() or 1,
                                    batch_parallelism=settings.row_threads)
         log.info("serving models %s (default %s)", sorted(self.specs), self.default.name)
@@ -113,9 +114,11 @@ class FHEBento:
             call.cancel()
             return None
         try:
-            return bool(call.result())
+            state = bool(call.result())
         except Exception:  # runner starting or gone: connection refused, ...
             return None
+        self._runner_seen = True
+        return state
 
     async def is_ready(self) -> bool:
         """Asked on every /ping, so a dead or restarting engine turns /ping to 503 at its next check."""
@@ -127,12 +130,12 @@ class FHEBento:
         """Stop the server once a runner that answered before has not answered for FHE_BENTO_RUNNER_DOWN_SECONDS.
         BentoML does not respawn a dead worker under BENTOML_CONTAINERIZED (so in every image), and an
         orchestrator replaces a server that exits, not one that only fails its health checks."""
-        seen, down_since = False, None
+        down_since = None
         while True:
             await asyncio.sleep(RUNNER_WATCH_SECONDS)
             if await self.runner_state() is not None:
-                seen, down_since = True, None
-            elif seen:
+                down_since = None
+            elif self._runner_seen:
                 down_since = down_since or time.monotonic()
                 if time.monotonic() - down_since > settings.runner_down_seconds:
                     stop_server(f"the FHE runner has not answered for {settings.runner_down_seconds} s", kill_runners=True)

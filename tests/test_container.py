@@ -128,14 +128,19 @@ def test_the_served_container_holds_no_private_key(container):
     ("attributes", "body", "status", "code"),
     [
         (f"op=predict; model={LOGREG}", b"\x00garbage", 400, "invalid_ciphertext"),
-        (f"op=predict; model={XGB}; key={'1' * 64}", b"\x00", 404, "unknown_key"),
+        (f"op=predict; model={XGB}; key={'1' * 64}", "a real XGB ciphertext", 404, "unknown_key"),
         (f"op=put_key; model={XGB}", b"not a key" * 100, 400, "invalid_key"),
         (f"op=predict_batch; model={LOGREG}", b"FHB1\x00", 400, "invalid_batch"),
         ("op=nope", b"x", 400, "invalid_attributes"),
         ("op=predict; model=missing", b"x", 404, "unknown_model"),
     ],
 )
-def test_bad_invocations_get_documented_errors(container, attributes, body, status, code):
+def test_bad_invocations_get_documented_errors(container, demo, tmp_path, attributes, body, status, code):
+    if body == "a real XGB ciphertext":  # a ciphertext is checked before its key is looked up
+        from concrete.ml.deployment import FHEModelClient
+
+        client = FHEModelClient(str(demo.dev_dirs[XGB]), key_dir=str(tmp_path / "keys"))
+        body = client.quantize_encrypt_serialize(demo.x_test[:1])
     wait_for_ping()
     response = invoke(attributes, body)
     assert response.status_code == status and response.json()["error"]["code"] == code
