@@ -38,6 +38,20 @@ def imported_spec(name: str):
     return load_folder(Path(bentoml.models.get(f"{name}:latest").path), name)
 
 
+REAL_XGB_CIPHERTEXT = "a real XGB ciphertext"  # a test parameter that `real_body` replaces
+
+
+def real_body(body, demo: "Demo", key_dir: Path) -> bytes:
+    """`body`, or for REAL_XGB_CIPHERTEXT a ciphertext of the XGB demo model under a throwaway key: a
+    well-formed row reaches the checks that come after the ciphertext's own (the key lookup)."""
+    if body != REAL_XGB_CIPHERTEXT:
+        return body
+    from concrete.ml.deployment import FHEModelClient
+
+    client = FHEModelClient(str(demo.dev_dirs[XGB]), key_dir=str(key_dir))
+    return client.quantize_encrypt_serialize(demo.x_test[:1])
+
+
 def assert_error(response, status: int, code: str) -> None:
     """The JSON error shape of DESIGN.md, with this status and code."""
     assert response.status_code == status, response.text

@@ -16,7 +16,7 @@ import pytest
 from client import FHEClient
 from client.sagemaker_transport import ATTRIBUTES_HEADER, LocalInvoker, SageMakerTransport
 from client.uploads import PART_BYTES
-from conftest import LOGREG, XGB
+from conftest import LOGREG, REAL_XGB_CIPHERTEXT, XGB, real_body
 from modelkit.devserver import ROOT
 
 PORT = 8080  # SageMaker's
@@ -128,7 +128,7 @@ def test_the_served_container_holds_no_private_key(container):
     ("attributes", "body", "status", "code"),
     [
         (f"op=predict; model={LOGREG}", b"\x00garbage", 400, "invalid_ciphertext"),
-        (f"op=predict; model={XGB}; key={'1' * 64}", "a real XGB ciphertext", 404, "unknown_key"),
+        (f"op=predict; model={XGB}; key={'1' * 64}", REAL_XGB_CIPHERTEXT, 404, "unknown_key"),
         (f"op=put_key; model={XGB}", b"not a key" * 100, 400, "invalid_key"),
         (f"op=predict_batch; model={LOGREG}", b"FHB1\x00", 400, "invalid_batch"),
         ("op=nope", b"x", 400, "invalid_attributes"),
@@ -136,13 +136,8 @@ def test_the_served_container_holds_no_private_key(container):
     ],
 )
 def test_bad_invocations_get_documented_errors(container, demo, tmp_path, attributes, body, status, code):
-    if body == "a real XGB ciphertext":  # a ciphertext is checked before its key is looked up
-        from concrete.ml.deployment import FHEModelClient
-
-        client = FHEModelClient(str(demo.dev_dirs[XGB]), key_dir=str(tmp_path / "keys"))
-        body = client.quantize_encrypt_serialize(demo.x_test[:1])
     wait_for_ping()
-    response = invoke(attributes, body)
+    response = invoke(attributes, real_body(body, demo, tmp_path))
     assert response.status_code == status and response.json()["error"]["code"] == code
     assert httpx.get(f"{URL}/ping", timeout=10).status_code == 200
 

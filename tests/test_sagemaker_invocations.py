@@ -10,7 +10,7 @@ import pytest
 
 from client import FHEClient, FHEServiceError
 from client.sagemaker_transport import ATTRIBUTES_HEADER, LocalInvoker, SageMakerTransport
-from conftest import LOGREG, XGB
+from conftest import LOGREG, REAL_XGB_CIPHERTEXT, XGB, real_body
 from service import wire
 
 
@@ -94,14 +94,14 @@ def test_envelope_with_inline_key(server, demo, tmp_path):
         (f"op=has_key; model={XGB}", b"{}", 400, "invalid_attributes"),
         (f"op=put_key_part; model={XGB}; key={'0' * 64}; part=x", b"x", 400, "invalid_attributes"),
         (f"op=put_key_part; model={XGB}; key={'0' * 64}; part=99999", b"x", 400, "invalid_part"),
-        (f"op=predict; model={XGB}; key={'0' * 64}", b"\x00" * 100, 404, "unknown_key"),
+        (f"op=predict; model={XGB}; key={'0' * 64}", REAL_XGB_CIPHERTEXT, 404, "unknown_key"),
         (f"op=predict; model={LOGREG}", b"garbage", 400, "invalid_ciphertext"),
         ("op=envelope", b"not an envelope", 400, "invalid_envelope"),
         ("x" * 1100, b"x", 400, "invalid_attributes"),
     ],
 )
-def test_bad_invocations(server, attributes, body, status, code):
-    response = invoke(server, attributes, body)
+def test_bad_invocations(server, demo, tmp_path, attributes, body, status, code):
+    response = invoke(server, attributes, real_body(body, demo, tmp_path))
     assert response.status_code == status, response.text
     assert response.json()["error"]["code"] == code
     assert httpx.get(f"{server.url}/ping").status_code == 200
