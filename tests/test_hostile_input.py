@@ -27,7 +27,7 @@ from runners.model_repo import ModelSpec
 from runners.payload_check import check_ciphertext, check_key
 
 OCTET = {"Content-Type": "application/octet-stream"}
-IN_PROCESS = settings(max_examples=400, deadline=None, derandomize=True, suppress_health_check=[HealthCheck.too_slow])
+IN_PROCESS = settings(max_examples=300, deadline=None, derandomize=True, suppress_health_check=[HealthCheck.too_slow])
 SERVED = settings(max_examples=200, deadline=None, derandomize=True, suppress_health_check=[HealthCheck.too_slow,
                                                                          HealthCheck.function_scoped_fixture])
 
@@ -165,7 +165,7 @@ def test_fuzzed_ciphertexts_are_refused_unless_only_their_payload_changed(real, 
 
 
 @given(data=st.data())
-@settings(max_examples=25, deadline=None, derandomize=True, suppress_health_check=[HealthCheck.too_slow])
+@settings(max_examples=12, deadline=None, derandomize=True, suppress_health_check=[HealthCheck.too_slow])
 def test_fuzzed_keys_are_refused_unless_only_their_payload_changed(real, data):
     message, content_only = data.draw(mutation(real["xgb_key"]))
     try:
@@ -235,7 +235,7 @@ def test_fuzzed_ciphertexts_never_take_the_served_engine_down(server, real, hone
 
 
 @given(data=st.data())
-@settings(max_examples=15, deadline=None, derandomize=True, suppress_health_check=[HealthCheck.too_slow,
+@settings(max_examples=10, deadline=None, derandomize=True, suppress_health_check=[HealthCheck.too_slow,
                                                                  HealthCheck.function_scoped_fixture])
 def test_fuzzed_keys_never_take_the_served_engine_down(server, real, honest, data):
     message, content_only = data.draw(mutation(real["xgb_key"], allow_content=False))
