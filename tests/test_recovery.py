@@ -104,17 +104,23 @@ def test_ping_is_503_while_the_engine_restarts(image_like, demo, tmp_path):
 def test_rows_of_a_request_whose_client_went_away_are_dropped(image_like, demo, tmp_path):
     xgb = FHEClient(image_like.url, cache_dir=tmp_path / "owner", progress=False).model(XGB)
     key_id = xgb.ensure_key()
-    batch = wire.encode_batch(xgb.encrypt(demo.x_test[:6]))
+    rows = 12
+    batch = wire.encode_batch(xgb.encrypt(demo.x_test[:rows]))
     computed = image_like.metric("fhe_bento_rows_total", model=XGB, outcome="ok")
+    dropped = image_like.metric("fhe_bento_rows_total", model=XGB, outcome="dropped")
     with pytest.raises(httpx.ReadTimeout):  # the client gives up during the first row (each takes seconds)
         httpx.post(f"{image_like.url}/v1/models/{XGB}/predict_batch", content=batch, timeout=httpx.Timeout(60, read=3),
                    headers={"Content-Type": wire.CONTENT_TYPE, "X-FHE-Key-Id": key_id})
-    # At most two rows had left the queue (the running one, one handed to the engine's pipe).
-    dropped = wait_for(lambda: image_like.metric("fhe_bento_rows_total", model=XGB, outcome="dropped"), "rows dropped")
-    assert dropped >= 3
+    wait_for(lambda: image_like.metric("fhe_bento_rows_total", model=XGB, outcome="dropped") > dropped, "rows dropped")
     wait_for(lambda: ping(image_like) == 200 and image_like.metric("fhe_bento_queue_rows", model=XGB) == 0, "idle")
+    # The engine evaluates rows in order, so this row comes after whatever of the batch had already started.
     assert xgb.predict(demo.x_test[:1])[0] == demo.clear_predict(XGB, demo.x_test[:1])[0]
-    assert image_like.metric("fhe_bento_rows_total", model=XGB, outcome="ok") - computed <= 2 + 1
+    computed = image_like.metric("fhe_bento_rows_total", model=XGB, outcome="ok") - computed - 1
+    dropped = image_like.metric("fhe_bento_rows_total", model=XGB, outcome="dropped") - dropped
+    assert computed + dropped == rows
+    # Rows take seconds each and the server notices the client leave within about a second, so only the
+    # rows already handed to the engine (one running, at most two queued in its pipe) or finished by then run.
+    assert dropped >= rows // 2, (computed, dropped)
 
 
 def test_a_batch_that_cannot_finish_in_time_is_refused_up_front(image_like, demo, tmp_path):
