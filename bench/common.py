@@ -22,7 +22,7 @@ def setup_home() -> Path:
 
 
 def start_server(workdir: Path, store_url: str, **env: str):
-    from modelkit.devserver import Server
+    from harness.devserver import Server
 
     workdir.mkdir(parents=True, exist_ok=True)
     server = Server(workdir, {"FHE_BENTO_MODELS": f"{MODEL}:latest", "FHE_BENTO_KEY_STORE": store_url, **env})

@@ -37,9 +37,9 @@ def _ping(server) -> int:
 def run(home: Path, x, clear_predict) -> str:
     """The section's markdown; `clear_predict(model, rows)` gives the clear quantized labels."""
     from client import FHEClient
-    from modelkit.capnp_attacks import FAMILIES, mutate
-    from modelkit.devserver import Server
-    from modelkit.loadfault import tree_rss
+    from harness.capnp_attacks import FAMILIES, mutate
+    from harness.devserver import Server
+    from harness.loadfault import tree_rss
 
     env = {"BENTOML_CONTAINERIZED": "true", "FHE_BENTO_MODELS": f"{XGB}:latest,{LOGREG}:latest",
            "FHE_BENTO_KEY_STORE": (home / "hostile-keys").as_uri()}
@@ -93,7 +93,7 @@ def run(home: Path, x, clear_predict) -> str:
 
 A server run as the image runs it (`BENTOML_CONTAINERIZED=true`: BentoML respawns no worker) got
 {requests} crafted requests, made from real ciphertexts and an XGB evaluation key by the attack families of
-`modelkit/capnp_attacks.py` (seed {SEED}), one request at a time. "blob content" keeps the message's
+`harness/capnp_attacks.py` (seed {SEED}), one request at a time. "blob content" keeps the message's
 shape and only changes payload bytes: it is the one family that may pass, and it computes a wrong
 answer, not a crash.
 

@@ -30,7 +30,7 @@ def main() -> None:
     from client import FHEClient
     from client.http_transport import HTTPTransport
     from modelkit.demo import load_data
-    from modelkit.devserver import MotoServer
+    from harness.devserver import MotoServer
 
     moto = MotoServer()
     os.environ.update(moto.env())

@@ -17,9 +17,9 @@ XGB, LOGREG = "breast-cancer-xgb", "breast-cancer-logreg"
 def main() -> None:
     os.environ["BENTOML_HOME"] = tempfile.mkdtemp(prefix="fhe-bento-reliability-")
     from client import FHEClient
-    from modelkit import loadfault
+    from harness import loadfault
     from modelkit.demo import import_trained, train
-    from modelkit.devserver import Server
+    from harness.devserver import Server
 
     models, data = train()
     import_trained(models)

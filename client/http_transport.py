@@ -7,15 +7,15 @@ from collections.abc import Callable
 
 import httpx
 
-from client.uploads import PART_BYTES, upload_key
-from service import wire
+from client.uploads import upload_key
+from protocol import wire
+from protocol.errors import RETRYABLE_CODES as SERVICE_RETRYABLE
+from protocol.names import CLIENT_SHA_HEADER, KEY_ID_HEADER, OCTET_STREAM, PART_BYTES
 
-KEY_ID_HEADER = "X-FHE-Key-Id"
-CLIENT_SHA_HEADER = "X-FHE-Client-SHA256"
-OCTET = {"Content-Type": "application/octet-stream"}
-# Codes of a 429/503 that the client retries after Retry-After: the model is overloaded, or its runner
-# is restarting; `http_error` is a 503 without the service's JSON error (a proxy in front of it).
-RETRYABLE_CODES = ("overloaded", "runner_unavailable", "http_error")
+OCTET = {"Content-Type": OCTET_STREAM}
+# A 429/503 the client retries after Retry-After: one of the service's retryable codes, or
+# `http_error`, a 503 without the service's JSON error (a proxy in front of it).
+RETRYABLE_CODES = SERVICE_RETRYABLE | {"http_error"}
 
 
 class FHEServiceError(RuntimeError):

@@ -28,10 +28,10 @@ import httpx
 from tqdm.auto import tqdm
 
 from client.http_transport import FHEServiceError, error_from_body, retry_after_seconds
-from client.uploads import PART_BYTES, upload_key
-from service import wire
+from client.uploads import upload_key
+from protocol import wire
+from protocol.names import ATTRIBUTES_HEADER, OCTET_STREAM, PART_BYTES
 
-ATTRIBUTES_HEADER = "X-Amzn-SageMaker-Custom-Attributes"
 
 
 def attributes(**fields: object) -> str:
@@ -113,13 +113,13 @@ class SageMakerTransport:
         return upload_key(self, name, key, self.part_bytes, on_progress)
 
     def put_whole_key(self, name: str, key: bytes) -> dict:
-        return json.loads(self.invoke(key, attributes(op="put_key", model=name), wire.OCTET_STREAM))
+        return json.loads(self.invoke(key, attributes(op="put_key", model=name), OCTET_STREAM))
 
     def key_parts(self, name: str, key_id: str) -> list[int]:
         return self._json(op="key_parts", model=name, key=key_id)["parts"]
 
     def put_key_part(self, name: str, key_id: str, index: int, data: bytes) -> None:
-        self.invoke(data, attributes(op="put_key_part", model=name, key=key_id, part=index), wire.OCTET_STREAM)
+        self.invoke(data, attributes(op="put_key_part", model=name, key=key_id, part=index), OCTET_STREAM)
 
     def complete_key(self, name: str, key_id: str, count: int) -> dict:
         return self._json(op="complete_key", model=name, key=key_id, parts=count)

@@ -6,8 +6,6 @@ import hashlib
 from collections.abc import Callable
 from typing import Protocol
 
-PART_BYTES = 5 * 1024 * 1024  # SageMaker real time takes 6 MB per request
-
 
 class PartOps(Protocol):
     def put_whole_key(self, name: str, key: bytes) -> dict: ...

@@ -8,12 +8,13 @@ image to ECR, then create the Model, EndpointConfig (real time or async) and End
 from __future__ import annotations
 
 import base64
+import contextlib
 import shutil
 import subprocess
 import tarfile
-import time
 from pathlib import Path
 
+from botocore.exceptions import WaiterError
 from pydantic import BaseModel, Field
 
 from runners.model_repo import METADATA_FILE
@@ -130,13 +131,12 @@ def create_endpoint(sm, config: DeployConfig) -> dict:
     return {**names, "endpoint": config.endpoint_name, "endpoint_arn": arn}
 
 
-def wait_in_service(sm, endpoint_name: str, timeout: float = 1800.0, poll: float = 15.0) -> str:
-    deadline = time.monotonic() + timeout
-    while True:
-        status = sm.describe_endpoint(EndpointName=endpoint_name)["EndpointStatus"]
-        if status in ("InService", "Failed") or time.monotonic() > deadline:
-            return status
-        time.sleep(poll)
+def wait_in_service(sm, endpoint_name: str, poll: int = 15, attempts: int = 120) -> str:
+    """Wait with boto3's `endpoint_in_service` waiter (it gives up on Failed); returns the final status."""
+    with contextlib.suppress(WaiterError):
+        sm.get_waiter("endpoint_in_service").wait(
+            EndpointName=endpoint_name, WaiterConfig={"Delay": poll, "MaxAttempts": attempts})
+    return sm.describe_endpoint(EndpointName=endpoint_name)["EndpointStatus"]
 
 
 def delete_endpoint(sm, endpoint_name: str) -> None:

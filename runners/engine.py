@@ -33,10 +33,10 @@ from concurrent.futures.process import BrokenProcessPool
 from typing import Any, Callable
 
 from runners import metrics
-from runners.errors import FHEBentoError, bad_request, not_found, unprocessable
+from runners.errors import FHEBentoError
 from runners.key_cache import KeyCache
 from runners.key_registry import KeyRegistry
-from runners.key_store import open_store
+from runners.key_store_url import open_store
 from runners.model_repo import ModelSpec, load_specs
 from runners.settings import get_settings
 
@@ -76,14 +76,14 @@ class _EngineState:
         if model.builtin_key is not None:
             return model.builtin_key
         if not key_id:
-            raise bad_request("missing_key_id", "this model needs an evaluation key: send its key id")
+            raise FHEBentoError("missing_key_id", "this model needs an evaluation key: send its key id")
         if not self.keys.has(scope, key_id):
             self.cache.discard((scope, key_id))  # deleted or expired: a cached copy must not outlive it
-            raise not_found("unknown_key", f"key {key_id} is not registered for model {model.spec.name!r}")
+            raise FHEBentoError("unknown_key", f"key {key_id} is not registered for model {model.spec.name!r}")
 
         def load() -> tuple[Any, int]:
             # Stored keys passed payload_check and the throwaway verification when they were uploaded.
-            return _fhe().EvaluationKeys.deserialize(self.keys.store.read(scope, key_id)), model.spec.meta.warm_key_bytes
+            return _fhe().EvaluationKeys.deserialize(self.keys.read(scope, key_id)), model.spec.meta.warm_key_bytes
 
         key, hit = self.cache.get_or_load((scope, key_id), load)
         if not hit:
@@ -127,8 +127,8 @@ def _ping() -> bool:
 
 def _classify_run_error(exc: Exception) -> FHEBentoError:
     if "incompatible" in str(exc):  # type info or variance of another circuit
-        return unprocessable("ciphertext_mismatch", "the ciphertext was not made for this model")
-    return bad_request("invalid_ciphertext", "the ciphertext could not be deserialized")
+        return FHEBentoError("ciphertext_mismatch", "the ciphertext was not made for this model")
+    return FHEBentoError("invalid_ciphertext", "the ciphertext could not be deserialized")
 
 
 def _run_row(model: str, scope: str, key_id: str | None, ciphertext: bytes, deadline: float) -> tuple[bytes, float] | None:
@@ -158,7 +158,7 @@ def _deserialize_key(path: str) -> int:
     try:
         _fhe().EvaluationKeys.deserialize(data)
     except RuntimeError:
-        raise bad_request("invalid_key", "the body is not a serialized concrete evaluation key") from None
+        raise FHEBentoError("invalid_key", "the body is not a serialized concrete evaluation key") from None
     return len(data)
 
 
@@ -171,7 +171,7 @@ def _context() -> multiprocessing.context.BaseContext:
 
 
 def _unavailable(reason: str) -> FHEBentoError:
-    return FHEBentoError(503, "runner_unavailable", f"the FHE engine {reason}; retry",
+    return FHEBentoError("runner_unavailable", f"the FHE engine {reason}; retry",
                          headers={"Retry-After": str(RESTART_RETRY_AFTER)})
 
 
@@ -248,6 +248,14 @@ class Engine:
     def ready(self) -> bool:
         return self._ready.is_set()
 
+    def shutdown(self) -> None:
+        """Stop the engine processes (a runner in a test process; a served runner's exit with it)."""
+        with self._lock:
+            pool, self._pool = self._pool, None
+            self._ready.clear()
+        if pool is not None:
+            pool.shutdown(wait=True, cancel_futures=True)
+
     async def run(self, rows: list[tuple]) -> list[tuple[bytes, float] | None]:
         """Evaluate rows (the arguments of `_run_row`) in the engine: (result, FHE seconds) per row, None
         for a row whose deadline passed before it started. Cancelling this drops the rows not started."""
@@ -277,7 +285,7 @@ class Engine:
             return await asyncio.wrap_future(verifier.submit(_deserialize_key, path))
         except BrokenProcessPool:
             log.warning("the key verifier died on an upload: refused")
-            raise bad_request("invalid_key", "the body is not a serialized concrete evaluation key") from None
+            raise FHEBentoError("invalid_key", "the body is not a serialized concrete evaluation key") from None
         finally:
             verifier.shutdown(wait=False)
 

@@ -1,9 +1,9 @@
 """The key store plus its policies: per-model byte limit, TTL of unused keys, bounds on chunked uploads and
 expiry of abandoned ones.
 
-Every process (HTTP service and runner workers) asks a `KeyRegistry` whether a key is registered, so a
-key that expired or was deleted is gone for all of them at their next request, whichever replica they run
-on. Keys and upload parts are written through it; plain reads and deletes go to `registry.store` directly.
+Only the key service (`runners/key_service.py`, in the runner workers) and the engines that read keys use
+it, and every store access goes through it. Every process asks it whether a key is registered, so a key
+that expired or was deleted is gone for all of them at their next request, whichever replica they run on.
 
 The limits are checked against what the store lists, then the write happens: there is no lock across
 processes and replicas, so concurrent writes may pass a limit by what they add together.
@@ -14,10 +14,11 @@ from __future__ import annotations
 import logging
 import threading
 import time
+from collections.abc import Iterator
 from pathlib import Path
 
 from runners import metrics
-from runners.errors import FHEBentoError, bad_request, too_large
+from runners.errors import FHEBentoError
 from runners.key_store import KeyStore, Upload
 from runners.settings import Settings
 
@@ -27,7 +28,7 @@ MAX_SWEEP_INTERVAL = 60.0  # seconds between two sweeps of expired keys and aban
 
 class KeyRegistry:
     def __init__(self, store: KeyStore, settings: Settings) -> None:
-        self.store = store
+        self._store = store
         self.key_ttl = settings.key_ttl_seconds
         self.upload_ttl = settings.upload_ttl_seconds
         self.max_scope_bytes = settings.max_store_bytes
@@ -45,25 +46,48 @@ class KeyRegistry:
     def _expired(self, scope: str, key_id: str, now: float) -> bool:
         if not self.key_ttl:
             return False
-        used = self.store.last_used(scope, key_id)
+        used = self._store.last_used(scope, key_id)
         return used is not None and now - used > self.key_ttl
 
     def has(self, scope: str, key_id: str) -> bool:
         """Registered and not expired. An expired key is deleted here, so every replica agrees."""
-        if not self.store.has(scope, key_id):
+        if not self._store.has(scope, key_id):
             return False
         if self._expired(scope, key_id, time.time()):
-            self.store.delete(scope, key_id)
+            self._store.delete(scope, key_id)
             log.info("key expired after %ss unused: key_id=%s", self.key_ttl, key_id)
             return False
         return True
+
+    def read(self, scope: str, key_id: str) -> bytes:
+        return self._store.read(scope, key_id)
+
+    def size(self, scope: str, key_id: str) -> int:
+        return self._store.size(scope, key_id)
+
+    def delete(self, scope: str, key_id: str) -> bool:
+        return self._store.delete(scope, key_id)
+
+    def listing(self) -> list[dict]:
+        """Every stored key of every model and tenant, with its stored info."""
+        return [{"scope": scope, "key_id": key_id, **self._store.info(scope, key_id)}
+                for scope, key_id in self._store.list_keys()]
+
+    def parts(self, scope: str, key_id: str) -> dict[int, int]:
+        return self._store.list_parts(scope, key_id)
+
+    def assemble_parts(self, scope: str, key_id: str, count: int) -> Iterator[bytes]:
+        return self._store.assemble_parts(scope, key_id, count)
+
+    def drop_parts(self, scope: str, key_id: str) -> None:
+        self._store.drop_parts(scope, key_id)
 
     def mark_used(self, scope: str, key_id: str) -> None:
         if not self.key_ttl:
             return
         now = time.monotonic()
         if now - self._touched.get((scope, key_id), -self.touch_interval) >= self.touch_interval:
-            self.store.touch(scope, key_id)
+            self._store.touch(scope, key_id)
             self._touched[(scope, key_id)] = now
 
     def put(self, scope: str, key_id: str, source: Path, info: dict) -> bool:
@@ -72,7 +96,7 @@ class KeyRegistry:
         # The parts of this very key (a chunked upload being completed) become the key: not counted twice.
         uploads = {name: held for name, held in self._live_uploads()[0].items() if name != (scope, key_id)}
         used = self._check_quota(scope, info.get("model", ""), uploads, size)
-        created = self.store.put(scope, key_id, source, info)
+        created = self._store.put(scope, key_id, source, info)
         metrics.STORE_BYTES.labels(model=info.get("model", "")).set(used + size if created else used)
         return created
 
@@ -87,7 +111,7 @@ class KeyRegistry:
         for a new upload, within the bounds on open uploads."""
         most = self.max_parts(key_bytes)
         if not 0 <= index < most:
-            raise bad_request("invalid_part", f"a key of model {model!r} is {key_bytes} bytes, at most {most} parts of "
+            raise FHEBentoError("invalid_part", f"a key of model {model!r} is {key_bytes} bytes, at most {most} parts of "
                               f"FHE_BENTO_MAX_PART_BYTES ({self.part_bytes}): the part index is in 0..{most - 1}")
         self.sweep()
         uploads, _ = self._live_uploads()
@@ -97,18 +121,18 @@ class KeyRegistry:
         replaced = upload.parts.get(index, 0) if upload else 0  # a part sent again replaces itself
         held = (upload.bytes if upload else 0) - replaced + len(data)
         if held > key_bytes:
-            raise too_large(f"the parts of key {key_id} would add up to {held} bytes; "
+            raise FHEBentoError("payload_too_large", f"the parts of key {key_id} would add up to {held} bytes; "
                             f"a key of model {model!r} is {key_bytes}")
         self._check_quota(scope, model, uploads, len(data) - replaced)
-        self.store.put_part(scope, key_id, index, data)
+        self._store.put_part(scope, key_id, index, data)
 
     def _check_quota(self, scope: str, model: str, uploads: dict[tuple[str, str], Upload], adding: int) -> int:
         """Refuse `adding` more bytes unless they fit FHE_BENTO_MAX_STORE_BYTES beside the scope's keys and
         unfinished uploads; returns the bytes of its keys."""
-        keys = self.store.scope_bytes(scope)
+        keys = self._store.scope_bytes(scope)
         parts = sum(upload.bytes for (upload_scope, _), upload in uploads.items() if upload_scope == scope)
         if keys + parts + adding > self.max_scope_bytes:
-            raise FHEBentoError(413, "key_store_full", (
+            raise FHEBentoError("key_store_full", (
                 f"model {model!r} holds {keys} bytes of keys and {parts} bytes of unfinished uploads: {adding} more "
                 f"do not fit in FHE_BENTO_MAX_STORE_BYTES ({self.max_scope_bytes})"))
         return keys
@@ -123,7 +147,7 @@ class KeyRegistry:
             bound = f"the server holds {len(uploads)} unfinished key uploads (FHE_BENTO_MAX_OPEN_UPLOADS)"
         else:
             return
-        raise FHEBentoError(429, "too_many_uploads", (
+        raise FHEBentoError("too_many_uploads", (
             f"{bound}: complete one, or retry later; an unfinished upload expires {self.upload_ttl} s after its "
             f"last part (FHE_BENTO_UPLOAD_TTL_SECONDS)"))
 
@@ -131,10 +155,10 @@ class KeyRegistry:
         """The unfinished uploads, once those idle past the upload TTL are dropped (so that they free their
         slot and bytes now, not at the next sweep); returns (live uploads, how many were dropped)."""
         cutoff = time.time() - self.upload_ttl
-        uploads = self.store.open_uploads()
+        uploads = self._store.open_uploads()
         live = {name: held for name, held in uploads.items() if held.last_part >= cutoff}
         for scope, key_id in uploads.keys() - live.keys():
-            self.store.drop_parts(scope, key_id)
+            self._store.drop_parts(scope, key_id)
         if len(live) < len(uploads):
             log.info("%d uploads idle for over %ss removed", len(uploads) - len(live), self.upload_ttl)
         return live, len(uploads) - len(live)
@@ -148,9 +172,9 @@ class KeyRegistry:
             if not force and time.monotonic() - self._last_sweep < self.sweep_interval:
                 return 0, 0
             self._last_sweep = time.monotonic()
-        keys = [k for k in self.store.list_keys() if self._expired(*k, now)] if self.key_ttl else []
+        keys = [k for k in self._store.list_keys() if self._expired(*k, now)] if self.key_ttl else []
         for scope, key_id in keys:
-            self.store.delete(scope, key_id)
+            self._store.delete(scope, key_id)
         if keys:
             log.info("sweep: %d keys unused for over %ss removed", len(keys), self.key_ttl)
         return len(keys), self._live_uploads()[1]

@@ -1,6 +1,6 @@
 """Evaluation-key storage, content-addressed by SHA-256 and scoped per model (its `client_sha256`).
 
-Stores are chosen by URL (`FHE_BENTO_KEY_STORE`). `file://` is the embedded default: a key becomes
+Stores are chosen by URL (`FHE_BENTO_KEY_STORE`, see `runners.key_store_url`). `file://` is the embedded default: a key becomes
 visible under its final name only by an atomic rename of a complete, verified file, so a crash can never
 leave a partial key behind, and everything survives a restart.
 """
@@ -17,16 +17,15 @@ import uuid
 from collections.abc import Iterator
 from pathlib import Path
 from typing import NamedTuple, Protocol
-from urllib.parse import unquote, urlparse
 
-from runners.errors import bad_request
+from runners.errors import FHEBentoError
 
 KEY_ID = re.compile(r"^[0-9a-f]{64}$")
 
 
 def check_key_id(key_id: str) -> str:
     if not KEY_ID.match(key_id):
-        raise bad_request("invalid_key_id", "a key id is the 64-character lowercase hex SHA-256 of the key")
+        raise FHEBentoError("invalid_key_id", "a key id is the 64-character lowercase hex SHA-256 of the key")
     return key_id
 
 
@@ -192,12 +191,12 @@ class FileKeyStore:
         folder = self._parts_dir(scope, key_id)
         missing = [i for i in range(count) if not (folder / f"{i:06d}.part").is_file()]
         if missing:
-            raise bad_request("missing_parts", f"parts {missing[:20]} of key {key_id} have not arrived")
+            raise FHEBentoError("missing_parts", f"parts {missing[:20]} of key {key_id} have not arrived")
         for index in range(count):
             try:
                 yield (folder / f"{index:06d}.part").read_bytes()
             except FileNotFoundError:  # dropped meanwhile by a concurrent completion
-                raise bad_request("missing_parts", f"part {index} of key {key_id} is gone") from None
+                raise FHEBentoError("missing_parts", f"part {index} of key {key_id} is gone") from None
 
     def drop_parts(self, scope: str, key_id: str) -> None:
         shutil.rmtree(self._parts_dir(scope, key_id), ignore_errors=True)
@@ -210,14 +209,3 @@ def _write_synced(path: Path, data: bytes) -> None:
         fh.flush()
         os.fsync(fh.fileno())
     os.replace(tmp, path)
-
-
-def open_store(url: str) -> KeyStore:
-    parsed = urlparse(url)
-    if parsed.scheme == "file":
-        return FileKeyStore(Path(unquote(parsed.path)))
-    if parsed.scheme == "s3" and parsed.netloc:
-        from runners.s3_key_store import S3KeyStore
-
-        return S3KeyStore(parsed.netloc, parsed.path)
-    raise ValueError(f"unsupported key store URL {url!r} (use file:///path or s3://bucket/prefix)")

@@ -18,7 +18,7 @@ import zipfile
 from pathlib import Path
 
 from runners.capnp_wire import MalformedMessage, Shape, first_difference, read_shape
-from runners.errors import bad_request, unprocessable
+from runners.errors import FHEBentoError
 
 
 def _check(data: bytes | memoryview, size: int, shape: Shape, what: str, model: str) -> None:
@@ -29,12 +29,12 @@ def _check(data: bytes | memoryview, size: int, shape: Shape, what: str, model: 
     try:
         got = read_shape(data)
     except MalformedMessage as exc:
-        raise bad_request(invalid, f"the body is not a serialized concrete {noun}: {exc}") from None
+        raise FHEBentoError(invalid, f"the body is not a serialized concrete {noun}: {exc}") from None
     if len(data) != size:
-        raise unprocessable(mismatch, f"this {noun} was not made for model {model!r}: it has {len(data)} bytes, "
+        raise FHEBentoError(mismatch, f"this {noun} was not made for model {model!r}: it has {len(data)} bytes, "
                                       f"the model's have {size}")
     if difference := first_difference(got, shape):
-        raise unprocessable(mismatch, f"this {noun} was not made for model {model!r} ({difference})")
+        raise FHEBentoError(mismatch, f"this {noun} was not made for model {model!r} ({difference})")
 
 
 def check_ciphertext(data: bytes, size: int, shape: Shape, model: str) -> None:

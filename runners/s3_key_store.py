@@ -14,7 +14,7 @@ import time
 from collections.abc import Iterator
 from pathlib import Path
 
-from runners.errors import bad_request
+from runners.errors import FHEBentoError
 from runners.key_store import Upload, check_scope
 
 
@@ -110,13 +110,13 @@ class S3KeyStore:
         held = self.list_parts(scope, key_id)
         missing = [i for i in range(count) if i not in held]
         if missing:
-            raise bad_request("missing_parts", f"parts {missing[:20]} of key {key_id} have not arrived")
+            raise FHEBentoError("missing_parts", f"parts {missing[:20]} of key {key_id} have not arrived")
         for index in range(count):
             key = f"{self._uploads(scope, key_id)}{index:06d}.part"
             try:
                 yield self.s3.get_object(Bucket=self.bucket, Key=key)["Body"].read()
             except self.s3.exceptions.NoSuchKey:  # dropped meanwhile by a concurrent completion
-                raise bad_request("missing_parts", f"part {index} of key {key_id} is gone") from None
+                raise FHEBentoError("missing_parts", f"part {index} of key {key_id} is gone") from None
 
     def drop_parts(self, scope: str, key_id: str) -> None:
         self._delete_all(list(self._list(self._uploads(scope, key_id))))

@@ -13,8 +13,8 @@ from pathlib import Path
 from pydantic import Field, SecretStr
 from pydantic_settings import BaseSettings, SettingsConfigDict
 
-DEMO_MODELS = ("breast-cancer-xgb:latest", "breast-cancer-logreg:latest")
-MiB = 1024 * 1024
+from protocol.names import DEMO_MODELS, PART_BYTES, MiB
+
 # Past FHE_BENTO_REQUEST_TIMEOUT a request may still be winding down (BentoML's own deadline comes 5 s later).
 STAGING_GRACE_SECONDS = 60
 
@@ -45,7 +45,7 @@ class Settings(BaseSettings):
     )
     max_key_bytes: int = Field(default=256 * MiB, gt=0)
     max_part_bytes: int = Field(
-        default=5 * MiB, gt=0,
+        default=PART_BYTES, gt=0,
         description="Largest part of a chunked key upload; a model's key of K bytes has at most ceil(K / this) parts.",
     )
     max_store_bytes: int = Field(
@@ -64,8 +64,11 @@ class Settings(BaseSettings):
     row_threads: int = Field(
         default=1, gt=0, description="Engine processes per runner worker, each evaluating one row at a time."
     )
+    runner_url: str = Field(
+        default="", description="URL of an FHE runner served elsewhere; empty starts one with the HTTP service."
+    )
     runner_down_seconds: int = Field(
-        default=30, gt=0, description="Seconds the HTTP service waits for a runner that stopped answering; then the server stops."
+        default=30, gt=0, description="Seconds the HTTP service waits for its own runner once it stops answering; then the server stops."
     )
     engine_max_failed_starts: int = Field(
         default=3, gt=0, description="Engine starts in a row that may die before they are ready; then the server stops."
@@ -110,7 +113,7 @@ class Settings(BaseSettings):
         return path
 
     def clear_staging(self) -> int:
-        """Delete the spool files (service/bodies.py's `upload-*`, FHEBento._assemble's `assembled-*`) that a
+        """Delete the spool files (`upload-*` and `assembled-*`, of the HTTP service and the key service) that a
         crashed process left behind; returns how many. Only files untouched for longer than a whole request
         may go: a spool file lives no longer than the request that wrote it, and another HTTP worker may be
         writing or verifying a younger one right now."""

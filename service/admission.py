@@ -48,7 +48,7 @@ class Admission:
         fit = math.floor(self.timeout / per_row) * self.batch_parallelism if per_row > 0 else rows
         if rows > fit:
             raise FHEBentoError(
-                413, "batch_too_long",
+                "batch_too_long",
                 f"{rows} rows of model {spec.name!r} take about {rows * per_row:.0f} s at {per_row:.2f} s per row; "
                 f"{fit} rows fit in FHE_BENTO_REQUEST_TIMEOUT ({self.timeout:.0f} s): send smaller batches",
             )
@@ -61,7 +61,7 @@ class Admission:
             metrics.OVERLOADED.labels(model=model).inc()
             wait = self.retry_after(model)
             raise FHEBentoError(
-                503, "overloaded",
+                "overloaded",
                 f"model {model!r} has {self.in_flight[model]} rows in flight (limit {self.max_rows}); retry in {wait} s",
                 headers={"Retry-After": str(wait)},
             )

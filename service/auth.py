@@ -23,8 +23,6 @@ from fastapi import Request
 
 from runners import metrics
 from runners.errors import FHEBentoError
-from runners.key_store import tenant_scope
-from runners.model_repo import ModelSpec
 from runners.settings import get_settings
 
 CHALLENGE = 'Bearer realm="fhe-bento"'
@@ -36,19 +34,18 @@ class Caller:
     tenant: str  # "" when tokens are off: keys then live in the model's shared scope
     admin: bool
 
-    def scope(self, spec: ModelSpec) -> str:
-        """Where this caller's keys for the model are stored."""
-        return tenant_scope(spec.key_scope, self.tenant)
-
 
 def _digest(token: str) -> bytes:
     return hashlib.sha256(token.encode()).digest()
 
 
-def _refused(status: int, code: str, message: str) -> FHEBentoError:
+def _refused(code: str, message: str) -> FHEBentoError:
     metrics.AUTH_REFUSED.labels(code=code).inc()
     log.info("request refused: %s", code)  # never the token itself
-    return FHEBentoError(status, code, message, headers={"WWW-Authenticate": CHALLENGE} if status == 401 else None)
+    error = FHEBentoError(code, message)
+    if error.status == 401:
+        error.headers["WWW-Authenticate"] = CHALLENGE
+    return error
 
 
 class TokenAuth:
@@ -63,19 +60,19 @@ class TokenAuth:
         if not self.enabled:
             return Caller(tenant="", admin=True)
         if not authorization:
-            raise _refused(401, "auth_required", "send Authorization: Bearer <token>")
+            raise _refused("auth_required", "send Authorization: Bearer <token>")
         scheme, _, token = authorization.partition(" ")
         if scheme.lower() != "bearer" or not token.strip():
-            raise _refused(401, "invalid_token", "the Authorization header is not 'Bearer <token>'")
+            raise _refused("invalid_token", "the Authorization header is not 'Bearer <token>'")
         presented = _digest(token.strip())
         admin = None
         for digest, is_admin in self.tokens:  # no early exit: the time does not depend on which token matched
             if hmac.compare_digest(presented, digest):
                 admin = is_admin
         if admin is None:
-            raise _refused(401, "invalid_token", "the bearer token is not valid here")
+            raise _refused("invalid_token", "the bearer token is not valid here")
         if need_admin and not admin:
-            raise _refused(403, "forbidden", "this route needs an admin token")
+            raise _refused("forbidden", "this route needs an admin token")
         return Caller(tenant=presented.hex()[:32], admin=admin)
 
 

@@ -1,34 +1,38 @@
 """Reading request bodies within limits: checked against Content-Length first, then counted while
 streaming whatever the framing (chunked, or a Content-Length that lies), so an oversized body is refused
 before it is held in memory or on disk; a body that stalls for `FHE_BENTO_BODY_IDLE_SECONDS` between two
-chunks is refused with 408. Every body is read through `limited_chunks`."""
+chunks is refused with 408. Every body is read through `limited_chunks`.
+
+Each operation's body is declared once, as a `Body` below (content types, limit, in memory or spooled):
+the native route and SageMaker's `/invocations` read it by the same declaration."""
 
 from __future__ import annotations
 
 import asyncio
-import hashlib
 import uuid
-from collections.abc import AsyncIterator
+from collections.abc import AsyncIterator, Callable
+from dataclasses import dataclass
 from pathlib import Path
 
 from starlette.requests import ClientDisconnect, Request
 
-from runners.errors import FHEBentoError, bad_request, too_large
-from runners.settings import get_settings
+from runners.errors import FHEBentoError
+from protocol import wire
+from protocol.names import OCTET_STREAM
+from runners.settings import Settings, get_settings
 
 
 def require_content_type(request: Request, *allowed: str) -> None:
     media_type = request.headers.get("content-type", "").split(";")[0].strip().lower()
     if media_type not in allowed:
-        raise FHEBentoError(
-            415, "unsupported_media_type", f"send Content-Type {' or '.join(allowed)}, not {media_type or 'nothing'}"
+        raise FHEBentoError("unsupported_media_type", f"send Content-Type {' or '.join(allowed)}, not {media_type or 'nothing'}"
         )
 
 
 def declared_length(request: Request, limit: int) -> None:
     declared = request.headers.get("content-length")
     if declared is not None and declared.isdigit() and int(declared) > limit:
-        raise too_large(f"the body is {declared} bytes; the limit here is {limit}")
+        raise FHEBentoError("payload_too_large", f"the body is {declared} bytes; the limit here is {limit}")
 
 
 async def body_chunks(request: Request) -> AsyncIterator[bytes]:
@@ -41,7 +45,7 @@ async def body_chunks(request: Request) -> AsyncIterator[bytes]:
         except StopAsyncIteration:
             return
         except TimeoutError:
-            raise FHEBentoError(408, "body_timeout", f"no body bytes came for {idle} s") from None
+            raise FHEBentoError("body_timeout", f"no body bytes came for {idle} s") from None
         yield chunk
 
 
@@ -59,40 +63,56 @@ async def _counted(chunks: AsyncIterator[bytes], limit: int) -> AsyncIterator[by
         async for chunk in chunks:
             size += len(chunk)
             if size > limit:
-                raise too_large(f"the body is over the limit of {limit} bytes")
+                raise FHEBentoError("payload_too_large", f"the body is over the limit of {limit} bytes")
             yield chunk
     except ClientDisconnect:
-        raise bad_request("incomplete_body", "the client closed the connection before the body ended") from None
+        raise FHEBentoError("incomplete_body", "the client closed the connection before the body ended") from None
 
 
 async def read_limited(request: Request, limit: int) -> bytes:
     body = b"".join([chunk async for chunk in limited_chunks(request, limit)])
     if not body:
-        raise bad_request("empty_body", "the request body is empty")
+        raise FHEBentoError("empty_body", "the request body is empty")
     return body
 
 
-async def spool_limited(request: Request, limit: int, directory: Path) -> tuple[Path, str, int]:
-    """Stream the body to a file under `directory`; see `spool_chunks`."""
-    return await spool_chunks(limited_chunks(request, limit), limit, directory)
-
-
-async def spool_chunks(chunks: AsyncIterator[bytes], limit: int, directory: Path) -> tuple[Path, str, int]:
-    """Write chunks to a new file under `directory`, hashing as they come; returns (path, sha256 hex,
-    size). The caller deletes the file; on any error the partial file is removed here."""
+async def spool_limited(request: Request, limit: int, directory: Path) -> Path:
+    """Stream the body (see `limited_chunks`) to a new file under `directory`. The caller deletes the file;
+    on any error the partial file is removed here."""
     path = directory / f"upload-{uuid.uuid4().hex}"
-    digest, size = hashlib.sha256(), 0
+    size = 0
     try:
         with path.open("wb") as fh:
-            async for chunk in chunks:
+            async for chunk in limited_chunks(request, limit):
                 size += len(chunk)
-                if size > limit:
-                    raise too_large(f"the body is over the limit of {limit} bytes")
-                digest.update(chunk)
                 fh.write(chunk)
         if size == 0:
-            raise bad_request("empty_body", "the request body is empty")
+            raise FHEBentoError("empty_body", "the request body is empty")
     except BaseException:
         path.unlink(missing_ok=True)
         raise
-    return path, digest.hexdigest(), size
+    return path
+
+
+@dataclass(frozen=True)
+class Body:
+    """What an operation reads from its request."""
+
+    content_types: tuple[str, ...]
+    limit: Callable[[Settings], int]
+    spool: bool = False  # to a file in the staging directory (the caller deletes it), else into memory
+
+    async def read(self, request: Request) -> bytes | Path:
+        require_content_type(request, *self.content_types)
+        settings = get_settings()
+        if self.spool:
+            return await spool_limited(request, self.limit(settings), settings.staging_path())
+        return await read_limited(request, self.limit(settings))
+
+
+KEY = Body((OCTET_STREAM,), lambda s: s.max_key_bytes)
+KEY_PART = Body((OCTET_STREAM,), lambda s: s.max_part_bytes)
+CIPHERTEXT = Body((OCTET_STREAM,), lambda s: s.max_ciphertext_bytes)
+BATCH = Body((wire.CONTENT_TYPE, OCTET_STREAM), lambda s: s.max_batch_bytes)
+ENVELOPE = Body((wire.ENVELOPE_CONTENT_TYPE, OCTET_STREAM),
+                lambda s: s.max_key_bytes + s.max_batch_bytes + wire.MAX_ENVELOPE_HEADER + 16, spool=True)

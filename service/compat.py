@@ -10,23 +10,24 @@ from __future__ import annotations
 from collections.abc import AsyncIterator
 from contextlib import asynccontextmanager
 
-import bentoml
 from fastapi import APIRouter, Depends, Request
 from fastapi.responses import FileResponse, JSONResponse, Response
 from starlette.datastructures import FormData, UploadFile
 from starlette.formparsers import MultiPartParser
 
-from runners.errors import FHEBentoError, bad_request, too_large
+from protocol.names import OCTET_STREAM
+from runners.errors import FHEBentoError
 from runners.key_store import check_key_id
 from runners.settings import get_settings
 from service.auth import Caller, predict_caller
+from service.bodies import limited_chunks, require_content_type
+from service.operations import Operations, current_operations
 from service.responses import client_zip_response
-from service.wire import OCTET_STREAM
-from service.bodies import limited_chunks, require_content_type, spool_chunks
 
 router = APIRouter()
 settings = get_settings()
-CHUNK = 1 << 20
+PREDICT = Depends(predict_caller)
+OPS = Depends(current_operations)
 FORM_OVERHEAD = 64 * 1024  # bytes a form may hold beyond its file's limit: boundaries, part headers, uid
 
 
@@ -41,52 +42,45 @@ async def _form(request: Request, limit: int) -> AsyncIterator[FormData]:
     except FHEBentoError:  # 413, 408, 400 incomplete_body from the body stream
         raise
     except Exception as exc:  # starlette raises several parser errors; all mean a malformed form
-        raise bad_request("invalid_multipart", f"the multipart form could not be parsed: {exc}") from None
+        raise FHEBentoError("invalid_multipart", f"the multipart form could not be parsed: {exc}") from None
     try:
         yield form
     finally:
         await form.close()
 
 
-def _file(form: FormData, field: str) -> UploadFile:
+async def _file_bytes(form: FormData, field: str, limit: int) -> bytes:
+    """A file field's content: the form's own limit bounds it to `limit` plus the form overhead."""
     upload = form.get(field)
     if not isinstance(upload, UploadFile):
-        raise bad_request("missing_field", f"the form needs a file field {field!r}")
-    return upload
-
-
-async def _chunks(upload: UploadFile) -> AsyncIterator[bytes]:
-    while chunk := await upload.read(CHUNK):
-        yield chunk
+        raise FHEBentoError("missing_field", f"the form needs a file field {field!r}")
+    if upload.size is not None and upload.size > limit:
+        raise FHEBentoError("payload_too_large", f"{field} is {upload.size} bytes; the limit here is {limit}")
+    data = await upload.read()
+    if not data:
+        raise FHEBentoError("empty_body", f"the {field} file is empty")
+    return data
 
 
 @router.get("/get_client")
-async def get_client(caller: Caller = Depends(predict_caller)) -> FileResponse:
-    service = bentoml.get_current_service()
-    return client_zip_response(service.default)
+async def get_client(caller: Caller = PREDICT, ops: Operations = OPS) -> FileResponse:
+    return client_zip_response(ops.default)
 
 
 @router.post("/add_key")
-async def add_key(request: Request, caller: Caller = Depends(predict_caller)) -> Response:
-    service = bentoml.get_current_service()
+async def add_key(request: Request, caller: Caller = PREDICT, ops: Operations = OPS) -> Response:
     async with _form(request, settings.max_key_bytes + FORM_OVERHEAD) as form:
-        path, key_id, _ = await spool_chunks(_chunks(_file(form, "key")), settings.max_key_bytes, service.staging)
-    answer, _status = await service.register_key(service.default, caller, path, key_id)
+        key = await _file_bytes(form, "key", settings.max_key_bytes)
+    answer, _status = await ops.register_key(ops.default, caller, key)
     return JSONResponse({"uid": answer["key_id"]})
 
 
 @router.post("/compute")
-async def compute(request: Request, caller: Caller = Depends(predict_caller)) -> Response:
-    service = bentoml.get_current_service()
+async def compute(request: Request, caller: Caller = PREDICT, ops: Operations = OPS) -> Response:
     async with _form(request, settings.max_ciphertext_bytes + FORM_OVERHEAD) as form:
         uid = form.get("uid")
         if not isinstance(uid, str):
-            raise bad_request("missing_field", "the form needs a text field 'uid'")
-        upload = _file(form, "model_input")
-        if upload.size is not None and upload.size > settings.max_ciphertext_bytes:
-            raise too_large(f"model_input is {upload.size} bytes; the limit here is {settings.max_ciphertext_bytes}")
-        ciphertext = await upload.read()
-    if not ciphertext:
-        raise bad_request("empty_body", "the model_input file is empty")
-    result = await service.predict(service.default, caller, check_key_id(uid.strip().lower()), ciphertext)
+            raise FHEBentoError("missing_field", "the form needs a text field 'uid'")
+        ciphertext = await _file_bytes(form, "model_input", settings.max_ciphertext_bytes)
+    result = await ops.predict(ops.default, caller, check_key_id(uid.strip().lower()), ciphertext)
     return Response(result, media_type=OCTET_STREAM)

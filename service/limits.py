@@ -41,7 +41,7 @@ class RequestLimits:
         size = len(scope.get("raw_path") or b"") + len(scope.get("query_string") or b"")
         size += sum(len(name) + len(value) + 4 for name, value in scope["headers"])
         if size > self.max_header_bytes:
-            error = FHEBentoError(431, "headers_too_large",
+            error = FHEBentoError("headers_too_large",
                                   f"the request line and headers are {size} bytes; the limit is {self.max_header_bytes}")
             await JSONResponse(error.body(), status_code=error.status)(scope, receive, send)
             return
@@ -83,7 +83,7 @@ class RequestLimits:
             log.warning("request over FHE_BENTO_REQUEST_TIMEOUT (%ss): %s %s", self.timeout, scope["method"], scope["path"])
             if started:  # the answer is half sent: all that is left is to cut the connection
                 raise
-            error = FHEBentoError(504, "request_timeout", f"the request took over {self.timeout} s")
+            error = FHEBentoError("request_timeout", f"the request took over {self.timeout} s")
             await JSONResponse(error.body(), status_code=error.status)(scope, receive, send)
         finally:
             watcher.cancel()

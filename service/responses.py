@@ -4,9 +4,8 @@ from __future__ import annotations
 
 from fastapi.responses import FileResponse
 
+from protocol.names import CLIENT_SHA_HEADER
 from runners.model_repo import ModelSpec
-
-CLIENT_SHA_HEADER = "X-FHE-Client-SHA256"
 
 
 def client_zip_response(spec: ModelSpec) -> FileResponse:

@@ -63,7 +63,7 @@ def assert_error(response, status: int, code: str) -> None:
 def assert_documented_rejection(response) -> str:
     """A 4xx in the JSON error shape whose code is one of the documented ones, with its documented status;
     returns the code."""
-    from runners.errors import ERROR_CODES
+    from protocol.errors import ERROR_CODES
 
     assert 400 <= response.status_code < 500, (response.status_code, response.text[:300])
     code = response.json()["error"]["code"]
@@ -93,7 +93,7 @@ def server_workdir() -> Path:
 
 @pytest.fixture(scope="session")
 def server(demo: Demo, server_workdir: Path):
-    from modelkit.devserver import Server
+    from harness.devserver import Server
 
     srv = Server(
         server_workdir,
@@ -119,7 +119,7 @@ def client_cache() -> Path:
 @pytest.fixture(scope="session")
 def moto_url():
     """moto in server mode on 127.0.0.1, with boto3 (here and in child processes) pointed at it."""
-    from modelkit.devserver import MotoServer
+    from harness.devserver import MotoServer
 
     moto = MotoServer()
     saved = {name: os.environ.get(name) for name in moto.env()}

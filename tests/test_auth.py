@@ -11,11 +11,11 @@ import pytest
 from client import FHEClient
 from client.http_transport import FHEServiceError
 from conftest import LOGREG, XGB, assert_error
-from modelkit.devserver import Server
+from harness.devserver import Server
 from runners.errors import FHEBentoError
-from service import wire
+from protocol import wire
 from service.auth import TokenAuth
-from service.sagemaker import ATTRIBUTES_HEADER
+from protocol.names import ATTRIBUTES_HEADER
 
 ALICE, BOB, ADMIN = "alice-predict-token", "bob-predict-token", "the-admin-token"
 KEY_ID = "cd" * 32

@@ -12,7 +12,7 @@ import pytest
 
 from client import FHEClient
 from conftest import LOGREG, XGB, assert_error
-from service import wire
+from protocol import wire
 
 OCTET = {"Content-Type": "application/octet-stream"}
 

@@ -12,7 +12,7 @@ import pytest
 
 from client import FHEClient
 from conftest import XGB
-from modelkit.devserver import Server
+from harness.devserver import Server
 
 
 def test_concurrent_clients_with_their_own_keys_get_their_own_answers(server, demo, tmp_path):

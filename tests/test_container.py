@@ -14,10 +14,11 @@ import httpx
 import pytest
 
 from client import FHEClient
-from client.sagemaker_transport import ATTRIBUTES_HEADER, LocalInvoker, SageMakerTransport
-from client.uploads import PART_BYTES
+from client.sagemaker_transport import LocalInvoker, SageMakerTransport
+from protocol.names import ATTRIBUTES_HEADER
+from protocol.names import PART_BYTES
 from conftest import LOGREG, REAL_XGB_CIPHERTEXT, XGB, real_body
-from modelkit.devserver import ROOT
+from harness.devserver import ROOT
 
 PORT = 8080  # SageMaker's
 URL = f"http://127.0.0.1:{PORT}"

@@ -14,8 +14,9 @@ from hypothesis import strategies as st
 
 from conftest import LOGREG, XGB, assert_documented_rejection
 from runners.errors import FHEBentoError
-from service import wire
-from service.sagemaker import ATTRIBUTES_HEADER, Attributes, parse_attributes
+from protocol import wire
+from protocol.names import ATTRIBUTES_HEADER
+from service.sagemaker import Attributes, parse_attributes
 
 KEY_ID = "ab" * 32
 HTTP = settings(max_examples=40, deadline=None, suppress_health_check=[HealthCheck.too_slow])

@@ -20,7 +20,7 @@ from hypothesis import strategies as st
 
 from client import FHEClient
 from conftest import LOGREG, XGB, assert_documented_rejection, imported_spec
-from modelkit.capnp_attacks import FAMILIES, mutate, payloads, split_blobs, unfar, write_message
+from harness.capnp_attacks import FAMILIES, mutate, payloads, split_blobs, unfar, write_message
 from runners.capnp_wire import MalformedMessage, first_difference, read_shape
 from runners.errors import FHEBentoError
 from runners.model_repo import ModelSpec

@@ -1,17 +1,16 @@
 """Bounded load and fault test: clients send valid and invalid requests to two replicas sharing a key
-store while one replica is SIGKILLed and restarted mid-run (scenario: modelkit/loadfault.py). Nothing
+store while one replica is SIGKILLed and restarted mid-run (scenario: harness/loadfault.py). Nothing
 accepted is lost, no answer is a 5xx, every 200 decrypts correctly, and memory is back near its start."""
 
 from __future__ import annotations
 
 import httpx
-import numpy as np
 import pytest
 
 from client import FHEClient
 from conftest import LOGREG, XGB
-from modelkit import loadfault
-from modelkit.devserver import Server
+from harness import loadfault
+from harness.devserver import Server
 
 ROUNDS = 4
 

@@ -13,9 +13,9 @@ import pytest
 
 from client import FHEClient
 from client.http_transport import HTTPTransport
-from client.uploads import PART_BYTES
+from protocol.names import PART_BYTES
 from conftest import LOGREG, XGB
-from modelkit.devserver import Server
+from harness.devserver import Server
 
 BUCKET = "fhe-bento-keys"
 OCTET = {"Content-Type": "application/octet-stream"}

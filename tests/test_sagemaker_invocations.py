@@ -9,9 +9,10 @@ import httpx
 import pytest
 
 from client import FHEClient, FHEServiceError
-from client.sagemaker_transport import ATTRIBUTES_HEADER, LocalInvoker, SageMakerTransport
+from client.sagemaker_transport import LocalInvoker, SageMakerTransport
+from protocol.names import ATTRIBUTES_HEADER
 from conftest import LOGREG, REAL_XGB_CIPHERTEXT, XGB, real_body
-from service import wire
+from protocol import wire
 
 
 @pytest.fixture(scope="module")

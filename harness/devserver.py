@@ -25,7 +25,12 @@ def free_port() -> int:
 class Server:
     """A `bentoml serve` process of the fhe-bento service, restartable on the same port and key store."""
 
-    def __init__(self, workdir: Path, env: dict[str, str]) -> None:
+    def __init__(self, workdir: Path, env: dict[str, str], target: str = "service.app:FHEBento",
+                 ready_path: str = "/ping") -> None:
+        """`target`: what `bentoml serve` serves (the whole service, or the runner alone, which has no /ping
+        and is ready at BentoML's own /readyz)."""
+        self.target = target
+        self.ready_path = ready_path
         self.port = free_port()
         self.url = f"http://127.0.0.1:{self.port}"
         self.workdir = workdir
@@ -43,7 +48,7 @@ class Server:
     def start(self, timeout: float = 180.0) -> None:
         log = self.log_path.open("ab")
         self.proc = subprocess.Popen(
-            [sys.executable, "-m", "bentoml", "serve", "service.app:FHEBento", "--host", "127.0.0.1",
+            [sys.executable, "-m", "bentoml", "serve", self.target, "--host", "127.0.0.1",
              "--port", str(self.port)],
             cwd=ROOT, env=self.env, stdout=log, stderr=subprocess.STDOUT, start_new_session=True,
         )
@@ -52,7 +57,7 @@ class Server:
             if self.proc.poll() is not None:
                 raise RuntimeError(f"server exited early:\n{self.log()[-4000:]}")
             try:
-                if httpx.get(f"{self.url}/ping", timeout=2).status_code == 200:
+                if httpx.get(f"{self.url}{self.ready_path}", timeout=2).status_code == 200:
                     return
             except httpx.HTTPError:
                 pass

@@ -20,8 +20,8 @@ import psutil
 
 from client.api import RemoteModel
 from client.http_transport import OCTET
-from modelkit.devserver import Server
-from service import wire
+from harness.devserver import Server
+from protocol import wire
 
 
 @dataclass
@@ -166,7 +166,7 @@ def markdown(outcome: Outcome, keys_lost: int, wrong_predictions: int, cores: in
     return f"""# Reliability
 
 Produced by `bench/reliability.py` (the scenario of `tests/test_reliability.py`, in
-`modelkit/loadfault.py`) on one machine with {cores} cores. Two replicas of `bentoml serve` share one
+`harness/loadfault.py`) on one machine with {cores} cores. Two replicas of `bentoml serve` share one
 `file://` key store. {len(outcome.accepted_keys)} clients, each with its own XGB evaluation key, send a
 fixed mix of valid requests (key upload, XGB and logistic-regression predictions, batches) and invalid ones
 (garbage ciphertext, truncated key, wrong content type, unknown key, broken batch framing, unknown model),

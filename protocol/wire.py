@@ -1,4 +1,4 @@
-"""Wire formats shared by the service and the client (batch framing, async envelope). No server imports.
+"""Wire formats shared by the service and the client: batch framing and the async envelope.
 
 A batch is `b"FHB1"`, a big-endian u32 row count, then for each row a big-endian u32 length and that
 many bytes. Answers use the same framing, rows in request order.
@@ -14,7 +14,6 @@ from pydantic import BaseModel, ConfigDict, Field, ValidationError
 MAGIC = b"FHB1"
 _U32 = struct.Struct(">I")
 CONTENT_TYPE = "application/vnd.fhe-bento.batch"
-OCTET_STREAM = "application/octet-stream"
 
 
 class FramingError(ValueError):

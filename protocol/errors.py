@@ -1,0 +1,24 @@
+"""Every error code the server sends, with its HTTP status: the one registry. An error answer is
+`{"error": {"code": ..., "message": ...}}`; the README's error table lists exactly these codes (a test
+checks), and the fuzz tests check that every rejection is one of them."""
+
+from __future__ import annotations
+
+ERROR_CODES: dict[str, int] = {
+    **dict.fromkeys((
+        "empty_body", "incomplete_body", "invalid_ciphertext", "invalid_batch", "invalid_key", "invalid_key_id",
+        "missing_key_id", "invalid_multipart", "missing_field", "invalid_request", "invalid_attributes",
+        "invalid_envelope", "invalid_part", "missing_parts", "digest_mismatch", "invalid_scope",
+    ), 400),
+    "auth_required": 401, "invalid_token": 401, "forbidden": 403,
+    "unknown_model": 404, "unknown_key": 404, "method_not_allowed": 405,
+    "body_timeout": 408, "payload_too_large": 413, "key_store_full": 413,
+    "batch_too_long": 413,
+    "unsupported_media_type": 415, "ciphertext_mismatch": 422, "key_mismatch": 422, "too_many_uploads": 429,
+    "headers_too_large": 431,
+    "not_ready": 503, "runner_unavailable": 503, "overloaded": 503, "request_timeout": 504,
+}
+
+# Codes a client retries after the answer's Retry-After: the model is overloaded, or its runner is
+# restarting.
+RETRYABLE_CODES = frozenset({"overloaded", "runner_unavailable"})

@@ -1,0 +1,18 @@
+"""The key store named by a URL: `file:///path` (the embedded default) or `s3://bucket/prefix`."""
+
+from __future__ import annotations
+
+from pathlib import Path
+from urllib.parse import unquote, urlparse
+
+from runners.key_store import FileKeyStore, KeyStore
+from runners.s3_key_store import S3KeyStore
+
+
+def open_store(url: str) -> KeyStore:
+    parsed = urlparse(url)
+    if parsed.scheme == "file":
+        return FileKeyStore(Path(unquote(parsed.path)))
+    if parsed.scheme == "s3" and parsed.netloc:
+        return S3KeyStore(parsed.netloc, parsed.path)
+    raise ValueError(f"unsupported key store URL {url!r} (use file:///path or s3://bucket/prefix)")

@@ -1,0 +1,162 @@
+"""The operations of the fhe-bento service, whatever the transport: one plain class.
+
+The native routes (`service/routes.py`), SageMaker's `/invocations` (`service/sagemaker.py`) and the
+Zama-compatible routes (`service/compat.py`) get it by dependency injection (`current_operations`), read
+their bodies by the one spec per operation (`service/bodies.py`), and call it. It holds no key state: every
+key operation is a call to the FHE runner, which owns the keys (`runners/key_service.py`).
+"""
+
+from __future__ import annotations
+
+import asyncio
+import logging
+from pathlib import Path
+from typing import Any
+
+import bentoml
+import httpx
+
+from protocol import wire
+from runners.errors import FHEBentoError
+from runners.key_store import check_key_id
+from runners.model_repo import ModelSpec
+from runners.runner_api import KeyPart, KeyUpload, Rows, RunnerReply
+from runners.settings import Settings
+from service.admission import Admission
+from service.auth import Caller
+from service.limits import request_deadline
+
+log = logging.getLogger("bentoml.fhe_bento.service")
+RUNNER_RETRY_AFTER = 5  # seconds a client is told to wait when the runner does not answer
+
+
+def decode_rows(body: bytes, max_rows: int) -> list[bytes]:
+    try:
+        return wire.decode_batch(body, max_rows)
+    except wire.FramingError as exc:
+        raise FHEBentoError("invalid_batch", str(exc)) from None
+
+
+class Operations:
+    def __init__(self, runner: Any, specs: dict[str, ModelSpec], default: ModelSpec, settings: Settings,
+                 admission: Admission) -> None:
+        """`runner`: the FHE runner's client (`bentoml.depends`), or an `FHERunner` itself in process."""
+        self.runner = runner
+        self.specs = specs
+        self.default = default
+        self.settings = settings
+        self.admission = admission
+
+    def spec(self, name: str | None) -> ModelSpec:
+        if name is None:
+            return self.default
+        try:
+            return self.specs[name]
+        except KeyError:
+            raise FHEBentoError("unknown_model", f"no model named {name!r} is served") from None
+
+    def list_models(self) -> list[dict]:
+        return [spec.public() for spec in self.specs.values()]
+
+    async def call(self, method: str, **kwargs: Any) -> RunnerReply:
+        """A runner call, its in-band error raised. Runner calls are safe to repeat (FHE is pure, key
+        registration is content-addressed), and a pooled connection that the runner closed as idle fails at
+        once: so one retry, but not after a timeout, which already took the whole request time."""
+        for attempt in (1, 2):
+            try:
+                reply = await getattr(self.runner.to_async, method)(**kwargs)
+            except Exception as exc:
+                timed_out = isinstance(exc, (asyncio.TimeoutError, httpx.TimeoutException))
+                log.warning("runner call %s failed (attempt %d): %s", method, attempt, type(exc).__name__)
+                if attempt == 2 or timed_out:
+                    raise FHEBentoError("runner_unavailable", "the FHE runner did not answer; retry",
+                                        headers={"Retry-After": str(RUNNER_RETRY_AFTER)}) from None
+                continue
+            return reply.unwrap()
+        raise AssertionError("unreachable: the second attempt returns or raises")
+
+    # --- predictions ----------------------------------------------------------------------------------
+
+    async def predict(self, spec: ModelSpec, caller: Caller, key_id: str | None, ciphertext: bytes) -> bytes:
+        return (await self._rows("predict", spec, caller, key_id, [ciphertext])).payload
+
+    async def predict_batch(self, spec: ModelSpec, caller: Caller, key_id: str | None, rows: list[bytes]) -> list[bytes]:
+        return (await self._rows("predict_batch", spec, caller, key_id, rows)).payload
+
+    async def _rows(self, method: str, spec: ModelSpec, caller: Caller, key_id: str | None,
+                    rows: list[bytes]) -> RunnerReply:
+        call = Rows(model=spec.name, tenant=caller.tenant, key_id=key_id, ciphertexts=rows,
+                    deadline=request_deadline(self.settings.request_timeout))
+        async with self.admission.admit(spec, len(rows)):
+            reply = await self.call(method, call=call)
+        self.admission.observe(spec.name, reply.info["row_seconds"])
+        return reply
+
+    async def envelope(self, caller: Caller, path: Path, model: str | None, key_id: str | None) -> bytes:
+        """Run a spooled async-inference envelope: its optional inline key (registered like an upload),
+        then its batch. Returns the encoded results."""
+        settings = self.settings
+        with path.open("rb") as fh:
+            try:
+                header, offset = wire.read_envelope_header(fh.read(len(wire.ENVELOPE_MAGIC) + 4 + wire.MAX_ENVELOPE_HEADER))
+            except wire.FramingError as exc:
+                raise FHEBentoError("invalid_envelope", str(exc)) from None
+            spec = self.spec(header.model or model)
+            fh.seek(offset)
+            key_id = header.key_id or key_id
+            if header.key_bytes:
+                if header.key_bytes > settings.max_key_bytes:
+                    raise FHEBentoError("payload_too_large", "the inline key is over FHE_BENTO_MAX_KEY_BYTES")
+                key = fh.read(header.key_bytes)
+                if len(key) < header.key_bytes:
+                    raise FHEBentoError("invalid_envelope", "the envelope ends inside its evaluation key")
+                key_id = (await self.register_key(spec, caller, key))[0]["key_id"]
+            rows_body = fh.read(settings.max_batch_bytes + 1)
+        if len(rows_body) > settings.max_batch_bytes:
+            raise FHEBentoError("payload_too_large", "the envelope's batch is over FHE_BENTO_MAX_BATCH_BYTES")
+        results = await self.predict_batch(spec, caller, key_id, decode_rows(rows_body, settings.max_batch_rows))
+        return wire.encode_batch(results)
+
+    # --- keys: each a call to the runner's key service ------------------------------------------------
+
+    async def register_key(self, spec: ModelSpec, caller: Caller, key: bytes) -> tuple[dict, int]:
+        """Returns (answer, status): 201 when the key is new, 200 when it was registered already."""
+        reply = await self.call("register_key", upload=KeyUpload(model=spec.name, tenant=caller.tenant, key=key))
+        return _key_answer(reply.info)
+
+    async def put_key_part(self, spec: ModelSpec, caller: Caller, key_id: str, index: int, data: bytes) -> dict:
+        part = KeyPart(model=spec.name, tenant=caller.tenant, key_id=check_key_id(key_id), index=index, data=data)
+        return (await self.call("put_key_part", part=part)).info
+
+    async def key_parts(self, spec: ModelSpec, caller: Caller, key_id: str) -> dict:
+        return (await self.call("key_parts", **self._key(spec, caller, key_id))).info
+
+    async def complete_key(self, spec: ModelSpec, caller: Caller, key_id: str, count: int) -> tuple[dict, int]:
+        return _key_answer((await self.call("complete_key", count=count, **self._key(spec, caller, key_id))).info)
+
+    async def has_key(self, spec: ModelSpec, caller: Caller, key_id: str) -> bool:
+        return bool((await self.call("has_key", **self._key(spec, caller, key_id))).info)
+
+    async def delete_key(self, spec: ModelSpec, caller: Caller, key_id: str) -> None:
+        await self.call("delete_key", **self._key(spec, caller, key_id))
+
+    async def list_keys(self) -> list[dict]:
+        """Every stored key of every model and tenant (admin)."""
+        return (await self.call("list_keys")).info
+
+    async def delete_any_key(self, scope: str, key_id: str) -> None:
+        """Delete a key found with `list_keys` (admin)."""
+        await self.call("delete_any_key", scope=scope, key_id=check_key_id(key_id))
+
+    @staticmethod
+    def _key(spec: ModelSpec, caller: Caller, key_id: str) -> dict:
+        return {"model": spec.name, "tenant": caller.tenant, "key_id": check_key_id(key_id)}
+
+
+def _key_answer(info: dict) -> tuple[dict, int]:
+    return {"key_id": info["key_id"], "bytes": info["bytes"]}, 201 if info["created"] else 200
+
+
+def current_operations() -> Operations:
+    """The serving service's operations: a FastAPI dependency, which in-process tests override."""
+    return bentoml.get_current_service().ops

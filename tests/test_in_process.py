@@ -1,0 +1,146 @@
+"""Operations and routes in process: the service's FastAPI app through Starlette's TestClient, its
+operations and runner health injected (FastAPI dependency overrides) around a real `FHERunner` running in
+this process, with its real engine processes and concrete. No `bentoml serve`, no mocks.
+
+These reach the branches of key uploads and `/invocations` directly, much faster than through a server.
+"""
+
+from __future__ import annotations
+
+import hashlib
+import time
+
+import pytest
+from fastapi.testclient import TestClient
+
+from client import FHEClient, RemoteModel
+from client.http_transport import HTTPTransport
+from conftest import LOGREG, XGB, assert_error
+from protocol import wire
+from protocol.names import ATTRIBUTES_HEADER, KEY_ID_HEADER, OCTET_STREAM, PART_BYTES
+
+OCTET = {"Content-Type": OCTET_STREAM}
+
+
+@pytest.fixture(scope="module")
+def http(demo):
+    """The app with a real runner in this process, on the session's BentoML home (its demo models, and a
+    key store and staging folder of this test run alone)."""
+    from runners.fhe_runner import FHERunner
+    from runners.model_repo import default_model, load_specs
+    from runners.settings import get_settings
+    from service.admission import Admission
+    from service.app import app
+    from service.operations import Operations, current_operations
+    from service.runner_health import RunnerHealth, current_health
+
+    settings = get_settings()
+    runner = FHERunner()
+    specs = load_specs(settings)
+    ops = Operations(runner, specs, default_model(settings, specs), settings,
+                     Admission(settings.max_queue_rows, settings.request_timeout, parallelism=2, batch_parallelism=1))
+    health = RunnerHealth(runner, settings.runner_down_seconds, stop_when_down=False)
+    app.dependency_overrides[current_operations] = lambda: ops
+    app.dependency_overrides[current_health] = lambda: health
+    try:
+        with TestClient(app) as client:
+            client.staging = settings.staging_path()
+            deadline = time.monotonic() + 300
+            while client.get("/ping").status_code != 200:  # the engine loads its models
+                assert time.monotonic() < deadline, "the in-process engine never became ready"
+                time.sleep(0.2)
+            yield client
+    finally:
+        app.dependency_overrides.clear()
+        runner.engine.shutdown()
+
+
+def _client(http, cache_dir) -> FHEClient:
+    return FHEClient(transport=HTTPTransport("http://testserver", client=http), cache_dir=cache_dir, progress=False,
+                     concurrency=1)
+
+
+@pytest.fixture(scope="module")
+def owner(http, tmp_path_factory) -> RemoteModel:
+    """An XGB data owner speaking to the in-process app; its key is made once (59 MB)."""
+    return _client(http, tmp_path_factory.mktemp("owner")).model(XGB)
+
+
+def test_keyless_model_predicts_through_native_route_and_invocations(http, demo, tmp_path):
+    logreg = _client(http, tmp_path).model(LOGREG)
+    x = demo.x_test[:2]
+    rows = logreg.encrypt(x)
+    native = http.post(f"/v1/models/{LOGREG}/predict", content=rows[0], headers=OCTET)
+    assert native.status_code == 200, native.text
+    batch = http.post("/invocations", content=wire.encode_batch(rows), headers={
+        "Content-Type": wire.CONTENT_TYPE, ATTRIBUTES_HEADER: f"op=predict_batch; model={LOGREG}"})
+    assert batch.status_code == 200, batch.text
+    answers = [native.content, wire.decode_batch(batch.content, 2)[1]]
+    got = [logreg.labels(logreg.decrypt(answer).reshape(1, -1))[0] for answer in answers]
+    assert got == list(demo.clear_predict(LOGREG, x))
+
+
+def test_invocations_read_each_body_as_its_native_route_does(http):
+    # predict takes one ciphertext (octet-stream), as POST .../predict does: the batch type is refused.
+    refused = http.post("/invocations", content=b"x", headers={
+        "Content-Type": wire.CONTENT_TYPE, ATTRIBUTES_HEADER: f"op=predict; model={LOGREG}"})
+    assert_error(refused, 415, "unsupported_media_type")
+    assert_error(http.post("/invocations", content=b"x", headers={**OCTET, ATTRIBUTES_HEADER: "op=nope"}),
+                 400, "invalid_attributes")
+    big = http.post("/invocations", content=b"x" * (PART_BYTES + 1), headers={
+        **OCTET, ATTRIBUTES_HEADER: f"op=put_key_part; model={XGB}; key={'0' * 64}; part=0"})
+    assert_error(big, 413, "payload_too_large")
+    unknown = http.post("/invocations", content=b"x", headers={**OCTET, ATTRIBUTES_HEADER: "op=predict; model=nope"})
+    assert_error(unknown, 404, "unknown_model")
+
+
+def test_whole_upload_predict_and_delete(http, demo, owner):
+    key = owner.evaluation_key()
+    key_id = hashlib.sha256(key).hexdigest()
+    created = http.post(f"/v1/models/{XGB}/keys", content=key, headers=OCTET)
+    assert created.status_code == 201 and created.json() == {"key_id": key_id, "bytes": len(key)}
+    assert http.post(f"/v1/models/{XGB}/keys", content=key, headers=OCTET).status_code == 200
+    assert [k["key_id"] for k in http.get("/v1/keys").json()] == [key_id]
+    x = demo.x_test[:1]
+    answer = http.post(f"/v1/models/{XGB}/predict", content=owner.encrypt(x)[0], headers={**OCTET, KEY_ID_HEADER: key_id})
+    assert answer.status_code == 200, answer.text
+    assert owner.labels(owner.decrypt(answer.content).reshape(1, -1))[0] == demo.clear_predict(XGB, x)[0]
+    assert http.delete(f"/v1/models/{XGB}/keys/{key_id}").status_code == 204
+    assert_error(http.delete(f"/v1/models/{XGB}/keys/{key_id}"), 404, "unknown_key")
+    assert http.get("/v1/keys").json() == []
+    assert not list(http.staging.iterdir())
+
+
+def test_part_upload_branches(http, owner):
+    key = owner.evaluation_key()
+    key_id = hashlib.sha256(key).hexdigest()
+    parts = [key[i:i + PART_BYTES] for i in range(0, len(key), PART_BYTES)]
+    base = f"/v1/models/{XGB}/keys/{key_id}"
+    for index in reversed(range(1, len(parts))):  # any order; part 0 missing for now
+        assert http.put(f"{base}/parts/{index}", content=parts[index], headers=OCTET).status_code == 200
+    assert http.put(f"{base}/parts/1", content=parts[1], headers=OCTET).status_code == 200  # resent: harmless
+    assert http.get(f"{base}/parts").json()["parts"] == list(range(1, len(parts)))
+    assert_error(http.post(f"{base}/complete", params={"parts": len(parts)}), 400, "missing_parts")
+    assert_error(http.post(f"{base}/complete", params={"parts": len(parts) + 5}), 400, "invalid_part")
+    assert http.get(f"{base}/parts").json()["parts"] == list(range(1, len(parts)))  # kept for a resume
+    assert http.put(f"{base}/parts/0", content=parts[0], headers=OCTET).status_code == 200
+    done = http.post(f"{base}/complete", params={"parts": len(parts)})
+    assert done.status_code == 201, done.text
+    assert done.json() == {"key_id": key_id, "bytes": len(key)}
+    again = http.post(f"{base}/complete", params={"parts": len(parts)})  # registered already
+    assert again.status_code == 200 and again.json()["key_id"] == key_id
+    assert http.get(f"{base}/parts").json()["parts"] == []
+    assert http.head(base).status_code == 200
+    assert not list(http.staging.iterdir())
+
+
+def test_parts_that_do_not_hash_to_their_key_id_are_dropped(http, owner):
+    key = owner.evaluation_key()
+    wrong = hashlib.sha256(b"another key").hexdigest()
+    base = f"/v1/models/{XGB}/keys/{wrong}"
+    parts = [key[i:i + PART_BYTES] for i in range(0, len(key), PART_BYTES)]
+    for index, part in enumerate(parts):
+        assert http.put(f"{base}/parts/{index}", content=part, headers=OCTET).status_code == 200
+    assert_error(http.post(f"{base}/complete", params={"parts": len(parts)}), 400, "digest_mismatch")
+    assert http.get(f"{base}/parts").json()["parts"] == []
+    assert http.head(base).status_code == 404
