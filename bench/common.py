@@ -15,7 +15,7 @@ MODEL = "breast-cancer-xgb"
 def setup_home() -> Path:
     """Point BentoML at a fresh home and import the XGB demo model into it (call before other imports)."""
     os.environ["BENTOML_HOME"] = tempfile.mkdtemp(prefix="fhe-bento-bench-")
-    from modelkit.demo import build_and_import
+    from fhe_bento.modelkit.demo import build_and_import
 
     build_and_import([MODEL])
     return Path(os.environ["BENTOML_HOME"])

@@ -36,7 +36,7 @@ def _ping(server) -> int:
 
 def run(home: Path, x, clear_predict) -> str:
     """The section's markdown; `clear_predict(model, rows)` gives the clear quantized labels."""
-    from client import FHEClient
+    from fhe_bento.client import FHEClient
     from harness.capnp_attacks import FAMILIES, mutate
     from harness.devserver import Server
     from harness.loadfault import tree_rss

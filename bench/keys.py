@@ -27,9 +27,9 @@ def main() -> None:
     home = setup_home()
     import boto3
 
-    from client import FHEClient
-    from client.http_transport import HTTPTransport
-    from modelkit.demo import load_data
+    from fhe_bento.client import FHEClient
+    from fhe_bento.client.http_transport import HTTPTransport
+    from fhe_bento.modelkit.demo import load_data
     from harness.devserver import MotoServer
 
     moto = MotoServer()

@@ -77,8 +77,8 @@ def main() -> None:
     home = setup_home()
     import bentoml
 
-    from client import FHEClient
-    from modelkit.demo import load_data
+    from fhe_bento.client import FHEClient
+    from fhe_bento.modelkit.demo import load_data
 
     model_path = Path(bentoml.models.get(f"{MODEL}:latest").path)
     workdir = home / "bench"

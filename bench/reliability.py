@@ -16,9 +16,9 @@ XGB, LOGREG = "breast-cancer-xgb", "breast-cancer-logreg"
 
 def main() -> None:
     os.environ["BENTOML_HOME"] = tempfile.mkdtemp(prefix="fhe-bento-reliability-")
-    from client import FHEClient
+    from fhe_bento.client import FHEClient
     from harness import loadfault
-    from modelkit.demo import import_trained, train
+    from fhe_bento.modelkit.demo import import_trained, train
     from harness.devserver import Server
 
     models, data = train()

@@ -106,7 +106,7 @@ def wire_bytes(url: str, key_id: str, ciphertext: bytes, key_bytes: int) -> dict
 def image_figures(image: str) -> dict:
     size = int(subprocess.run(["podman", "image", "inspect", "--format", "{{.Size}}", image],
                               capture_output=True, text=True, check=True).stdout.strip())
-    from modelkit.sagemaker_deploy import model_folders_from_store, write_model_dir
+    from fhe_bento.modelkit.sagemaker_deploy import model_folders_from_store, write_model_dir
 
     models = write_model_dir(model_folders_from_store([f"{MODEL}:latest"]), Path(os.environ["BENTOML_HOME"]) / "opt-ml")
     started = time.perf_counter()
@@ -164,8 +164,8 @@ def main() -> None:
     home = setup_home()
     import bentoml
 
-    from client import FHEClient
-    from modelkit.demo import load_data
+    from fhe_bento.client import FHEClient
+    from fhe_bento.modelkit.demo import load_data
 
     model_path = Path(bentoml.models.get(f"{MODEL}:latest").path)
     store = (home / "keys").as_uri()

@@ -22,7 +22,7 @@ from typing import Protocol
 import numpy as np
 from tqdm.auto import tqdm
 
-from client.http_transport import FHEServiceError, HTTPTransport
+from fhe_bento.client.http_transport import FHEServiceError, HTTPTransport
 
 
 class Transport(Protocol):
@@ -269,7 +269,7 @@ class FHEClient:
     ) -> "FHEClient":
         """A client of a SageMaker endpoint. `mode="async"` needs `input_prefix` (s3://bucket/prefix for
         envelopes) and `models` (the model folders, local or the deployed s3://.../model.tar.gz)."""
-        from client.sagemaker_transport import AsyncSageMakerTransport, ModelFolders, RuntimeInvoker, SageMakerTransport
+        from fhe_bento.client.sagemaker_transport import AsyncSageMakerTransport, ModelFolders, RuntimeInvoker, SageMakerTransport
 
         if mode == "realtime":
             return cls(transport=SageMakerTransport(RuntimeInvoker(endpoint_name, runtime_client)), **options)

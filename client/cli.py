@@ -21,7 +21,7 @@ def main() -> None:
 @click.option("--token", envvar="FHE_BENTO_TOKEN", help="Bearer token, if the server needs one.")
 def models(url: str, token: str | None) -> None:
     """List the models a server serves."""
-    from client.http_transport import HTTPTransport
+    from fhe_bento.client.http_transport import HTTPTransport
 
     for info in HTTPTransport(url, token=token).list_models():
         click.echo(f"{info['name']}:{info['version']}  {info['model_class']}  features={info['n_features']}  "
@@ -40,7 +40,7 @@ def models(url: str, token: str | None) -> None:
 def predict(url: str, token: str | None, model_name: str, output: Path | None, proba: bool, batch_size: int,
             concurrency: int, data: Path) -> None:
     """Encrypt each row of the CSV file DATA, predict on the server, and write the decrypted answers."""
-    from client.api import FHEClient
+    from fhe_bento.client.api import FHEClient
 
     model = FHEClient(url, batch_size=batch_size, concurrency=concurrency, token=token).model(model_name)
     total, rows = _csv_rows(data)

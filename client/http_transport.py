@@ -7,10 +7,10 @@ from collections.abc import Callable
 
 import httpx
 
-from client.uploads import upload_key
-from protocol import wire
-from protocol.errors import RETRYABLE_CODES as SERVICE_RETRYABLE
-from protocol.names import CLIENT_SHA_HEADER, KEY_ID_HEADER, OCTET_STREAM, PART_BYTES
+from fhe_bento.client.uploads import upload_key
+from fhe_bento.protocol import wire
+from fhe_bento.protocol.errors import RETRYABLE_CODES as SERVICE_RETRYABLE
+from fhe_bento.protocol.names import CLIENT_SHA_HEADER, KEY_ID_HEADER, OCTET_STREAM, PART_BYTES
 
 OCTET = {"Content-Type": OCTET_STREAM}
 # A 429/503 the client retries after Retry-After: one of the service's retryable codes, or

@@ -27,10 +27,10 @@ from urllib.parse import urlparse
 import httpx
 from tqdm.auto import tqdm
 
-from client.http_transport import FHEServiceError, error_from_body, retry_after_seconds
-from client.uploads import upload_key
-from protocol import wire
-from protocol.names import ATTRIBUTES_HEADER, OCTET_STREAM, PART_BYTES
+from fhe_bento.client.http_transport import FHEServiceError, error_from_body, retry_after_seconds
+from fhe_bento.client.uploads import upload_key
+from fhe_bento.protocol import wire
+from fhe_bento.protocol.names import ATTRIBUTES_HEADER, OCTET_STREAM, PART_BYTES
 
 
 

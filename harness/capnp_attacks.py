@@ -11,7 +11,7 @@ from __future__ import annotations
 import struct
 from typing import Callable
 
-from runners.capnp_wire import COMPOSITE_LIST, POINTER_LIST, Shape, read_shape
+from fhe_bento.runners.capnp_wire import COMPOSITE_LIST, POINTER_LIST, Shape, read_shape
 
 _MASK32 = (1 << 32) - 1
 

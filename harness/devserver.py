@@ -25,7 +25,7 @@ def free_port() -> int:
 class Server:
     """A `bentoml serve` process of the fhe-bento service, restartable on the same port and key store."""
 
-    def __init__(self, workdir: Path, env: dict[str, str], target: str = "service.app:FHEBento",
+    def __init__(self, workdir: Path, env: dict[str, str], target: str = "fhe_bento.service.app:FHEBento",
                  ready_path: str = "/ping") -> None:
         """`target`: what `bentoml serve` serves (the whole service, or the runner alone, which has no /ping
         and is ready at BentoML's own /readyz)."""

@@ -18,10 +18,10 @@ import httpx
 import numpy as np
 import psutil
 
-from client.api import RemoteModel
-from client.http_transport import OCTET
+from fhe_bento.client.api import RemoteModel
+from fhe_bento.client.http_transport import OCTET
 from harness.devserver import Server
-from protocol import wire
+from fhe_bento.protocol import wire
 
 
 @dataclass

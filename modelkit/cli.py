@@ -7,8 +7,8 @@ from pathlib import Path
 
 import click
 
-from client.cli import main as client_main
-from protocol.names import DEMO_MODELS
+from fhe_bento.client.cli import main as client_main
+from fhe_bento.protocol.names import DEMO_MODELS
 
 
 @click.group(commands=list(client_main.commands.values()))
@@ -22,7 +22,7 @@ def main() -> None:
 @click.option("--classes", default=None, help="Comma-separated class labels, for a classifier.")
 def import_cmd(folder: Path, name: str, classes: str | None) -> None:
     """Import a concrete-ml FHEModelDev FOLDER (client.zip + server.zip) into the BentoML model store."""
-    from modelkit.importer import import_model
+    from fhe_bento.modelkit.importer import import_model
 
     labels = [_label(c) for c in classes.split(",")] if classes else None
     click.echo(f"imported {import_model(folder, name, labels)}")
@@ -31,7 +31,7 @@ def import_cmd(folder: Path, name: str, classes: str | None) -> None:
 @main.command("demo-models")
 def demo_models() -> None:
     """Train, compile and import the breast-cancer demo models (logistic regression and XGBoost)."""
-    from modelkit.demo import build_and_import
+    from fhe_bento.modelkit.demo import build_and_import
 
     for tag in build_and_import():
         click.echo(f"imported {tag}")
@@ -74,7 +74,7 @@ def deploy(endpoint_name: str, role_arn: str, bucket: str, prefix: str, image_ur
 
     import boto3
 
-    from modelkit import sagemaker_deploy as sd
+    from fhe_bento.modelkit import sagemaker_deploy as sd
 
     if bool(image_uri) == bool(push_image):
         raise click.UsageError("give exactly one of --image-uri or --push-image")
@@ -109,7 +109,7 @@ def delete(endpoint_name: str) -> None:
     """Delete an endpoint with its EndpointConfig and Model."""
     import boto3
 
-    from modelkit.sagemaker_deploy import delete_endpoint
+    from fhe_bento.modelkit.sagemaker_deploy import delete_endpoint
 
     delete_endpoint(boto3.client("sagemaker"), endpoint_name)
     click.echo(f"deleted {endpoint_name}")
@@ -123,6 +123,6 @@ def delete(endpoint_name: str) -> None:
 @click.option("--repository", default="localhost/fhe-bento", show_default=True, help="Image name to tag.")
 def build_image(backend: str, base_image: str | None, repository: str) -> None:
     """bentoml build + bentoml containerize: an image that serves /ping and /invocations on 8080."""
-    from modelkit.image import build_image as build
+    from fhe_bento.modelkit.image import build_image as build
 
     click.echo(build(backend, base_image, repository))

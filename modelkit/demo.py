@@ -68,7 +68,7 @@ def build_and_import(names: list[str] | None = None) -> list[str]:
 
 def import_trained(models: dict[str, Any]) -> list[str]:
     """Import fitted, compiled demo models into the BentoML store; returns their tags."""
-    from modelkit.importer import import_model
+    from fhe_bento.modelkit.importer import import_model
 
     tags = []
     with tempfile.TemporaryDirectory(prefix="fhe-bento-demo-") as tmp:

@@ -31,8 +31,10 @@ def bentofile_for_image(base_image: str) -> str:
 
 
 def source_version(bentofile: str) -> str:
+    """A digest of the bentofile and of every file it packs (its `include` globs and docker/)."""
     digest = hashlib.sha256(bentofile.encode())
-    for path in sorted([*ROOT.glob("service/*.py"), *ROOT.glob("runners/*.py"), *ROOT.glob("docker/*")]):
+    patterns = [*yaml.safe_load(bentofile).get("include", []), "docker/*"]
+    for path in sorted({path for pattern in patterns for path in ROOT.glob(pattern)}):
         digest.update(path.read_bytes())
     return digest.hexdigest()[:12]
 

@@ -17,7 +17,7 @@ from pathlib import Path
 from botocore.exceptions import WaiterError
 from pydantic import BaseModel, Field
 
-from runners.model_repo import METADATA_FILE
+from fhe_bento.runners.model_repo import METADATA_FILE
 
 MODEL_FILES = ("client.zip", "server.zip", METADATA_FILE)
 

@@ -32,13 +32,13 @@ from concurrent.futures import Future, ProcessPoolExecutor
 from concurrent.futures.process import BrokenProcessPool
 from typing import Any, Callable
 
-from runners import metrics
-from runners.errors import FHEBentoError
-from runners.key_cache import KeyCache
-from runners.key_registry import KeyRegistry
-from runners.key_store_url import open_store
-from runners.model_repo import ModelSpec, load_specs
-from runners.settings import get_settings
+from fhe_bento.runners import metrics
+from fhe_bento.runners.errors import FHEBentoError
+from fhe_bento.runners.key_cache import KeyCache
+from fhe_bento.runners.key_registry import KeyRegistry
+from fhe_bento.runners.key_store_url import open_store
+from fhe_bento.runners.model_repo import ModelSpec, load_specs
+from fhe_bento.runners.settings import get_settings
 
 log = logging.getLogger("bentoml.fhe_bento.engine")
 MONITOR_SECONDS = 0.5
@@ -166,7 +166,7 @@ def _deserialize_key(path: str) -> int:
 
 def _context() -> multiprocessing.context.BaseContext:
     context = multiprocessing.get_context("forkserver")
-    context.set_forkserver_preload(["concrete.fhe", "concrete.ml.deployment", "runners.engine"])
+    context.set_forkserver_preload(["concrete.fhe", "concrete.ml.deployment", "fhe_bento.runners.engine"])
     return context
 
 

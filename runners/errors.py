@@ -10,7 +10,7 @@ from __future__ import annotations
 
 from pydantic import BaseModel
 
-from protocol.errors import ERROR_CODES
+from fhe_bento.protocol.errors import ERROR_CODES
 
 
 class ErrorBody(BaseModel):

@@ -19,15 +19,15 @@ from typing import Any
 
 import bentoml
 
-from runners import metrics
-from runners.engine import Engine
-from runners.errors import FHEBentoError
-from runners.key_service import KeyService
-from runners.lifecycle import exit_nonzero_if_stopped, stop_server
-from runners.model_repo import ModelSpec, load_specs
-from runners.payload_check import check_ciphertext
-from runners.runner_api import KeyPart, KeyUpload, Rows, RunnerReply
-from runners.settings import get_settings
+from fhe_bento.runners import metrics
+from fhe_bento.runners.engine import Engine
+from fhe_bento.runners.errors import FHEBentoError
+from fhe_bento.runners.key_service import KeyService
+from fhe_bento.runners.lifecycle import exit_nonzero_if_stopped, stop_server
+from fhe_bento.runners.model_repo import ModelSpec, load_specs
+from fhe_bento.runners.payload_check import check_ciphertext
+from fhe_bento.runners.runner_api import KeyPart, KeyUpload, Rows, RunnerReply
+from fhe_bento.runners.settings import get_settings
 
 log = logging.getLogger("bentoml.fhe_bento.runner")
 settings = get_settings()

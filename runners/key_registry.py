@@ -17,10 +17,10 @@ import time
 from collections.abc import Iterator
 from pathlib import Path
 
-from runners import metrics
-from runners.errors import FHEBentoError
-from runners.key_store import KeyStore, Upload
-from runners.settings import Settings
+from fhe_bento.runners import metrics
+from fhe_bento.runners.errors import FHEBentoError
+from fhe_bento.runners.key_store import KeyStore, Upload
+from fhe_bento.runners.settings import Settings
 
 log = logging.getLogger("bentoml.fhe_bento.keys")
 MAX_SWEEP_INTERVAL = 60.0  # seconds between two sweeps of expired keys and abandoned uploads in one process

@@ -16,14 +16,14 @@ import uuid
 from collections.abc import Awaitable, Callable
 from pathlib import Path
 
-from runners import metrics
-from runners.errors import FHEBentoError
-from runners.key_registry import KeyRegistry
-from runners.key_store import KEY_ID, check_key_id, tenant_scope
-from runners.key_store_url import open_store
-from runners.model_repo import ModelSpec
-from runners.payload_check import check_key
-from runners.settings import Settings
+from fhe_bento.runners import metrics
+from fhe_bento.runners.errors import FHEBentoError
+from fhe_bento.runners.key_registry import KeyRegistry
+from fhe_bento.runners.key_store import KEY_ID, check_key_id, tenant_scope
+from fhe_bento.runners.key_store_url import open_store
+from fhe_bento.runners.model_repo import ModelSpec
+from fhe_bento.runners.payload_check import check_key
+from fhe_bento.runners.settings import Settings
 
 log = logging.getLogger("bentoml.fhe_bento.keys")
 

@@ -18,7 +18,7 @@ from collections.abc import Iterator
 from pathlib import Path
 from typing import NamedTuple, Protocol
 
-from runners.errors import FHEBentoError
+from fhe_bento.runners.errors import FHEBentoError
 
 KEY_ID = re.compile(r"^[0-9a-f]{64}$")
 

@@ -19,8 +19,8 @@ from pathlib import Path
 
 from pydantic import BaseModel, ValidationError
 
-from runners.payload_check import check_keyset_params
-from runners.settings import Settings
+from fhe_bento.runners.payload_check import check_keyset_params
+from fhe_bento.runners.settings import Settings
 
 METADATA_FILE = "fhe-bento.json"
 CHECKED_PACKAGES = ("concrete-python", "concrete-ml")

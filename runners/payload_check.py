@@ -17,8 +17,8 @@ import struct
 import zipfile
 from pathlib import Path
 
-from runners.capnp_wire import MalformedMessage, Shape, first_difference, read_shape
-from runners.errors import FHEBentoError
+from fhe_bento.runners.capnp_wire import MalformedMessage, Shape, first_difference, read_shape
+from fhe_bento.runners.errors import FHEBentoError
 
 
 def _check(data: bytes | memoryview, size: int, shape: Shape, what: str, model: str) -> None:

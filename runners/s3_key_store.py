@@ -14,8 +14,8 @@ import time
 from collections.abc import Iterator
 from pathlib import Path
 
-from runners.errors import FHEBentoError
-from runners.key_store import Upload, check_scope
+from fhe_bento.runners.errors import FHEBentoError
+from fhe_bento.runners.key_store import Upload, check_scope
 
 
 class S3KeyStore:

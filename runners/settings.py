@@ -13,7 +13,7 @@ from pathlib import Path
 from pydantic import Field, SecretStr
 from pydantic_settings import BaseSettings, SettingsConfigDict
 
-from protocol.names import DEMO_MODELS, PART_BYTES, MiB
+from fhe_bento.protocol.names import DEMO_MODELS, PART_BYTES, MiB
 
 # Past FHE_BENTO_REQUEST_TIMEOUT a request may still be winding down (BentoML's own deadline comes 5 s later).
 STAGING_GRACE_SECONDS = 60

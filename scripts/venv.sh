@@ -12,7 +12,7 @@ if [ ! -x "$VENV/bin/python" ]; then
 fi
 if [ "$(cat "$stamp" 2>/dev/null)" != "$want" ]; then
   "$VENV/bin/python" -m pip install --quiet --upgrade pip
-  "$VENV/bin/python" -m pip install --quiet -e "$ROOT[test,bench,aws]"
+  "$VENV/bin/python" -m pip install --quiet -e "$ROOT[server,aws,test,bench]"
   echo "$want" > "$stamp"
 fi
 export PATH="$VENV/bin:$PATH"

@@ -21,18 +21,18 @@ from fastapi.exceptions import RequestValidationError
 from fastapi.responses import JSONResponse, Response
 from starlette.exceptions import HTTPException as StarletteHTTPException
 
-from runners.errors import FHEBentoError
-from runners.fhe_runner import FHERunner
-from runners.lifecycle import exit_nonzero_if_stopped
-from runners.model_repo import default_model, load_specs
-from runners.settings import get_settings
-from service.admission import Admission
-from service.compat import router as compat_router
-from service.limits import RequestLimits
-from service.operations import Operations
-from service.routes import admin_router, router as native_router
-from service.runner_health import RunnerHealth
-from service.sagemaker import router as sagemaker_router
+from fhe_bento.runners.errors import FHEBentoError
+from fhe_bento.runners.fhe_runner import FHERunner
+from fhe_bento.runners.lifecycle import exit_nonzero_if_stopped
+from fhe_bento.runners.model_repo import default_model, load_specs
+from fhe_bento.runners.settings import get_settings
+from fhe_bento.service.admission import Admission
+from fhe_bento.service.compat import router as compat_router
+from fhe_bento.service.limits import RequestLimits
+from fhe_bento.service.operations import Operations
+from fhe_bento.service.routes import admin_router, router as native_router
+from fhe_bento.service.runner_health import RunnerHealth
+from fhe_bento.service.sagemaker import router as sagemaker_router
 
 log = logging.getLogger("bentoml.fhe_bento.service")
 settings = get_settings()

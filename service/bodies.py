@@ -16,10 +16,10 @@ from pathlib import Path
 
 from starlette.requests import ClientDisconnect, Request
 
-from runners.errors import FHEBentoError
-from protocol import wire
-from protocol.names import OCTET_STREAM
-from runners.settings import Settings, get_settings
+from fhe_bento.runners.errors import FHEBentoError
+from fhe_bento.protocol import wire
+from fhe_bento.protocol.names import OCTET_STREAM
+from fhe_bento.runners.settings import Settings, get_settings
 
 
 def require_content_type(request: Request, *allowed: str) -> None:

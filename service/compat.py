@@ -15,14 +15,14 @@ from fastapi.responses import FileResponse, JSONResponse, Response
 from starlette.datastructures import FormData, UploadFile
 from starlette.formparsers import MultiPartParser
 
-from protocol.names import OCTET_STREAM
-from runners.errors import FHEBentoError
-from runners.key_store import check_key_id
-from runners.settings import get_settings
-from service.auth import Caller, predict_caller
-from service.bodies import limited_chunks, require_content_type
-from service.operations import Operations, current_operations
-from service.responses import client_zip_response
+from fhe_bento.protocol.names import OCTET_STREAM
+from fhe_bento.runners.errors import FHEBentoError
+from fhe_bento.runners.key_store import check_key_id
+from fhe_bento.runners.settings import get_settings
+from fhe_bento.service.auth import Caller, predict_caller
+from fhe_bento.service.bodies import limited_chunks, require_content_type
+from fhe_bento.service.operations import Operations, current_operations
+from fhe_bento.service.responses import client_zip_response
 
 router = APIRouter()
 settings = get_settings()

@@ -17,7 +17,7 @@ import time
 from fastapi.responses import JSONResponse
 from starlette.types import ASGIApp, Message, Receive, Scope, Send
 
-from runners.errors import FHEBentoError
+from fhe_bento.runners.errors import FHEBentoError
 
 log = logging.getLogger("bentoml.fhe_bento.service")
 _DEADLINE: contextvars.ContextVar[float] = contextvars.ContextVar("fhe_bento_request_deadline")

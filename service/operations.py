@@ -16,15 +16,15 @@ from typing import Any
 import bentoml
 import httpx
 
-from protocol import wire
-from runners.errors import FHEBentoError
-from runners.key_store import check_key_id
-from runners.model_repo import ModelSpec
-from runners.runner_api import KeyPart, KeyUpload, Rows, RunnerReply
-from runners.settings import Settings
-from service.admission import Admission
-from service.auth import Caller
-from service.limits import request_deadline
+from fhe_bento.protocol import wire
+from fhe_bento.runners.errors import FHEBentoError
+from fhe_bento.runners.key_store import check_key_id
+from fhe_bento.runners.model_repo import ModelSpec
+from fhe_bento.runners.runner_api import KeyPart, KeyUpload, Rows, RunnerReply
+from fhe_bento.runners.settings import Settings
+from fhe_bento.service.admission import Admission
+from fhe_bento.service.auth import Caller
+from fhe_bento.service.limits import request_deadline
 
 log = logging.getLogger("bentoml.fhe_bento.service")
 RUNNER_RETRY_AFTER = 5  # seconds a client is told to wait when the runner does not answer

@@ -7,14 +7,14 @@ from __future__ import annotations
 from fastapi import APIRouter, Depends, Request
 from fastapi.responses import FileResponse, JSONResponse, Response
 
-from protocol import wire
-from protocol.names import KEY_ID_HEADER, OCTET_STREAM
-from runners.errors import FHEBentoError
-from runners.key_store import check_key_id
-from service import bodies
-from service.auth import Caller, admin_caller, predict_caller
-from service.operations import Operations, current_operations, decode_rows
-from service.responses import client_zip_response
+from fhe_bento.protocol import wire
+from fhe_bento.protocol.names import KEY_ID_HEADER, OCTET_STREAM
+from fhe_bento.runners.errors import FHEBentoError
+from fhe_bento.runners.key_store import check_key_id
+from fhe_bento.service import bodies
+from fhe_bento.service.auth import Caller, admin_caller, predict_caller
+from fhe_bento.service.operations import Operations, current_operations, decode_rows
+from fhe_bento.service.responses import client_zip_response
 
 router = APIRouter(prefix="/v1/models")
 admin_router = APIRouter(prefix="/v1/keys")

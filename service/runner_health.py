@@ -15,7 +15,7 @@ from typing import Any
 
 import bentoml
 
-from runners.lifecycle import stop_server
+from fhe_bento.runners.lifecycle import stop_server
 
 READY_TIMEOUT = 0.5  # seconds; SageMaker gives /ping 2 s
 WATCH_SECONDS = 5.0

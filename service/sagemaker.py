@@ -17,14 +17,14 @@ from fastapi import APIRouter, Depends, Request
 from fastapi.responses import JSONResponse, Response
 from pydantic import BaseModel, ConfigDict, ValidationError, field_validator
 
-from protocol import wire
-from protocol.names import ATTRIBUTES_HEADER, MAX_ATTRIBUTES, OCTET_STREAM
-from runners.errors import FHEBentoError
-from service import bodies
-from service.auth import Caller, predict_caller
-from service.operations import Operations, current_operations, decode_rows
-from service.responses import client_zip_response
-from service.runner_health import RunnerHealth, current_health
+from fhe_bento.protocol import wire
+from fhe_bento.protocol.names import ATTRIBUTES_HEADER, MAX_ATTRIBUTES, OCTET_STREAM
+from fhe_bento.runners.errors import FHEBentoError
+from fhe_bento.service import bodies
+from fhe_bento.service.auth import Caller, predict_caller
+from fhe_bento.service.operations import Operations, current_operations, decode_rows
+from fhe_bento.service.responses import client_zip_response
+from fhe_bento.service.runner_health import RunnerHealth, current_health
 
 router = APIRouter()
 

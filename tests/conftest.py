@@ -33,7 +33,7 @@ def imported_spec(name: str):
     """The served description (ModelSpec) of a demo model, as the server loads it from the model store."""
     import bentoml
 
-    from runners.model_repo import load_folder
+    from fhe_bento.runners.model_repo import load_folder
 
     return load_folder(Path(bentoml.models.get(f"{name}:latest").path), name)
 
@@ -63,7 +63,7 @@ def assert_error(response, status: int, code: str) -> None:
 def assert_documented_rejection(response) -> str:
     """A 4xx in the JSON error shape whose code is one of the documented ones, with its documented status;
     returns the code."""
-    from protocol.errors import ERROR_CODES
+    from fhe_bento.protocol.errors import ERROR_CODES
 
     assert 400 <= response.status_code < 500, (response.status_code, response.text[:300])
     code = response.json()["error"]["code"]
@@ -73,8 +73,8 @@ def assert_documented_rejection(response) -> str:
 
 @pytest.fixture(scope="session")
 def demo() -> Demo:
-    from modelkit.demo import save_dev_folder, train
-    from modelkit.importer import import_model
+    from fhe_bento.modelkit.demo import save_dev_folder, train
+    from fhe_bento.modelkit.importer import import_model
 
     models, data = train()
     dev_dirs = {}

@@ -8,14 +8,14 @@ import httpx
 import numpy as np
 import pytest
 
-from client import FHEClient
-from client.http_transport import FHEServiceError
+from fhe_bento.client import FHEClient
+from fhe_bento.client.http_transport import FHEServiceError
 from conftest import LOGREG, XGB, assert_error
 from harness.devserver import Server
-from runners.errors import FHEBentoError
-from protocol import wire
-from service.auth import TokenAuth
-from protocol.names import ATTRIBUTES_HEADER
+from fhe_bento.runners.errors import FHEBentoError
+from fhe_bento.protocol import wire
+from fhe_bento.service.auth import TokenAuth
+from fhe_bento.protocol.names import ATTRIBUTES_HEADER
 
 ALICE, BOB, ADMIN = "alice-predict-token", "bob-predict-token", "the-admin-token"
 KEY_ID = "cd" * 32

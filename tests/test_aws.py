@@ -12,10 +12,10 @@ import boto3
 import httpx
 import pytest
 
-from client import FHEClient, FHEServiceError
+from fhe_bento.client import FHEClient, FHEServiceError
 from conftest import LOGREG, XGB
-from runners.model_repo import load_specs
-from runners.settings import Settings
+from fhe_bento.runners.model_repo import load_specs
+from fhe_bento.runners.settings import Settings
 
 ROLE = "arn:aws:iam::123456789012:role/fhe-bento-sagemaker"
 FHE_BENTO = str(Path(sys.executable).parent / "fhe-bento")
@@ -90,7 +90,7 @@ def test_async_failure_object_raises_the_service_error(demo, bucket, moto_url, t
 
 def demo_model_dir(demo, tmp_path: Path) -> Path:
     """The deployed model folders, as the async client reads them (a local copy of model.tar.gz)."""
-    from modelkit.sagemaker_deploy import model_folders_from_store, pack_models
+    from fhe_bento.modelkit.sagemaker_deploy import model_folders_from_store, pack_models
 
     tarball = pack_models(model_folders_from_store([f"{XGB}:latest", f"{LOGREG}:latest"]), tmp_path / "m.tar.gz")
     with tarfile.open(tarball) as tar:

@@ -10,9 +10,9 @@ from collections.abc import Iterator
 import httpx
 import pytest
 
-from client import FHEClient
+from fhe_bento.client import FHEClient
 from conftest import LOGREG, XGB, assert_error
-from protocol import wire
+from fhe_bento.protocol import wire
 
 OCTET = {"Content-Type": "application/octet-stream"}
 

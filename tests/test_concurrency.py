@@ -10,7 +10,7 @@ import httpx
 import numpy as np
 import pytest
 
-from client import FHEClient
+from fhe_bento.client import FHEClient
 from conftest import XGB
 from harness.devserver import Server
 

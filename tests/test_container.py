@@ -13,10 +13,10 @@ import boto3
 import httpx
 import pytest
 
-from client import FHEClient
-from client.sagemaker_transport import LocalInvoker, SageMakerTransport
-from protocol.names import ATTRIBUTES_HEADER
-from protocol.names import PART_BYTES
+from fhe_bento.client import FHEClient
+from fhe_bento.client.sagemaker_transport import LocalInvoker, SageMakerTransport
+from fhe_bento.protocol.names import ATTRIBUTES_HEADER
+from fhe_bento.protocol.names import PART_BYTES
 from conftest import LOGREG, REAL_XGB_CIPHERTEXT, XGB, real_body
 from harness.devserver import ROOT
 
@@ -39,7 +39,7 @@ def image():
 @pytest.fixture(scope="session")
 def model_dir(demo, tmp_path_factory) -> Path:
     """/opt/ml/model as SageMaker lays it out from model.tar.gz: one readable folder per model."""
-    from modelkit.sagemaker_deploy import model_folders_from_store, write_model_dir
+    from fhe_bento.modelkit.sagemaker_deploy import model_folders_from_store, write_model_dir
 
     folders = model_folders_from_store([f"{XGB}:latest", f"{LOGREG}:latest"])
     return write_model_dir(folders, tmp_path_factory.mktemp("opt-ml-model"))

@@ -17,7 +17,7 @@ import numpy as np
 import pytest
 import requests
 
-from client import FHEClient
+from fhe_bento.client import FHEClient
 from conftest import LOGREG, XGB
 
 ROWS = {XGB: 4, LOGREG: 40}

@@ -13,10 +13,10 @@ from hypothesis import HealthCheck, given, settings
 from hypothesis import strategies as st
 
 from conftest import LOGREG, XGB, assert_documented_rejection
-from runners.errors import FHEBentoError
-from protocol import wire
-from protocol.names import ATTRIBUTES_HEADER
-from service.sagemaker import Attributes, parse_attributes
+from fhe_bento.runners.errors import FHEBentoError
+from fhe_bento.protocol import wire
+from fhe_bento.protocol.names import ATTRIBUTES_HEADER
+from fhe_bento.service.sagemaker import Attributes, parse_attributes
 
 KEY_ID = "ab" * 32
 HTTP = settings(max_examples=40, deadline=None, suppress_health_check=[HealthCheck.too_slow])

@@ -18,13 +18,13 @@ import pytest
 from hypothesis import HealthCheck, given, settings
 from hypothesis import strategies as st
 
-from client import FHEClient
+from fhe_bento.client import FHEClient
 from conftest import LOGREG, XGB, assert_documented_rejection, imported_spec
 from harness.capnp_attacks import FAMILIES, mutate, payloads, split_blobs, unfar, write_message
-from runners.capnp_wire import MalformedMessage, first_difference, read_shape
-from runners.errors import FHEBentoError
-from runners.model_repo import ModelSpec
-from runners.payload_check import check_ciphertext, check_key
+from fhe_bento.runners.capnp_wire import MalformedMessage, first_difference, read_shape
+from fhe_bento.runners.errors import FHEBentoError
+from fhe_bento.runners.model_repo import ModelSpec
+from fhe_bento.runners.payload_check import check_ciphertext, check_key
 
 OCTET = {"Content-Type": "application/octet-stream"}
 IN_PROCESS = settings(max_examples=300, deadline=None, derandomize=True, suppress_health_check=[HealthCheck.too_slow])

@@ -13,11 +13,11 @@ import time
 import pytest
 from fastapi.testclient import TestClient
 
-from client import FHEClient, RemoteModel
-from client.http_transport import HTTPTransport
+from fhe_bento.client import FHEClient, RemoteModel
+from fhe_bento.client.http_transport import HTTPTransport
 from conftest import LOGREG, XGB, assert_error
-from protocol import wire
-from protocol.names import ATTRIBUTES_HEADER, KEY_ID_HEADER, OCTET_STREAM, PART_BYTES
+from fhe_bento.protocol import wire
+from fhe_bento.protocol.names import ATTRIBUTES_HEADER, KEY_ID_HEADER, OCTET_STREAM, PART_BYTES
 
 OCTET = {"Content-Type": OCTET_STREAM}
 
@@ -26,13 +26,13 @@ OCTET = {"Content-Type": OCTET_STREAM}
 def http(demo):
     """The app with a real runner in this process, on the session's BentoML home (its demo models, and a
     key store and staging folder of this test run alone)."""
-    from runners.fhe_runner import FHERunner
-    from runners.model_repo import default_model, load_specs
-    from runners.settings import get_settings
-    from service.admission import Admission
-    from service.app import app
-    from service.operations import Operations, current_operations
-    from service.runner_health import RunnerHealth, current_health
+    from fhe_bento.runners.fhe_runner import FHERunner
+    from fhe_bento.runners.model_repo import default_model, load_specs
+    from fhe_bento.runners.settings import get_settings
+    from fhe_bento.service.admission import Admission
+    from fhe_bento.service.app import app
+    from fhe_bento.service.operations import Operations, current_operations
+    from fhe_bento.service.runner_health import RunnerHealth, current_health
 
     settings = get_settings()
     runner = FHERunner()

@@ -19,11 +19,11 @@ import httpx
 import psutil
 import pytest
 
-from client import FHEClient
+from fhe_bento.client import FHEClient
 from conftest import LOGREG, XGB, assert_error, imported_spec
 from harness.devserver import Server
-from runners.lifecycle import STOPPED_STATUS
-from protocol import wire
+from fhe_bento.runners.lifecycle import STOPPED_STATUS
+from fhe_bento.protocol import wire
 
 OCTET = {"Content-Type": "application/octet-stream"}
 CONTAINERIZED = {"BENTOML_CONTAINERIZED": "true", "FHE_BENTO_MODELS": f"{XGB}:latest,{LOGREG}:latest"}

@@ -7,7 +7,7 @@ from __future__ import annotations
 import httpx
 import pytest
 
-from client import FHEClient
+from fhe_bento.client import FHEClient
 from conftest import LOGREG, XGB
 from harness import loadfault
 from harness.devserver import Server

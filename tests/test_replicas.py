@@ -11,9 +11,9 @@ import boto3
 import httpx
 import pytest
 
-from client import FHEClient
-from client.http_transport import HTTPTransport
-from protocol.names import PART_BYTES
+from fhe_bento.client import FHEClient
+from fhe_bento.client.http_transport import HTTPTransport
+from fhe_bento.protocol.names import PART_BYTES
 from conftest import LOGREG, XGB
 from harness.devserver import Server
 

@@ -8,11 +8,11 @@ import json
 import httpx
 import pytest
 
-from client import FHEClient, FHEServiceError
-from client.sagemaker_transport import LocalInvoker, SageMakerTransport
-from protocol.names import ATTRIBUTES_HEADER
+from fhe_bento.client import FHEClient, FHEServiceError
+from fhe_bento.client.sagemaker_transport import LocalInvoker, SageMakerTransport
+from fhe_bento.protocol.names import ATTRIBUTES_HEADER
 from conftest import LOGREG, REAL_XGB_CIPHERTEXT, XGB, real_body
-from protocol import wire
+from fhe_bento.protocol import wire
 
 
 @pytest.fixture(scope="module")

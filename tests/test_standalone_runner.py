@@ -1,4 +1,4 @@
-"""The runner stands alone: `bentoml serve runners.fhe_runner:FHERunner` on its own, and two HTTP services
+"""The runner stands alone: `bentoml serve fhe_bento.runners.fhe_runner:FHERunner` on its own, and two HTTP services
 (`FHE_BENTO_RUNNER_URL`) with their own BENTOML_HOME and staging folders calling it, keys in an `s3://`
 store on moto's server. Nothing but the runner's API connects them: no shared disk.
 
@@ -15,10 +15,10 @@ import httpx
 import psutil
 import pytest
 
-from client import FHEClient
+from fhe_bento.client import FHEClient
 from conftest import XGB
 from harness.devserver import MotoServer, Server
-from protocol.names import OCTET_STREAM, PART_BYTES
+from fhe_bento.protocol.names import OCTET_STREAM, PART_BYTES
 
 BUCKET = "fhe-bento-standalone"
 OCTET = {"Content-Type": OCTET_STREAM}
@@ -32,7 +32,7 @@ def split(demo, tmp_path_factory):
                  aws_secret_access_key="testing").create_bucket(Bucket=BUCKET)
     common = {**moto.env(), "FHE_BENTO_MODELS": f"{XGB}:latest", "FHE_BENTO_KEY_STORE": f"s3://{BUCKET}/keys"}
     runner = Server(root / "runner", {**common, "FHE_BENTO_STAGING_DIR": str(root / "runner" / "staging")},
-                    target="runners.fhe_runner:FHERunner", ready_path="/readyz")
+                    target="fhe_bento.runners.fhe_runner:FHERunner", ready_path="/readyz")
     servers = []
     try:
         runner.start()

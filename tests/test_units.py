@@ -9,10 +9,10 @@ from pathlib import Path
 
 import pytest
 
-from runners.errors import FHEBentoError
-from runners.key_cache import KeyCache
-from runners.key_store import FileKeyStore
-from protocol import wire
+from fhe_bento.runners.errors import FHEBentoError
+from fhe_bento.runners.key_cache import KeyCache
+from fhe_bento.runners.key_store import FileKeyStore
+from fhe_bento.protocol import wire
 
 ROOT = Path(__file__).resolve().parents[1]
 SCOPE = "a" * 64
@@ -77,6 +77,10 @@ def test_file_store_refuses_path_tricks(tmp_path):
 DECRYPTING_NAMES = {"FHEModelClient", "Client", "keygen", "generate_private_and_evaluation_keys"}
 
 
+def _is_client(module: str) -> bool:
+    return module == "fhe_bento.client" or module.startswith("fhe_bento.client.")
+
+
 @pytest.mark.parametrize("package", ["service", "runners"])
 def test_server_code_never_touches_decryption(package):
     """service/ and runners/ must not name anything that can hold a private key or decrypt."""
@@ -87,9 +91,9 @@ def test_server_code_never_touches_decryption(package):
             if isinstance(node, ast.ImportFrom):
                 names = [alias.name for alias in node.names]
                 # fhe-bento's client package holds private keys and decrypts: the server never imports it.
-                names += ["client package"] if (node.module or "").split(".")[0] == "client" else []
+                names += ["client package"] if _is_client(node.module or "") else []
             elif isinstance(node, ast.Import):
-                names = ["client package" for alias in node.names if alias.name.split(".")[0] == "client"]
+                names = ["client package" for alias in node.names if _is_client(alias.name)]
             elif isinstance(node, ast.Attribute):
                 names = [node.attr]
             elif isinstance(node, ast.Name):
@@ -102,8 +106,8 @@ def test_registry_expires_unused_keys_and_abandoned_uploads(tmp_path):
     import os
     import time
 
-    from runners.key_registry import KeyRegistry
-    from runners.settings import Settings
+    from fhe_bento.runners.key_registry import KeyRegistry
+    from fhe_bento.runners.settings import Settings
 
     store = FileKeyStore(tmp_path / "store")
     registry = KeyRegistry(store, Settings(key_ttl_seconds=60, upload_ttl_seconds=60, max_store_bytes=20))
@@ -127,7 +131,7 @@ def test_registry_expires_unused_keys_and_abandoned_uploads(tmp_path):
 
 
 def test_readme_lists_exactly_the_error_codes_the_server_sends():
-    from protocol.errors import ERROR_CODES
+    from fhe_bento.protocol.errors import ERROR_CODES
 
     readme = (ROOT / "README.md").read_text()
     section = readme.split("\n## Errors\n", 1)[1].split("\n## ", 1)[0]
@@ -150,7 +154,7 @@ def test_request_limits_answer_431_and_504_in_the_error_shape():
     from starlette.routing import Route
     from starlette.testclient import TestClient
 
-    from service.limits import RequestLimits
+    from fhe_bento.service.limits import RequestLimits
 
     async def slow(request):
         await asyncio.sleep(float(request.query_params["s"]))
@@ -166,8 +170,8 @@ def test_request_limits_answer_431_and_504_in_the_error_shape():
 
 
 def _registry(root: Path, **settings):
-    from runners.key_registry import KeyRegistry
-    from runners.settings import Settings
+    from fhe_bento.runners.key_registry import KeyRegistry
+    from fhe_bento.runners.settings import Settings
 
     store = FileKeyStore(root)
     return store, KeyRegistry(store, Settings(**settings))
@@ -266,7 +270,7 @@ def test_staging_cleanup_removes_only_old_spool_files(tmp_path):
     import os
     import time
 
-    from runners.settings import Settings
+    from fhe_bento.runners.settings import Settings
 
     settings = Settings(staging_dir=tmp_path / "staging", request_timeout=10)
     staging = settings.staging_path()
@@ -282,9 +286,9 @@ def test_staging_cleanup_removes_only_old_spool_files(tmp_path):
 def test_s3_store_counts_and_bounds_uploads_like_the_file_store(moto_url, tmp_path):
     import boto3
 
-    from runners.key_registry import KeyRegistry
-    from runners.s3_key_store import S3KeyStore
-    from runners.settings import Settings
+    from fhe_bento.runners.key_registry import KeyRegistry
+    from fhe_bento.runners.s3_key_store import S3KeyStore
+    from fhe_bento.runners.settings import Settings
 
     boto3.client("s3").create_bucket(Bucket="fhe-bento-units")
     store = S3KeyStore("fhe-bento-units", f"units-{tmp_path.name}")
@@ -324,7 +328,7 @@ def test_s3_store_counts_and_bounds_uploads_like_the_file_store(moto_url, tmp_pa
     ],
 )
 def test_token_settings_that_could_turn_auth_off_are_refused(predict, admin, variable):
-    from service.auth import TokenSettingsError, parse_token_settings
+    from fhe_bento.service.auth import TokenSettingsError, parse_token_settings
 
     with pytest.raises(TokenSettingsError, match=variable) as refused:
         parse_token_settings(predict, admin)
@@ -332,7 +336,7 @@ def test_token_settings_that_could_turn_auth_off_are_refused(predict, admin, var
 
 
 def test_token_settings_accepted_forms():
-    from service.auth import parse_token_settings
+    from fhe_bento.service.auth import parse_token_settings
 
     assert not parse_token_settings("", "").enabled and not parse_token_settings("  ", " ").enabled
     auth = parse_token_settings(" tok-p1 , tok-p2 ", "tok-admin")
@@ -347,7 +351,7 @@ def test_bad_token_settings_stop_the_service_at_import():
     import sys
 
     env = {**os.environ, "FHE_BENTO_PREDICT_TOKENS": "tok-p1,,tok-p2", "FHE_BENTO_ADMIN_TOKENS": "tok-admin"}
-    done = subprocess.run([sys.executable, "-c", "import service.auth"], cwd=ROOT, env=env, capture_output=True,
+    done = subprocess.run([sys.executable, "-c", "import fhe_bento.service.auth"], cwd=ROOT, env=env, capture_output=True,
                           text=True)
     assert done.returncode != 0 and "TokenSettingsError: FHE_BENTO_PREDICT_TOKENS" in done.stderr
     assert "tok-" not in done.stderr
@@ -375,7 +379,7 @@ def test_client_key_cache_is_private_whatever_the_umask(demo, tmp_path):
     import os
     import stat
 
-    from client import FHEClient
+    from fhe_bento.client import FHEClient
     from conftest import LOGREG, XGB
 
     cache = tmp_path / "made" / "cache"  # the client creates both folders
@@ -402,10 +406,10 @@ def test_client_retries_a_busy_or_restarting_server_after_retry_after(demo, tmp_
 
     import httpx
 
-    from client import FHEClient, api
-    from client.http_transport import FHEServiceError, HTTPTransport
-    from client.sagemaker_transport import LocalInvoker, SageMakerTransport
-    from protocol.names import ATTRIBUTES_HEADER
+    from fhe_bento.client import FHEClient, api
+    from fhe_bento.client.http_transport import FHEServiceError, HTTPTransport
+    from fhe_bento.client.sagemaker_transport import LocalInvoker, SageMakerTransport
+    from fhe_bento.protocol.names import ATTRIBUTES_HEADER
     from conftest import LOGREG
 
     dev = _DevFolderTransport(demo.dev_dirs[LOGREG])
