@@ -60,21 +60,31 @@ def sagemaker() -> None:
               help="Or a folder of model folders to pack.")
 @click.option("--instance-type", default="ml.m5.xlarge", show_default=True)
 @click.option("--instance-count", default=1, show_default=True)
+@click.option("--key-store", help="FHE_BENTO_KEY_STORE of every instance [default: s3://BUCKET/PREFIX/keys]; "
+              "file:// only for one instance without autoscaling.")
+@click.option("--min-instances", type=int, help="Autoscaling lower bound (0 allowed for an async endpoint).")
+@click.option("--max-instances", type=int, help="Autoscaling upper bound; with --min-instances, registers autoscaling.")
 @click.option("--async-output", help="s3://... output path: makes an asynchronous endpoint.")
 @click.option("--async-failure", help="s3://... failure path of an asynchronous endpoint.")
 @click.option("--max-concurrent", type=int, help="Async MaxConcurrentInvocationsPerInstance.")
 @click.option("--env", "environment", multiple=True, help="NAME=VALUE for the container (repeatable).")
-@click.option("--wait/--no-wait", default=False, help="Wait until the endpoint is InService.")
+@click.option("--wait/--no-wait", default=False, help="Wait until the endpoint is InService (always with autoscaling).")
 def deploy(endpoint_name: str, role_arn: str, bucket: str, prefix: str, image_uri: str | None,
            push_image: str | None, ecr_repository: str | None, push_tool: str, tags: str | None,
-           model_dir: Path | None, instance_type: str, instance_count: int, async_output: str | None,
+           model_dir: Path | None, instance_type: str, instance_count: int, key_store: str | None,
+           min_instances: int | None, max_instances: int | None, async_output: str | None,
            async_failure: str | None, max_concurrent: int | None, environment: tuple[str, ...], wait: bool) -> None:
-    """Pack and upload the models, then create the Model, EndpointConfig and Endpoint."""
+    """Pack and upload the models, then create the Model, EndpointConfig and Endpoint, and with
+    --min-instances/--max-instances its autoscaling."""
     import tempfile
 
     import boto3
 
     from fhe_bento.modelkit import sagemaker_deploy as sd
+    from fhe_bento.modelkit import sagemaker_scaling
+
+    if (min_instances is None) != (max_instances is None):
+        raise click.UsageError("give both --min-instances and --max-instances, or neither")
 
     if bool(image_uri) == bool(push_image):
         raise click.UsageError("give exactly one of --image-uri or --push-image")
@@ -83,6 +93,16 @@ def deploy(endpoint_name: str, role_arn: str, bucket: str, prefix: str, image_ur
     folders = sd.model_folders_from_dir(model_dir) if model_dir else sd.model_folders_from_store(
         [t.strip() for t in (tags or ",".join(DEMO_MODELS)).split(",")]
     )
+    env = dict(item.split("=", 1) for item in environment)
+    store = key_store or f"s3://{bucket}/{prefix.strip('/')}/keys"
+    try:  # checked before anything is uploaded or created
+        sd.check_key_store(store, max(instance_count, max_instances or 1))
+        scaling = None if max_instances is None else sagemaker_scaling.ScalingConfig(
+            min_instances=min_instances, max_instances=max_instances, asynchronous=bool(async_output),
+            row_seconds=sd.slowest_row_seconds(folders),
+            parallel_rows=int(env.get("FHE_BENTO_WORKERS", 1)) * int(env.get("FHE_BENTO_ROW_THREADS", 1)))
+    except ValueError as exc:  # pydantic's ValidationError is one
+        raise click.UsageError(str(exc)) from None
     with tempfile.TemporaryDirectory() as tmp:
         tarball = sd.pack_models(folders, Path(tmp) / "model.tar.gz")
         model_data_url = sd.upload_model_data(boto3.client("s3"), tarball, bucket, prefix)
@@ -92,25 +112,35 @@ def deploy(endpoint_name: str, role_arn: str, bucket: str, prefix: str, image_ur
         click.echo(f"pushed {image_uri}")
     config = sd.DeployConfig(
         endpoint_name=endpoint_name, image_uri=image_uri, role_arn=role_arn, model_data_url=model_data_url,
-        instance_type=instance_type, instance_count=instance_count, async_output_path=async_output,
-        async_failure_path=async_failure, max_concurrent_invocations=max_concurrent,
-        environment=dict(item.split("=", 1) for item in environment),
-    )
+        key_store=store, instance_type=instance_type, instance_count=instance_count,
+        max_instances=max_instances or 1, async_output_path=async_output, async_failure_path=async_failure,
+        max_concurrent_invocations=max_concurrent, environment=env)
     sm = boto3.client("sagemaker")
     created = sd.create_endpoint(sm, config)
-    click.echo(f"created {created['endpoint_arn']}")
-    if wait:
-        click.echo(f"endpoint {endpoint_name} is {sd.wait_in_service(sm, endpoint_name)}")
+    click.echo(f"created {created['endpoint_arn']} (keys in {config.key_store})")
+    if not (wait or scaling):
+        return
+    status = sd.wait_in_service(sm, endpoint_name)  # Application Auto Scaling takes only an endpoint in service
+    click.echo(f"endpoint {endpoint_name} is {status}")
+    if scaling is not None:
+        if status != "InService":
+            raise click.ClickException("the endpoint is not in service: autoscaling not registered")
+        made = sagemaker_scaling.enable(boto3.client("application-autoscaling"), boto3.client("cloudwatch"),
+                                        endpoint_name, scaling)
+        click.echo(f"autoscaling {made['resource_id']}: {min_instances}..{max_instances} instances, "
+                   f"target {made['target']}")
 
 
 @sagemaker.command("delete")
 @click.option("--endpoint-name", required=True)
 def delete(endpoint_name: str) -> None:
-    """Delete an endpoint with its EndpointConfig and Model."""
+    """Delete an endpoint with its autoscaling, EndpointConfig and Model."""
     import boto3
 
+    from fhe_bento.modelkit import sagemaker_scaling
     from fhe_bento.modelkit.sagemaker_deploy import delete_endpoint
 
+    sagemaker_scaling.disable(boto3.client("application-autoscaling"), boto3.client("cloudwatch"), endpoint_name)
     delete_endpoint(boto3.client("sagemaker"), endpoint_name)
     click.echo(f"deleted {endpoint_name}")
 

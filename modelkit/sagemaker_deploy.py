@@ -1,6 +1,10 @@
 """Deploy to SageMaker with boto3: pack model folders as model.tar.gz, upload to S3, optionally push the
 image to ECR, then create the Model, EndpointConfig (real time or async) and Endpoint.
 
+Not the sagemaker SDK's resources (`sagemaker.core.resources`): their strict models reject the answers of
+moto, which the tests run against (an empty `VpcConfig` or `DataCaptureConfig` fails their validation on
+`Model.get`, `EndpointConfig.get` and `Endpoint.get`), so they could not be tested here.
+
 `model.tar.gz` holds one folder per model at its root (`<name>/client.zip`, `<name>/server.zip`,
 `<name>/fhe-bento.json`); SageMaker unpacks it into `/opt/ml/model`, which the image serves.
 """
@@ -15,10 +19,11 @@ import tarfile
 from pathlib import Path
 
 from botocore.exceptions import WaiterError
-from pydantic import BaseModel, Field
+from pydantic import BaseModel, Field, model_validator
 
-from fhe_bento.runners.model_repo import METADATA_FILE
+from fhe_bento.runners.model_repo import METADATA_FILE, load_folder
 
+VARIANT = "AllTraffic"
 MODEL_FILES = ("client.zip", "server.zip", METADATA_FILE)
 
 
@@ -27,12 +32,28 @@ class DeployConfig(BaseModel):
     image_uri: str
     role_arn: str
     model_data_url: str
+    key_store: str  # FHE_BENTO_KEY_STORE of every instance
     instance_type: str = "ml.m5.xlarge"
     instance_count: int = Field(default=1, ge=1)
+    max_instances: int = Field(default=1, ge=1)  # the most instances the fleet may reach (autoscaling)
     async_output_path: str | None = None  # s3://... makes an asynchronous endpoint
     async_failure_path: str | None = None
     max_concurrent_invocations: int | None = Field(default=None, ge=1)
     environment: dict[str, str] = {}
+
+    @model_validator(mode="after")
+    def _shared_keys(self) -> "DeployConfig":
+        check_key_store(self.key_store, max(self.instance_count, self.max_instances))
+        return self
+
+
+def check_key_store(url: str, instances: int) -> None:
+    """Keys uploaded through one instance must be there on every other, and survive a replacement."""
+    if not url.startswith(("s3://", "file://")):
+        raise ValueError("--key-store is s3://bucket/prefix (or file:// for a single instance)")
+    if url.startswith("file://") and instances > 1:
+        raise ValueError("a file:// key store is one instance's own disk: more instances, or autoscaling, "
+                         "need an s3:// key store")
 
 
 def resource_names(endpoint_name: str) -> dict[str, str]:
@@ -45,6 +66,11 @@ def model_folders_from_store(tags: list[str]) -> dict[str, Path]:
 
     models = [bentoml.models.get(tag) for tag in tags]
     return {model.tag.name: Path(model.path) for model in models}
+
+
+def slowest_row_seconds(folders: dict[str, Path]) -> float:
+    """The largest FHE seconds per row measured at import among the packed models."""
+    return max(load_folder(folder, name).meta.row_seconds for name, folder in folders.items())
 
 
 def model_folders_from_dir(root: Path) -> dict[str, Path]:
@@ -106,13 +132,14 @@ def create_endpoint(sm, config: DeployConfig) -> dict:
         PrimaryContainer={
             "Image": config.image_uri,
             "ModelDataUrl": config.model_data_url,
-            "Environment": {"FHE_BENTO_MODEL_DIR": "/opt/ml/model", **config.environment},
+            "Environment": {"FHE_BENTO_MODEL_DIR": "/opt/ml/model", "FHE_BENTO_KEY_STORE": config.key_store,
+                            **config.environment},
         },
     )
     endpoint_config = {
         "EndpointConfigName": names["config"],
         "ProductionVariants": [{
-            "VariantName": "AllTraffic",
+            "VariantName": VARIANT,
             "ModelName": names["model"],
             "InstanceType": config.instance_type,
             "InitialInstanceCount": config.instance_count,

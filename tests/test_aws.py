@@ -13,7 +13,7 @@ import httpx
 import pytest
 
 from fhe_bento.client import FHEClient, FHEServiceError
-from conftest import LOGREG, XGB
+from conftest import LOGREG, XGB, imported_spec
 from fhe_bento.runners.model_repo import load_specs
 from fhe_bento.runners.settings import Settings
 
@@ -21,10 +21,16 @@ ROLE = "arn:aws:iam::123456789012:role/fhe-bento-sagemaker"
 FHE_BENTO = str(Path(sys.executable).parent / "fhe-bento")
 
 
-def cli(*args: str) -> str:
+def cli(*args: str, ok: bool = True) -> str:
     done = subprocess.run([FHE_BENTO, *args], capture_output=True, text=True, timeout=300)
-    assert done.returncode == 0, done.stderr
-    return done.stdout
+    assert (done.returncode == 0) == ok, done.stderr
+    return done.stdout if ok else done.stderr
+
+
+def deploy_args(name: str, bucket: str, *extra: str) -> list[str]:
+    return ["sagemaker", "deploy", "--endpoint-name", name, "--role", ROLE, "--bucket", bucket, "--prefix", name,
+            "--image-uri", "123456789012.dkr.ecr.us-east-1.amazonaws.com/fhe-bento:1", "--models", f"{XGB}:latest",
+            *extra]
 
 
 @pytest.fixture(scope="module")
@@ -50,7 +56,8 @@ def test_deploy_creates_model_config_endpoint_and_artifacts(mode, demo, bucket, 
     container = model["PrimaryContainer"]
     assert container["Image"].endswith("/fhe-bento:1") and model["ExecutionRoleArn"] == ROLE
     assert container["ModelDataUrl"] == f"s3://{bucket}/models/{mode}/model.tar.gz"
-    assert container["Environment"] == {"FHE_BENTO_MODEL_DIR": "/opt/ml/model", "FHE_BENTO_WORKERS": "4"}
+    assert container["Environment"] == {"FHE_BENTO_MODEL_DIR": "/opt/ml/model", "FHE_BENTO_WORKERS": "4",
+                                        "FHE_BENTO_KEY_STORE": f"s3://{bucket}/models/{mode}/keys"}  # shared by default
     config = sm.describe_endpoint_config(EndpointConfigName=f"{name}-config")
     (variant,) = config["ProductionVariants"]
     assert (variant["ModelName"], variant["InstanceType"], variant["InitialInstanceCount"]) == (
@@ -96,3 +103,54 @@ def demo_model_dir(demo, tmp_path: Path) -> Path:
     with tarfile.open(tarball) as tar:
         tar.extractall(tmp_path / "models", filter="data")
     return tmp_path / "models"
+
+
+def test_a_file_key_store_is_refused_for_more_than_one_instance(demo, bucket):
+    sm = boto3.client("sagemaker")
+    for extra in (["--instance-count", "2"], ["--min-instances", "1", "--max-instances", "2"]):
+        error = cli(*deploy_args("fhe-file", bucket, "--key-store", "file:///var/keys", *extra), ok=False)
+        assert "s3:// key store" in error
+    with pytest.raises(sm.exceptions.ClientError):  # refused before anything was created
+        sm.describe_model(ModelName="fhe-file-model")
+    assert "Contents" not in boto3.client("s3").list_objects_v2(Bucket=bucket, Prefix="fhe-file/")
+
+
+@pytest.mark.parametrize("mode", ["realtime", "async"])
+def test_autoscaling_is_registered_and_deleted_with_the_endpoint(mode, demo, bucket):
+    from fhe_bento.modelkit.sagemaker_scaling import ScalingConfig
+
+    name = f"fhe-scaled-{mode}"
+    low, high = (1, 3) if mode == "realtime" else (0, 2)
+    extra = ["--min-instances", str(low), "--max-instances", str(high)]
+    if mode == "async":
+        extra += ["--async-output", f"s3://{bucket}/out"]
+    out = cli(*deploy_args(name, bucket, *extra))
+    assert f"endpoint {name} is InService" in out
+
+    aas, cloudwatch = boto3.client("application-autoscaling"), boto3.client("cloudwatch")
+    resource = f"endpoint/{name}/variant/AllTraffic"
+    (target,) = aas.describe_scalable_targets(ServiceNamespace="sagemaker", ResourceIds=[resource])["ScalableTargets"]
+    assert (target["MinCapacity"], target["MaxCapacity"]) == (low, high)
+    policies = {p["PolicyName"]: p for p in aas.describe_scaling_policies(
+        ServiceNamespace="sagemaker", ResourceId=resource)["ScalingPolicies"]}
+    tracking = policies[f"{name}-target"]["TargetTrackingScalingPolicyConfiguration"]
+    expected = ScalingConfig(min_instances=low, max_instances=high, asynchronous=mode == "async",
+                             row_seconds=imported_spec(XGB).meta.row_seconds).target()
+    assert tracking["TargetValue"] == pytest.approx(expected) and expected > 0
+    alarms = cloudwatch.describe_alarms(AlarmNamePrefix=name)["MetricAlarms"]
+    if mode == "realtime":
+        assert tracking["PredefinedMetricSpecification"]["PredefinedMetricType"] == "SageMakerVariantInvocationsPerInstance"
+        assert set(policies) == {f"{name}-target"} and alarms == []
+    else:
+        assert tracking["CustomizedMetricSpecification"]["MetricName"] == "ApproximateBacklogSizePerInstance"
+        wake = policies[f"{name}-wake-from-zero"]
+        assert wake["PolicyType"] == "StepScaling"
+        (alarm,) = alarms
+        assert alarm["MetricName"] == "HasBacklogWithoutCapacity" and alarm["AlarmActions"] == [wake["PolicyARN"]]
+
+    cli("sagemaker", "delete", "--endpoint-name", name)
+    assert aas.describe_scalable_targets(ServiceNamespace="sagemaker", ResourceIds=[resource])["ScalableTargets"] == []
+    assert aas.describe_scaling_policies(ServiceNamespace="sagemaker", ResourceId=resource)["ScalingPolicies"] == []
+    assert cloudwatch.describe_alarms(AlarmNamePrefix=name)["MetricAlarms"] == []
+    with pytest.raises(boto3.client("sagemaker").exceptions.ClientError):
+        boto3.client("sagemaker").describe_endpoint(EndpointName=name)

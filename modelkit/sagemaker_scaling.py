@@ -1,0 +1,105 @@
+"""Autoscaling of an endpoint's variant with Application Auto Scaling and CloudWatch (boto3: the sagemaker
+SDK has no API for either).
+
+Targets come from the model's measured FHE seconds per row (`row_seconds`, recorded at import):
+- real time: target tracking on `SageMakerVariantInvocationsPerInstance` (per minute), at
+  `TARGET_UTILIZATION` of what an instance computes: 60 x parallel rows / (row_seconds x rows per call);
+- async: target tracking on `ApproximateBacklogSizePerInstance`, so that the queue holds about
+  `QUEUE_SECONDS` of work per instance; and, so that an endpoint scaled to zero wakes up, a step policy
+  fired by a CloudWatch alarm on `HasBacklogWithoutCapacity`.
+"""
+
+from __future__ import annotations
+
+import math
+
+from pydantic import BaseModel, Field, model_validator
+
+from fhe_bento.modelkit.sagemaker_deploy import VARIANT
+
+NAMESPACE = "sagemaker"
+DIMENSION = "sagemaker:variant:DesiredInstanceCount"
+TARGET_UTILIZATION = 0.7
+QUEUE_SECONDS = 300.0
+COOLDOWN_SECONDS = 300
+
+
+class ScalingConfig(BaseModel):
+    min_instances: int = Field(ge=0)
+    max_instances: int = Field(ge=1)
+    asynchronous: bool
+    row_seconds: float = Field(gt=0)  # the slowest served model's
+    parallel_rows: int = Field(default=1, ge=1)  # rows one instance computes at once (workers x row threads)
+    rows_per_call: int = Field(default=8, ge=1)  # rows in one invocation (the client's batch size)
+
+    @model_validator(mode="after")
+    def _bounds(self) -> "ScalingConfig":
+        if self.min_instances > self.max_instances:
+            raise ValueError("--min-instances is above --max-instances")
+        if self.min_instances == 0 and not self.asynchronous:
+            raise ValueError("only an asynchronous endpoint scales to zero: real time needs --min-instances 1")
+        return self
+
+    @property
+    def call_seconds(self) -> float:
+        """What one invocation costs an instance."""
+        return self.row_seconds * self.rows_per_call / self.parallel_rows
+
+    def target(self) -> float:
+        if self.asynchronous:
+            return max(1.0, math.floor(QUEUE_SECONDS / self.call_seconds))
+        return round(TARGET_UTILIZATION * 60 / self.call_seconds, 3)
+
+
+def resource_id(endpoint_name: str) -> str:
+    return f"endpoint/{endpoint_name}/variant/{VARIANT}"
+
+
+def names(endpoint_name: str) -> dict[str, str]:
+    return {"target_policy": f"{endpoint_name}-target", "wake_policy": f"{endpoint_name}-wake-from-zero",
+            "wake_alarm": f"{endpoint_name}-backlog-without-capacity"}
+
+
+def enable(aas, cloudwatch, endpoint_name: str, config: ScalingConfig) -> dict:
+    """Register the variant as a scalable target with its policies (and the async wake-up alarm)."""
+    resource, named = resource_id(endpoint_name), names(endpoint_name)
+    scalable = {"ServiceNamespace": NAMESPACE, "ResourceId": resource, "ScalableDimension": DIMENSION}
+    aas.register_scalable_target(**scalable, MinCapacity=config.min_instances, MaxCapacity=config.max_instances)
+    if config.asynchronous:
+        metric = {"CustomizedMetricSpecification": {
+            "MetricName": "ApproximateBacklogSizePerInstance", "Namespace": "AWS/SageMaker",
+            "Dimensions": [{"Name": "EndpointName", "Value": endpoint_name}], "Statistic": "Average"}}
+    else:
+        metric = {"PredefinedMetricSpecification": {"PredefinedMetricType": "SageMakerVariantInvocationsPerInstance"}}
+    aas.put_scaling_policy(PolicyName=named["target_policy"], PolicyType="TargetTrackingScaling", **scalable,
+                           TargetTrackingScalingPolicyConfiguration={
+                               "TargetValue": config.target(), **metric,
+                               "ScaleInCooldown": COOLDOWN_SECONDS, "ScaleOutCooldown": COOLDOWN_SECONDS // 5})
+    made = {"resource_id": resource, "target": config.target(), "policies": [named["target_policy"]]}
+    if config.asynchronous and config.min_instances == 0:
+        wake = aas.put_scaling_policy(
+            PolicyName=named["wake_policy"], PolicyType="StepScaling", **scalable,
+            StepScalingPolicyConfiguration={
+                "AdjustmentType": "ChangeInCapacity", "Cooldown": COOLDOWN_SECONDS, "MetricAggregationType": "Maximum",
+                "StepAdjustments": [{"MetricIntervalLowerBound": 0, "ScalingAdjustment": 1}]})
+        cloudwatch.put_metric_alarm(
+            AlarmName=named["wake_alarm"], Namespace="AWS/SageMaker", MetricName="HasBacklogWithoutCapacity",
+            Dimensions=[{"Name": "EndpointName", "Value": endpoint_name}], Statistic="Average", Period=60,
+            EvaluationPeriods=2, DatapointsToAlarm=2, Threshold=1, ComparisonOperator="GreaterThanOrEqualToThreshold",
+            TreatMissingData="missing", AlarmActions=[wake["PolicyARN"]])
+        made["policies"].append(named["wake_policy"])
+        made["alarm"] = named["wake_alarm"]
+    return made
+
+
+def disable(aas, cloudwatch, endpoint_name: str) -> None:
+    """Remove the policies, the alarm and the scalable target, whichever exist."""
+    scalable = {"ServiceNamespace": NAMESPACE, "ResourceId": resource_id(endpoint_name), "ScalableDimension": DIMENSION}
+    named = names(endpoint_name)
+    for policy in aas.describe_scaling_policies(ServiceNamespace=NAMESPACE,
+                                                ResourceId=scalable["ResourceId"])["ScalingPolicies"]:
+        aas.delete_scaling_policy(PolicyName=policy["PolicyName"], **scalable)
+    cloudwatch.delete_alarms(AlarmNames=[named["wake_alarm"]])
+    if aas.describe_scalable_targets(ServiceNamespace=NAMESPACE, ResourceIds=[scalable["ResourceId"]],
+                                     ScalableDimension=DIMENSION)["ScalableTargets"]:
+        aas.deregister_scalable_target(**scalable)
