@@ -27,8 +27,8 @@ from fhe_bento.runners.model_repo import ModelSpec
 from fhe_bento.runners.payload_check import check_ciphertext, check_key
 
 OCTET = {"Content-Type": "application/octet-stream"}
-IN_PROCESS = settings(max_examples=300, deadline=None, derandomize=True, suppress_health_check=[HealthCheck.too_slow])
-SERVED = settings(max_examples=200, deadline=None, derandomize=True, suppress_health_check=[HealthCheck.too_slow,
+IN_PROCESS = settings(max_examples=200, deadline=None, derandomize=True, suppress_health_check=[HealthCheck.too_slow])
+SERVED = settings(max_examples=100, deadline=None, derandomize=True, suppress_health_check=[HealthCheck.too_slow,
                                                                          HealthCheck.function_scoped_fixture])
 
 

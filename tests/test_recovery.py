@@ -173,7 +173,7 @@ def test_warm_keys_stay_within_the_resident_bound(demo, tmp_path):
     server.start()
     try:
         row = demo.x_test[:1]
-        owners = [FHEClient(server.url, cache_dir=tmp_path / f"owner{i}", progress=False).model(XGB) for i in range(5)]
+        owners = [FHEClient(server.url, cache_dir=tmp_path / f"owner{i}", progress=False).model(XGB) for i in range(4)]
         for owner in owners:
             owner.ensure_key()
         logreg = FHEClient(server.url, cache_dir=tmp_path / "logreg", progress=False).model(LOGREG)
@@ -181,12 +181,12 @@ def test_warm_keys_stay_within_the_resident_bound(demo, tmp_path):
         (engine,) = server.engines()
         before = engine.memory_info().rss
         growth = []
-        for owner in owners + owners[:2]:  # the first two were evicted by then: loaded again
+        for owner in owners + owners[:1]:  # the first was evicted by then: loaded again
             assert owner.predict(row)[0] == demo.clear_predict(XGB, row)[0]
             growth.append(engine.memory_info().rss - before)
-        # Five keys of `warm` bytes each went through a cache bounded to 2.5 x warm.
+        # Four keys of `warm` bytes each went through a cache bounded to 2.5 x warm (unbounded, it would have
+        # grown by about 4 x warm).
         assert max(growth) <= bound + 0.25 * warm, ([g / 1e6 for g in growth], warm / 1e6)
-        assert max(growth) < 4 * warm  # what an unbounded cache would have reached by the fifth key
         print(f"warm key {warm / 1e6:.0f} MB, bound {bound / 1e6:.0f} MB, growth MB: {[round(g / 1e6) for g in growth]}")
     finally:
         server.stop()
