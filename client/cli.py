@@ -46,8 +46,107 @@ def predict(url: str, token: str | None, model_name: str, output: Path | None, p
     total, rows = _csv_rows(data)
     with click.open_file(str(output) if output else "-", "w") as out:
         for scores in model.predict_proba_stream(rows, total=total):
-            values = scores if proba else model.labels(scores.reshape(1, -1))
-            out.write(",".join(f"{v:.10g}" if isinstance(v, float) else str(v) for v in np.ravel(values)) + "\n")
+            _write_row(out, model, scores, proba)
+
+
+def _write_row(out, model, scores: np.ndarray, proba: bool) -> None:
+    values = scores if proba else model.labels(scores.reshape(1, -1))
+    out.write(",".join(f"{v:.10g}" if isinstance(v, float) else str(v) for v in np.ravel(values)) + "\n")
+
+
+@main.group()
+def sagemaker() -> None:
+    """SageMaker Batch Transform jobs on a deployed model (boto3's usual credential chain)."""
+
+
+def _batch_model(model_name: str, models: str, key_endpoint: str | None):
+    import boto3
+
+    from fhe_bento.client.api import FHEClient
+    from fhe_bento.client.batch_transform import ArtifactsTransport
+    from fhe_bento.client.sagemaker_transport import ModelFolders, RuntimeInvoker, SageMakerTransport
+
+    keys = SageMakerTransport(RuntimeInvoker(key_endpoint)) if key_endpoint else None
+    transport = ArtifactsTransport(ModelFolders(models, boto3.client("s3")), keys)
+    return FHEClient(transport=transport).model(model_name)
+
+
+MODEL_OPTIONS = [
+    click.option("--model", "model_name", required=True, help="Served model name (a folder of the artifacts)."),
+    click.option("--models", required=True, help="The deployed s3://.../model.tar.gz (or a local folder of model folders)."),
+    click.option("--key-endpoint", help="A real-time endpoint on the fleet's key store, to register the key through."),
+]
+
+
+def _model_options(command):
+    for option in reversed(MODEL_OPTIONS):
+        command = option(command)
+    return command
+
+
+def _write_results(model, results: list, output: Path | None, proba: bool) -> int:
+    """Write one CSV line per row (`error,<code>` for a row whose record failed); returns the failures."""
+    failed = 0
+    with click.open_file(str(output) if output else "-", "w") as out:
+        for result in results:
+            if isinstance(result, Exception):
+                failed += 1
+                out.write(f"error,{result.code}\n")
+            else:
+                _write_row(out, model, result, proba)
+    return failed
+
+
+@sagemaker.command("batch")
+@_model_options
+@click.option("--sagemaker-model", required=True, help="The SageMaker Model to run (deploy makes ENDPOINT-model).")
+@click.option("--job-name", required=True)
+@click.option("--input-prefix", required=True, help="s3://... for the encrypted records.")
+@click.option("--output-prefix", required=True, help="s3://... for the job's answers.")
+@click.option("--instance-type", default="ml.m5.xlarge", show_default=True)
+@click.option("--instance-count", default=1, show_default=True)
+@click.option("--output", "-o", type=click.Path(dir_okay=False, path_type=Path), help="CSV to write (default stdout).")
+@click.option("--proba", is_flag=True, help="Write class probabilities instead of labels.")
+@click.option("--wait/--no-wait", default=True, help="Wait for the job and write its decrypted answers.")
+@click.argument("data", type=click.Path(exists=True, dir_okay=False, path_type=Path))
+def batch(model_name: str, models: str, key_endpoint: str | None, sagemaker_model: str, job_name: str,
+          input_prefix: str, output_prefix: str, instance_type: str, instance_count: int, output: Path | None,
+          proba: bool, wait: bool, data: Path) -> None:
+    """Encrypt the CSV file DATA into JSON Lines in S3, run a Batch Transform job, then decrypt its answers."""
+    import boto3
+
+    from fhe_bento.client.batch_transform import start_transform
+
+    model = _batch_model(model_name, models, key_endpoint)
+    _, rows = _csv_rows(data)
+    job = start_transform(model, np.array(list(rows)), job_name=job_name, model_name=sagemaker_model,
+                          input_prefix=input_prefix, output_prefix=output_prefix, instance_type=instance_type,
+                          instance_count=instance_count, s3=boto3.client("s3"), sm=boto3.client("sagemaker"))
+    click.echo(f"started transform job {job.name}: {job.input_url} -> {job.output_url}", err=True)
+    if wait:
+        _results(model, job.name, output, proba)
+
+
+@sagemaker.command("batch-results")
+@_model_options
+@click.option("--job-name", required=True)
+@click.option("--output", "-o", type=click.Path(dir_okay=False, path_type=Path), help="CSV to write (default stdout).")
+@click.option("--proba", is_flag=True, help="Write class probabilities instead of labels.")
+def batch_results(model_name: str, models: str, key_endpoint: str | None, job_name: str, output: Path | None,
+                  proba: bool) -> None:
+    """Wait for a Batch Transform job, then decrypt its answers into a CSV."""
+    _results(_batch_model(model_name, models, key_endpoint), job_name, output, proba)
+
+
+def _results(model, job_name: str, output: Path | None, proba: bool) -> None:
+    import boto3
+
+    from fhe_bento.client.batch_transform import TransformJob, transform_results
+
+    sm = boto3.client("sagemaker")
+    results = transform_results(model, TransformJob.describe(sm, job_name), s3=boto3.client("s3"), sm=sm)
+    if failed := _write_results(model, results, output, proba):
+        click.echo(f"{failed} of {len(results)} rows failed (error lines in the output)", err=True)
 
 
 def _numeric(row: list[str]) -> bool:

@@ -130,7 +130,7 @@ class SageMakerTransport:
         return wire.decode_batch(answer, max_rows=len(rows))
 
 
-def _split_s3(url: str) -> tuple[str, str]:
+def split_s3(url: str) -> tuple[str, str]:
     parsed = urlparse(url)
     if parsed.scheme != "s3" or not parsed.netloc:
         raise ValueError(f"not an s3:// URL: {url!r}")
@@ -143,7 +143,7 @@ class ModelFolders:
     def __init__(self, source: str | Path, s3=None) -> None:
         self.files: dict[str, dict[str, bytes]] = {}
         if str(source).startswith("s3://"):
-            bucket, key = _split_s3(str(source))
+            bucket, key = split_s3(str(source))
             archive = s3.get_object(Bucket=bucket, Key=key)["Body"].read()
             with tarfile.open(fileobj=io.BytesIO(archive), mode="r:gz") as tar:
                 for member in tar.getmembers():
@@ -174,7 +174,7 @@ class AsyncJob:
     def _fetch(self, url: str | None) -> bytes | None:
         if not url:
             return None
-        bucket, key = _split_s3(url)
+        bucket, key = split_s3(url)
         try:
             return self.s3.get_object(Bucket=bucket, Key=key)["Body"].read()
         except self.s3.exceptions.NoSuchKey:
@@ -229,7 +229,7 @@ class AsyncSageMakerTransport:
     def submit(self, name: str, key_id: str | None, rows: list[bytes]) -> AsyncJob:
         inline = self._pending_keys.get(key_id, b"") if key_id else b""
         envelope = wire.encode_envelope(rows, name, key_id, inline)
-        bucket, prefix = _split_s3(self.input_prefix)
+        bucket, prefix = split_s3(self.input_prefix)
         key = f"{prefix}/{uuid.uuid4().hex}.fhe".lstrip("/")
         self.s3.put_object(Bucket=bucket, Key=key, Body=envelope, ContentType=wire.ENVELOPE_CONTENT_TYPE)
         response = self.runtime.invoke_endpoint_async(

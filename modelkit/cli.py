@@ -7,6 +7,7 @@ from pathlib import Path
 
 import click
 
+from fhe_bento.client import cli as client_cli
 from fhe_bento.client.cli import main as client_main
 from fhe_bento.protocol.names import DEMO_MODELS
 
@@ -41,9 +42,10 @@ def _label(text: str) -> int | str:
     return int(text) if text.lstrip("-").isdigit() else text
 
 
-@main.group()
+@main.group(commands=list(client_cli.sagemaker.commands.values()))
 def sagemaker() -> None:
-    """Build the SageMaker image, deploy endpoints, tear them down (boto3's usual credential chain)."""
+    """Build the SageMaker image, deploy endpoints, tear them down, run Batch Transform jobs (boto3's usual
+    credential chain)."""
 
 
 @sagemaker.command("deploy")

@@ -43,9 +43,14 @@ class Admission:
         previous = self.row_seconds.get(model, seconds_per_row)
         self.row_seconds[model] = (1 - SMOOTHING) * previous + SMOOTHING * seconds_per_row
 
+    def rows_that_fit(self, spec: ModelSpec) -> int:
+        """Rows of one request that finish within the request timeout at the model's seconds per row."""
+        per_row = self.row_seconds.setdefault(spec.name, spec.meta.row_seconds)
+        return math.floor(self.timeout / per_row) * self.batch_parallelism if per_row > 0 else self.max_rows
+
     def check_fits(self, spec: ModelSpec, rows: int) -> None:
         per_row = self.row_seconds.setdefault(spec.name, spec.meta.row_seconds)
-        fit = math.floor(self.timeout / per_row) * self.batch_parallelism if per_row > 0 else rows
+        fit = self.rows_that_fit(spec)
         if rows > fit:
             raise FHEBentoError(
                 "batch_too_long",

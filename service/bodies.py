@@ -17,16 +17,19 @@ from pathlib import Path
 from starlette.requests import ClientDisconnect, Request
 
 from fhe_bento.runners.errors import FHEBentoError
-from fhe_bento.protocol import wire
+from fhe_bento.protocol import transform, wire
 from fhe_bento.protocol.names import OCTET_STREAM
 from fhe_bento.runners.settings import Settings, get_settings
 
 
+def media_type(request: Request) -> str:
+    return request.headers.get("content-type", "").split(";")[0].strip().lower()
+
+
 def require_content_type(request: Request, *allowed: str) -> None:
-    media_type = request.headers.get("content-type", "").split(";")[0].strip().lower()
-    if media_type not in allowed:
-        raise FHEBentoError("unsupported_media_type", f"send Content-Type {' or '.join(allowed)}, not {media_type or 'nothing'}"
-        )
+    sent = media_type(request)
+    if sent not in allowed:
+        raise FHEBentoError("unsupported_media_type", f"send Content-Type {' or '.join(allowed)}, not {sent or 'nothing'}")
 
 
 def declared_length(request: Request, limit: int) -> None:
@@ -114,5 +117,6 @@ KEY = Body((OCTET_STREAM,), lambda s: s.max_key_bytes)
 KEY_PART = Body((OCTET_STREAM,), lambda s: s.max_part_bytes)
 CIPHERTEXT = Body((OCTET_STREAM,), lambda s: s.max_ciphertext_bytes)
 BATCH = Body((wire.CONTENT_TYPE, OCTET_STREAM), lambda s: s.max_batch_bytes)
+TRANSFORM = Body((transform.CONTENT_TYPE,), lambda s: s.max_batch_bytes)
 ENVELOPE = Body((wire.ENVELOPE_CONTENT_TYPE, OCTET_STREAM),
                 lambda s: s.max_key_bytes + s.max_batch_bytes + wire.MAX_ENVELOPE_HEADER + 16, spool=True)

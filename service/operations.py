@@ -16,7 +16,7 @@ from typing import Any
 import bentoml
 import httpx
 
-from fhe_bento.protocol import wire
+from fhe_bento.protocol import transform, wire
 from fhe_bento.runners.errors import FHEBentoError
 from fhe_bento.runners.key_store import check_key_id
 from fhe_bento.runners.model_repo import ModelSpec
@@ -28,6 +28,8 @@ from fhe_bento.service.limits import request_deadline
 
 log = logging.getLogger("bentoml.fhe_bento.service")
 RUNNER_RETRY_AFTER = 5  # seconds a client is told to wait when the runner does not answer
+# Errors of one bad row, which fail its whole batch: a transform runs such a batch again row by row.
+ROW_ERRORS = frozenset({"invalid_ciphertext", "ciphertext_mismatch"})
 
 
 def decode_rows(body: bytes, max_rows: int) -> list[bytes]:
@@ -116,6 +118,49 @@ class Operations:
             raise FHEBentoError("payload_too_large", "the envelope's batch is over FHE_BENTO_MAX_BATCH_BYTES")
         results = await self.predict_batch(spec, caller, key_id, decode_rows(rows_body, settings.max_batch_rows))
         return wire.encode_batch(results)
+
+    async def transform(self, caller: Caller, body: bytes) -> bytes:
+        """SageMaker Batch Transform's JSON Lines (`protocol/transform.py`): one answer line per record, in
+        order. Consecutive records of one model and key run as batches; a batch that a bad record fails is
+        run again record by record, so that only that record gets its error. Errors that are not a
+        record's own (overloaded, runner unavailable, timeout) fail the whole request, which SageMaker
+        retries."""
+        answers: list[bytes | None] = []
+        runs: list[tuple[ModelSpec, str | None, list[int], list[bytes]]] = []
+        for line in transform.lines(body):
+            try:
+                record = transform.decode_record(line)
+                spec = self.spec(record.model)
+            except (transform.RecordError, FHEBentoError) as exc:
+                code, message = (exc.code, exc.message) if isinstance(exc, FHEBentoError) else ("invalid_record", str(exc))
+                answers.append(transform.error_line(code, message))
+                continue
+            if not runs or runs[-1][:2] != (spec, record.key_id):
+                runs.append((spec, record.key_id, [], []))
+            runs[-1][2].append(len(answers))
+            runs[-1][3].append(record.ciphertext)
+            answers.append(None)
+        if not answers:
+            raise FHEBentoError("empty_body", "the body holds no JSON Lines record")
+        for spec, key_id, indexes, rows in runs:
+            size = max(1, min(self.admission.rows_that_fit(spec), self.settings.max_batch_rows,
+                              self.settings.max_queue_rows))
+            for start in range(0, len(rows), size):
+                results = await self._transform_rows(spec, caller, key_id, rows[start:start + size])
+                for index, answer in zip(indexes[start:start + size], results):
+                    answers[index] = answer
+        return b"".join(answer + b"\n" for answer in answers)
+
+    async def _transform_rows(self, spec: ModelSpec, caller: Caller, key_id: str | None,
+                              rows: list[bytes]) -> list[bytes]:
+        try:
+            return [transform.result_line(r) for r in await self.predict_batch(spec, caller, key_id, rows)]
+        except FHEBentoError as exc:
+            if exc.status >= 500:
+                raise
+            if len(rows) == 1 or exc.code not in ROW_ERRORS:  # the same answer for every record of the run
+                return [transform.error_line(exc.code, exc.message)] * len(rows)
+        return [line for row in rows for line in await self._transform_rows(spec, caller, key_id, [row])]
 
     # --- keys: each a call to the runner's key service ------------------------------------------------
 

@@ -3,8 +3,9 @@
 SageMaker forwards nothing but `/invocations`, so the operation, model and key id travel in
 `X-Amzn-SageMaker-Custom-Attributes`, e.g. `op=predict; model=breast-cancer-xgb; key=<key_id>`.
 Operations (README, "SageMaker operations"): list_models, get_client, predict, predict_batch, has_key, put_key,
-put_key_part, key_parts, complete_key and envelope (asynchronous inference; also chosen when the body
-starts with the envelope magic and no op is given).
+put_key_part, key_parts, complete_key, envelope (asynchronous inference; also chosen when the body
+starts with the envelope magic and no op is given) and transform (Batch Transform's JSON Lines, chosen by
+their content type); `GET /execution-parameters` gives Batch Transform its defaults.
 """
 
 from __future__ import annotations
@@ -17,10 +18,11 @@ from fastapi import APIRouter, Depends, Request
 from fastapi.responses import JSONResponse, Response
 from pydantic import BaseModel, ConfigDict, ValidationError, field_validator
 
-from fhe_bento.protocol import wire
+from fhe_bento.protocol import transform, wire
 from fhe_bento.protocol.names import ATTRIBUTES_HEADER, MAX_ATTRIBUTES, OCTET_STREAM
 from fhe_bento.runners.errors import FHEBentoError
 from fhe_bento.service import bodies
+from fhe_bento.service.bodies import media_type
 from fhe_bento.service.auth import Caller, predict_caller
 from fhe_bento.service.operations import Operations, current_operations, decode_rows
 from fhe_bento.service.responses import client_zip_response
@@ -72,6 +74,14 @@ async def ping(health: RunnerHealth = Depends(current_health)) -> Response:
     if await health.is_ready():
         return Response(status_code=200)
     return JSONResponse(FHEBentoError("not_ready", "models are still loading").body(), status_code=503)
+
+
+@router.get("/execution-parameters")
+async def execution_parameters(ops: Operations = Depends(current_operations)) -> JSONResponse:
+    """What SageMaker Batch Transform should send, unless the job says otherwise: one request per row
+    computed at once, a few hundred records each (at most 1 MB)."""
+    return JSONResponse({"MaxConcurrentTransforms": ops.settings.workers * ops.settings.row_threads,
+                         "BatchStrategy": "MULTI_RECORD", "MaxPayloadInMB": 1})
 
 
 @dataclass(frozen=True)
@@ -126,6 +136,10 @@ async def _predict_batch(ops: Operations, caller: Caller, attrs: Attributes, bod
     return Response(wire.encode_batch(results), media_type=wire.CONTENT_TYPE)
 
 
+async def _transform(ops: Operations, caller: Caller, attrs: Attributes, body: bytes) -> Response:
+    return Response(await ops.transform(caller, body), media_type=transform.CONTENT_TYPE)
+
+
 async def _envelope(ops: Operations, caller: Caller, attrs: Attributes, path: Path) -> Response:
     try:
         return Response(await ops.envelope(caller, path, attrs.model, attrs.key), media_type=wire.CONTENT_TYPE)
@@ -144,6 +158,7 @@ INVOCATIONS: dict[str, Invocation] = {
     "predict": Invocation(bodies.CIPHERTEXT, _predict),
     "predict_batch": Invocation(bodies.BATCH, _predict_batch),
     "envelope": Invocation(bodies.ENVELOPE, _envelope),
+    "transform": Invocation(bodies.TRANSFORM, _transform),
 }
 
 
@@ -151,8 +166,9 @@ INVOCATIONS: dict[str, Invocation] = {
 async def invocations(request: Request, caller: Caller = Depends(predict_caller),
                       ops: Operations = Depends(current_operations)) -> Response:
     attrs = parse_attributes(request.headers.get(ATTRIBUTES_HEADER, ""))
-    # Async inference may come without attributes: an envelope says what it is by its first bytes.
-    invocation = INVOCATIONS[attrs.op or "envelope"]
+    # Batch Transform and async inference send no attributes: JSON Lines say what they are by their
+    # content type, an envelope by its first bytes.
+    invocation = INVOCATIONS[attrs.op or ("transform" if media_type(request) == transform.CONTENT_TYPE else "envelope")]
     if invocation.body is None:
         return await invocation.run(ops, caller, attrs, None)
     ops.spec(attrs.model)  # an unknown model is refused before its body is read

@@ -131,3 +131,27 @@ def moto_url():
         else:
             os.environ[name] = value
     moto.stop()
+
+
+@pytest.fixture(scope="session")
+def image():
+    """The real image, built once per run (scripts/build-image: buildah from a locally made Debian base)."""
+    import subprocess
+
+    from harness.devserver import ROOT
+
+    built = subprocess.run([str(ROOT / "scripts" / "build-image")], capture_output=True, text=True, timeout=3000)
+    assert built.returncode == 0, built.stderr[-4000:]
+    name = built.stdout.strip().splitlines()[-1]
+    yield name
+    subprocess.run(["podman", "rmi", "-f", name], capture_output=True)
+    subprocess.run(["podman", "image", "prune", "-f"], capture_output=True)
+
+
+@pytest.fixture(scope="session")
+def model_dir(demo, tmp_path_factory) -> Path:
+    """/opt/ml/model as SageMaker lays it out from model.tar.gz: one readable folder per model."""
+    from fhe_bento.modelkit.sagemaker_deploy import model_folders_from_store, write_model_dir
+
+    folders = model_folders_from_store([f"{XGB}:latest", f"{LOGREG}:latest"])
+    return write_model_dir(folders, tmp_path_factory.mktemp("opt-ml-model"))

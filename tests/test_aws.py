@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import io
+import os
 import subprocess
 import sys
 import tarfile
@@ -21,8 +22,9 @@ ROLE = "arn:aws:iam::123456789012:role/fhe-bento-sagemaker"
 FHE_BENTO = str(Path(sys.executable).parent / "fhe-bento")
 
 
-def cli(*args: str, ok: bool = True) -> str:
-    done = subprocess.run([FHE_BENTO, *args], capture_output=True, text=True, timeout=300)
+def cli(*args: str, ok: bool = True, env: dict[str, str] | None = None) -> str:
+    done = subprocess.run([FHE_BENTO, *args], capture_output=True, text=True, timeout=300,
+                          env={**os.environ, **(env or {})})
     assert (done.returncode == 0) == ok, done.stderr
     return done.stdout if ok else done.stderr
 
@@ -154,3 +156,39 @@ def test_autoscaling_is_registered_and_deleted_with_the_endpoint(mode, demo, buc
     assert cloudwatch.describe_alarms(AlarmNamePrefix=name)["MetricAlarms"] == []
     with pytest.raises(boto3.client("sagemaker").exceptions.ClientError):
         boto3.client("sagemaker").describe_endpoint(EndpointName=name)
+
+
+def test_batch_command_runs_a_transform_job_and_decrypts_its_answers(demo, bucket, server, tmp_path):
+    """moto keeps the job's record but runs nothing: the test plays SageMaker's part, sending the job's
+    input to a real server's /invocations, as Batch Transform does, and writing the answer where
+    SageMaker writes it."""
+    from fhe_bento.protocol import transform
+
+    cli(*deploy_args("fhe-bt", bucket, "--models", f"{LOGREG}:latest"))
+    x = demo.x_test[:3]
+    data = tmp_path / "rows.csv"
+    data.write_text("\n".join(",".join(repr(float(v)) for v in row) for row in x) + "\n")
+    owner = {"FHE_BENTO_CLIENT_CACHE": str(tmp_path / "owner")}
+    model = ["--model", LOGREG, "--models", f"s3://{bucket}/fhe-bt/model.tar.gz"]
+    cli("sagemaker", "batch", *model, "--sagemaker-model", "fhe-bt-model", "--job-name", "fhe-bt-1",
+        "--input-prefix", f"s3://{bucket}/in", "--output-prefix", f"s3://{bucket}/out", "--no-wait", str(data),
+        env=owner)
+
+    sm, s3 = boto3.client("sagemaker"), boto3.client("s3")
+    job = sm.describe_transform_job(TransformJobName="fhe-bt-1")
+    assert (job["ModelName"], job["BatchStrategy"]) == ("fhe-bt-model", "MultiRecord")
+    assert job["TransformInput"] == {
+        "DataSource": {"S3DataSource": {"S3DataType": "S3Prefix", "S3Uri": f"s3://{bucket}/in/fhe-bt-1/records.jsonl"}},
+        "ContentType": "application/jsonlines", "SplitType": "Line"}
+    assert job["TransformOutput"]["S3OutputPath"] == f"s3://{bucket}/out/fhe-bt-1"
+    records = s3.get_object(Bucket=bucket, Key="in/fhe-bt-1/records.jsonl")["Body"].read()
+    assert [transform.decode_record(line).model for line in transform.lines(records)] == [LOGREG] * 3
+
+    answer = httpx.post(f"{server.url}/invocations", content=records, timeout=300,
+                        headers={"Content-Type": transform.CONTENT_TYPE})
+    assert answer.status_code == 200, answer.text
+    s3.put_object(Bucket=bucket, Key="out/fhe-bt-1/records.jsonl.out", Body=answer.content)
+    out = tmp_path / "predictions.csv"
+    cli("sagemaker", "batch-results", *model, "--job-name", "fhe-bt-1", "-o", str(out), env=owner)
+    assert [int(line) for line in out.read_text().split()] == list(demo.clear_predict(LOGREG, x))
+    cli("sagemaker", "delete", "--endpoint-name", "fhe-bt")

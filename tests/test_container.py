@@ -5,8 +5,6 @@ from __future__ import annotations
 
 import hashlib
 import subprocess
-import time
-import uuid
 from pathlib import Path
 
 import boto3
@@ -15,67 +13,14 @@ import pytest
 
 from fhe_bento.client import FHEClient
 from fhe_bento.client.sagemaker_transport import LocalInvoker, SageMakerTransport
-from fhe_bento.protocol.names import ATTRIBUTES_HEADER
 from fhe_bento.protocol.names import PART_BYTES
 from conftest import LOGREG, REAL_XGB_CIPHERTEXT, XGB, real_body
-from harness.devserver import ROOT
-
-PORT = 8080  # SageMaker's
-URL = f"http://127.0.0.1:{PORT}"
-PODMAN = ["podman", "--runtime", "runc", "--cgroup-manager", "cgroupfs"]
-RUN = [*PODMAN, "run", "--network", "host", "--ulimit", "nofile=20000:20000", "--ulimit", "nproc=4096:4096"]
-
-
-@pytest.fixture(scope="session")
-def image():
-    built = subprocess.run([str(ROOT / "scripts" / "build-image")], capture_output=True, text=True, timeout=3000)
-    assert built.returncode == 0, built.stderr[-4000:]
-    name = built.stdout.strip().splitlines()[-1]
-    yield name
-    subprocess.run(["podman", "rmi", "-f", name], capture_output=True)
-    subprocess.run(["podman", "image", "prune", "-f"], capture_output=True)
-
-
-@pytest.fixture(scope="session")
-def model_dir(demo, tmp_path_factory) -> Path:
-    """/opt/ml/model as SageMaker lays it out from model.tar.gz: one readable folder per model."""
-    from fhe_bento.modelkit.sagemaker_deploy import model_folders_from_store, write_model_dir
-
-    folders = model_folders_from_store([f"{XGB}:latest", f"{LOGREG}:latest"])
-    return write_model_dir(folders, tmp_path_factory.mktemp("opt-ml-model"))
-
-
-def wait_for_ping(timeout: float = 300) -> httpx.Response:
-    deadline = time.monotonic() + timeout
-    while time.monotonic() < deadline:
-        try:
-            response = httpx.get(f"{URL}/ping", timeout=2)
-            if response.status_code == 200:
-                return response
-        except httpx.HTTPError:
-            pass
-        time.sleep(0.5)
-    raise AssertionError("the container never answered /ping with 200")
-
+from harness.container import RUN, URL, invoke, running, wait_for_ping
 
 @pytest.fixture(scope="module")
 def container(image, model_dir):
-    name = f"fhe-bento-test-{uuid.uuid4().hex[:8]}"
-    subprocess.run(
-        [*RUN, "-d", "--name", name, "-e", f"PORT={PORT}", "-v", f"{model_dir}:/opt/ml/model:ro", image, "serve"],
-        check=True, capture_output=True,
-    )
-    try:
+    with running(image, model_dir) as name:
         yield name
-    finally:
-        logs = subprocess.run(["podman", "logs", name], capture_output=True, text=True)
-        (model_dir.parent / f"{name}.log").write_text(logs.stdout + logs.stderr)  # kept for post-mortems
-        subprocess.run(["podman", "rm", "-f", name], capture_output=True)
-
-
-def invoke(attributes: str, body: bytes = b"{}", content_type: str = "application/octet-stream") -> httpx.Response:
-    return httpx.post(f"{URL}/invocations", content=body, timeout=300,
-                      headers={"Content-Type": content_type, ATTRIBUTES_HEADER: attributes})
 
 
 def test_ping_is_200_with_empty_body_once_loaded(container):

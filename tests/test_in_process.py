@@ -144,3 +144,28 @@ def test_parts_that_do_not_hash_to_their_key_id_are_dropped(http, owner):
     assert_error(http.post(f"{base}/complete", params={"parts": len(parts)}), 400, "digest_mismatch")
     assert http.get(f"{base}/parts").json()["parts"] == []
     assert http.head(base).status_code == 404
+
+
+def test_batch_transform_answers_every_record_in_order(http, demo, tmp_path):
+    from fhe_bento.protocol import transform
+
+    params = http.get("/execution-parameters").json()
+    assert params["BatchStrategy"] == "MULTI_RECORD" and params["MaxPayloadInMB"] >= 1
+    logreg = _client(http, tmp_path).model(LOGREG)
+    x = demo.x_test[:3]
+    rows = logreg.encrypt(x)
+    body = b"\n".join([
+        transform.encode_record(rows[0], None, LOGREG),
+        b'{"ciphertext": "not base64 at all!"}',
+        transform.encode_record(rows[1], None, LOGREG),
+        transform.encode_record(b"\x00" * 32, None, LOGREG),  # not a ciphertext of the model
+        transform.encode_record(rows[2], None, "no-such-model"),
+        transform.encode_record(rows[2], None, LOGREG),
+    ]) + b"\n"
+    answer = http.post("/invocations", content=body, headers={"Content-Type": transform.CONTENT_TYPE})
+    assert answer.status_code == 200, answer.text
+    answers = [transform.decode_answer(line) for line in transform.lines(answer.content)]
+    assert len(answers) == 6
+    assert [a["code"] for a in answers if isinstance(a, dict)] == ["invalid_record", "ciphertext_mismatch", "unknown_model"]
+    results = [answers[i] for i in (0, 2, 5)]
+    assert [logreg.labels(logreg.decrypt(r).reshape(1, -1))[0] for r in results] == list(demo.clear_predict(LOGREG, x))
