@@ -174,6 +174,11 @@ class RemoteModel:
 
     def decrypt(self, answer: bytes) -> np.ndarray:
         """The scores of one row from the server's encrypted answer."""
+        if not self._keys_private and not any((self.folder / "keys").iterdir()):
+            # Fresh keys here would decrypt to garbage: the answer needs the key its rows were encrypted with.
+            raise FHEServiceError(0, "no_private_key", f"no private key of {self.name} in {self.folder}: decrypt "
+                                  "with the key cache that encrypted (FHE_BENTO_CLIENT_CACHE)")
+        self._generate_keys()  # loads the private key from the cache when another process encrypted
         return np.asarray(self.fhe.deserialize_decrypt_dequantize(answer)).reshape(-1)
 
     def predict_proba_stream(self, rows: Iterable[np.ndarray], total: int | None = None) -> Iterator[np.ndarray]:

@@ -166,6 +166,6 @@ def test_batch_transform_answers_every_record_in_order(http, demo, tmp_path):
     assert answer.status_code == 200, answer.text
     answers = [transform.decode_answer(line) for line in transform.lines(answer.content)]
     assert len(answers) == 6
-    assert [a["code"] for a in answers if isinstance(a, dict)] == ["invalid_record", "ciphertext_mismatch", "unknown_model"]
+    assert [a["code"] for a in answers if isinstance(a, dict)] == ["invalid_record", "invalid_ciphertext", "unknown_model"]
     results = [answers[i] for i in (0, 2, 5)]
     assert [logreg.labels(logreg.decrypt(r).reshape(1, -1))[0] for r in results] == list(demo.clear_predict(LOGREG, x))

@@ -375,6 +375,22 @@ class _DevFolderTransport:
         return self.zip, ""
 
 
+def test_decrypting_without_the_private_key_is_refused_not_garbage(demo, tmp_path):
+    """An answer decrypted in a process with an empty key cache would otherwise get fresh keys, and noise."""
+    from fhe_bento.client import FHEClient, FHEServiceError
+    from conftest import LOGREG
+
+    owner = FHEClient(transport=_DevFolderTransport(demo.dev_dirs[LOGREG]), cache_dir=tmp_path / "owner",
+                      progress=False).model(LOGREG)
+    row = owner.encrypt(demo.x_test[:1])[0]
+    stranger = FHEClient(transport=_DevFolderTransport(demo.dev_dirs[LOGREG]), cache_dir=tmp_path / "stranger",
+                         progress=False).model(LOGREG)
+    with pytest.raises(FHEServiceError) as refused:
+        stranger.decrypt(row)
+    assert refused.value.code == "no_private_key"  # (a new client on the owner's cache loads its key:
+    # tests/test_aws.py decrypts a transform job's answers in another process than the one that encrypted)
+
+
 def test_client_key_cache_is_private_whatever_the_umask(demo, tmp_path):
     import os
     import stat
