@@ -177,9 +177,14 @@ def _unavailable(reason: str) -> FHEBentoError:
 
 def _is_broken(pool: ProcessPoolExecutor) -> bool:
     # CPython's executor marks itself broken when a child dies; a child that died while idle is seen by
-    # its process handle. Both are private, read-only here.
+    # its process handle. All three are private, read-only here. A pool that shuts down without being
+    # broken (the worker exits, and CPython's exit hook stops its children) has children that end on purpose.
+    if getattr(pool, "_broken", False):
+        return True
+    if getattr(pool, "_shutdown_thread", False):
+        return False
     processes = dict(getattr(pool, "_processes", None) or {})
-    return bool(getattr(pool, "_broken", False)) or any(not p.is_alive() for p in processes.values())
+    return any(not p.is_alive() for p in processes.values())
 
 
 class Engine:
