@@ -270,14 +270,17 @@ class FHEClient:
         models: str | Path | None = None,
         runtime_client=None,
         s3_client=None,
+        key_affinity: bool = True,
         **options,
     ) -> "FHEClient":
         """A client of a SageMaker endpoint. `mode="async"` needs `input_prefix` (s3://bucket/prefix for
-        envelopes) and `models` (the model folders, local or the deployed s3://.../model.tar.gz)."""
+        envelopes) and `models` (the model folders, local or the deployed s3://.../model.tar.gz). In real
+        time, `key_affinity` keeps each key's predictions in a stateful session (README "Key affinity")."""
         from fhe_bento.client.sagemaker_transport import AsyncSageMakerTransport, ModelFolders, RuntimeInvoker, SageMakerTransport
 
         if mode == "realtime":
-            return cls(transport=SageMakerTransport(RuntimeInvoker(endpoint_name, runtime_client)), **options)
+            invoker = RuntimeInvoker(endpoint_name, runtime_client)
+            return cls(transport=SageMakerTransport(invoker, key_affinity=key_affinity), **options)
         if mode != "async" or not input_prefix or models is None:
             raise ValueError('mode is "realtime", or "async" with input_prefix and models')
         if s3_client is None:

@@ -2,7 +2,9 @@
 
 - `SageMakerTransport` (real time): each operation is one `invoke_endpoint` with
   `CustomAttributes="op=...; model=...; key=..."`. Keys over one part go in resumable 5 MiB parts, so a
-  60-80 MB key fits SageMaker's 6 MB request limit.
+  60-80 MB key fits SageMaker's 6 MB request limit. Predictions of one key run in a stateful session
+  (key affinity): the first opens it, later ones carry its id so that they reach the instance where the key
+  is warm, and one whose session is refused (its instance is gone, or it ended) opens a new one anywhere.
 - `AsyncSageMakerTransport`: an async endpoint accepts only `invoke_endpoint_async`, so every batch is an
   envelope in S3 (with the evaluation key inline until one job has registered it), and the answer is
   polled from the output location. Model facts come from the model folders (a local copy, or the
@@ -17,11 +19,12 @@ import hashlib
 import io
 import json
 import tarfile
+import threading
 import time
 import uuid
 from collections.abc import Callable
 from pathlib import Path
-from typing import Protocol
+from typing import NamedTuple, Protocol
 from urllib.parse import urlparse
 
 import httpx
@@ -31,7 +34,7 @@ from fhe_bento.client.http_transport import FHEServiceError, error_from_body, re
 from fhe_bento.client.uploads import upload_key
 from fhe_bento.protocol import wire
 from fhe_bento.protocol.names import ATTRIBUTES_HEADER, OCTET_STREAM, PART_BYTES
-
+from fhe_bento.protocol.sessions import NEW_SESSION, SESSION_HEADER, Session, parse_session
 
 
 def attributes(**fields: object) -> str:
@@ -42,12 +45,20 @@ def _model_error(status: int, body: bytes | str, retry_after: float | None = Non
     return error_from_body(status, body, "model_error", retry_after)
 
 
+class Reply(NamedTuple):
+    body: bytes
+    new_session: str | None = None  # the container's `<id>; Expires=<time>` for a NEW_SESSION request
+
+
 class Invoker(Protocol):
-    def __call__(self, body: bytes, custom_attributes: str, content_type: str) -> bytes: ...
+    def __call__(self, body: bytes, custom_attributes: str, content_type: str,
+                 session_id: str | None = None) -> Reply: ...
 
 
 class RuntimeInvoker:
-    """`sagemaker-runtime.invoke_endpoint`; a container 4xx/5xx comes back as ModelError (HTTP 424)."""
+    """`sagemaker-runtime.invoke_endpoint`; a container 4xx/5xx comes back as ModelError (HTTP 424).
+    SageMaker itself refuses a session whose instance is gone (ValidationError): that is `invalid_session`,
+    as the container says of a session that ended."""
 
     def __init__(self, endpoint_name: str, runtime_client=None) -> None:
         import boto3
@@ -55,17 +66,22 @@ class RuntimeInvoker:
         self.endpoint_name = endpoint_name
         self.runtime = runtime_client or boto3.client("sagemaker-runtime")
 
-    def __call__(self, body: bytes, custom_attributes: str, content_type: str) -> bytes:
+    def __call__(self, body: bytes, custom_attributes: str, content_type: str,
+                 session_id: str | None = None) -> Reply:
         from botocore.exceptions import ClientError
 
         try:
             response = self.runtime.invoke_endpoint(
-                EndpointName=self.endpoint_name, Body=body, ContentType=content_type, CustomAttributes=custom_attributes
+                EndpointName=self.endpoint_name, Body=body, ContentType=content_type, CustomAttributes=custom_attributes,
+                **({"SessionId": session_id} if session_id else {}),
             )
         except ClientError as exc:
-            info = exc.response.get("OriginalMessage") or exc.response.get("Error", {}).get("Message", "")
+            error = exc.response.get("Error", {})
+            if session_id and error.get("Code") == "ValidationError":
+                raise FHEServiceError(400, "invalid_session", error.get("Message", "")) from None
+            info = exc.response.get("OriginalMessage") or error.get("Message", "")
             raise _model_error(int(exc.response.get("OriginalStatusCode", 424)), info) from None
-        return response["Body"].read()
+        return Reply(response["Body"].read(), response.get("NewSessionId"))
 
 
 class LocalInvoker:
@@ -75,24 +91,30 @@ class LocalInvoker:
     def __init__(self, url: str, timeout: float = 600.0) -> None:
         self.http = httpx.Client(base_url=url.rstrip("/"), timeout=timeout)
 
-    def __call__(self, body: bytes, custom_attributes: str, content_type: str) -> bytes:
-        response = self.http.post(
-            "/invocations", content=body, headers={"Content-Type": content_type, ATTRIBUTES_HEADER: custom_attributes}
-        )
+    def __call__(self, body: bytes, custom_attributes: str, content_type: str,
+                 session_id: str | None = None) -> Reply:
+        headers = {"Content-Type": content_type, ATTRIBUTES_HEADER: custom_attributes}
+        response = self.http.post("/invocations", content=body, headers={
+            **headers, **({SESSION_HEADER: session_id} if session_id else {})})
         if response.status_code >= 400:
             raise _model_error(response.status_code, response.content, retry_after_seconds(response.headers))
-        return response.content
+        return Reply(response.content, response.headers.get(SESSION_HEADER))
 
 
 class SageMakerTransport:
-    """Real-time endpoint transport."""
+    """Real-time endpoint transport. `key_affinity=False` sends no session ids: SageMaker then routes
+    every request to any instance."""
 
-    def __init__(self, invoke: Invoker, part_bytes: int = PART_BYTES) -> None:
+    def __init__(self, invoke: Invoker, part_bytes: int = PART_BYTES, key_affinity: bool = True) -> None:
         self.invoke = invoke
         self.part_bytes = part_bytes
+        self.key_affinity = key_affinity
+        self.sessions: dict[str, Session] = {}  # key id -> its open session
+        self._opening: dict[str, threading.Lock] = {}
+        self._lock = threading.Lock()
 
     def _json(self, **attrs: object) -> dict | list:
-        return json.loads(self.invoke(b"{}", attributes(**attrs), "application/json"))
+        return json.loads(self.invoke(b"{}", attributes(**attrs), "application/json").body)
 
     def list_models(self) -> list[dict]:
         return self._json(op="list_models")
@@ -104,7 +126,7 @@ class SageMakerTransport:
         raise FHEServiceError(404, "unknown_model", f"no model named {name!r} is served")
 
     def get_client_zip(self, name: str) -> tuple[bytes, str]:
-        return self.invoke(b"{}", attributes(op="get_client", model=name), "application/json"), ""
+        return self.invoke(b"{}", attributes(op="get_client", model=name), "application/json").body, ""
 
     def has_key(self, name: str, key_id: str) -> bool:
         return bool(self._json(op="has_key", model=name, key=key_id)["registered"])
@@ -113,7 +135,7 @@ class SageMakerTransport:
         return upload_key(self, name, key, self.part_bytes, on_progress)
 
     def put_whole_key(self, name: str, key: bytes) -> dict:
-        return json.loads(self.invoke(key, attributes(op="put_key", model=name), OCTET_STREAM))
+        return json.loads(self.invoke(key, attributes(op="put_key", model=name), OCTET_STREAM).body)
 
     def key_parts(self, name: str, key_id: str) -> list[int]:
         return self._json(op="key_parts", model=name, key=key_id)["parts"]
@@ -125,9 +147,43 @@ class SageMakerTransport:
         return self._json(op="complete_key", model=name, key=key_id, parts=count)
 
     def predict_batch(self, name: str, key_id: str | None, rows: list[bytes]) -> list[bytes]:
-        answer = self.invoke(wire.encode_batch(rows), attributes(op="predict_batch", model=name, key=key_id),
-                             wire.CONTENT_TYPE)
+        body, attrs = wire.encode_batch(rows), attributes(op="predict_batch", model=name, key=key_id)
+        if key_id and self.key_affinity:
+            answer = self._in_session(key_id, body, attrs)
+        else:
+            answer = self.invoke(body, attrs, wire.CONTENT_TYPE).body
         return wire.decode_batch(answer, max_rows=len(rows))
+
+    def _in_session(self, key_id: str, body: bytes, attrs: str) -> bytes:
+        with self._lock:
+            opening = self._opening.setdefault(key_id, threading.Lock())
+        session = self._session(key_id)
+        if session is not None:
+            try:
+                return self.invoke(body, attrs, wire.CONTENT_TYPE, session.id).body
+            except FHEServiceError as exc:
+                if exc.code != "invalid_session":
+                    raise
+                with self._lock:
+                    if self.sessions.get(key_id) == session:
+                        del self.sessions[key_id]
+        # One request per key opens its session; the others of this key wait for it rather than each
+        # opening one on another instance.
+        with opening:
+            session = self._session(key_id)
+            if session is not None:
+                return self.invoke(body, attrs, wire.CONTENT_TYPE, session.id).body
+            reply = self.invoke(body, attrs, wire.CONTENT_TYPE, NEW_SESSION)
+            if reply.new_session:  # none when the server has sessions off
+                with self._lock:
+                    self.sessions[key_id] = parse_session(reply.new_session)
+            return reply.body
+
+    def _session(self, key_id: str) -> Session | None:
+        """The key's session, unless it ends within a minute (a request sent now could outlive it)."""
+        with self._lock:
+            session = self.sessions.get(key_id)
+        return session if session is not None and not session.expired(margin_seconds=60) else None
 
 
 def split_s3(url: str) -> tuple[str, str]:

@@ -9,6 +9,7 @@ ERROR_CODES: dict[str, int] = {
         "empty_body", "incomplete_body", "invalid_ciphertext", "invalid_batch", "invalid_key", "invalid_key_id",
         "missing_key_id", "invalid_multipart", "missing_field", "invalid_request", "invalid_attributes",
         "invalid_envelope", "invalid_part", "missing_parts", "digest_mismatch", "invalid_scope", "invalid_record",
+        "invalid_session",
     ), 400),
     "auth_required": 401, "invalid_token": 401, "forbidden": 403,
     "unknown_model": 404, "unknown_key": 404, "method_not_allowed": 405,

@@ -52,6 +52,11 @@ AUTH_REFUSED = bentoml.metrics.Counter(
     documentation="Requests refused by the bearer-token check, by code (auth_required, invalid_token, forbidden)",
     labelnames=["code"],
 )
+SESSIONS = bentoml.metrics.Counter(
+    name="fhe_bento_sessions",
+    documentation="SageMaker stateful sessions (key affinity), by outcome (opened: issued to a NEW_SESSION request, or invalid: refused)",
+    labelnames=["outcome"],
+)
 ENGINE_RESTARTS = bentoml.metrics.Counter(
     name="fhe_bento_engine_restarts",
     documentation="FHE engine processes started again after one died (a crash that validation missed, or a kill)",

@@ -92,6 +92,10 @@ class Settings(BaseSettings):
     admin_tokens: SecretStr = Field(
         default=SecretStr(""), description="Comma-separated bearer tokens that may also list and delete every key."
     )
+    session_seconds: int = Field(
+        default=1200, ge=0,
+        description="Lifetime of a SageMaker stateful session (key affinity); 0 opens none.",
+    )
     staging_dir: Path | None = Field(
         default=None, description="Where uploads are spooled before they are verified."
     )

@@ -5,7 +5,8 @@ SageMaker forwards nothing but `/invocations`, so the operation, model and key i
 Operations (README, "SageMaker operations"): list_models, get_client, predict, predict_batch, has_key, put_key,
 put_key_part, key_parts, complete_key, envelope (asynchronous inference; also chosen when the body
 starts with the envelope magic and no op is given) and transform (Batch Transform's JSON Lines, chosen by
-their content type); `GET /execution-parameters` gives Batch Transform its defaults.
+their content type); `GET /execution-parameters` gives Batch Transform its defaults. A request that names a
+key may open or carry a stateful session (`service/sessions.py`).
 """
 
 from __future__ import annotations
@@ -20,6 +21,7 @@ from pydantic import BaseModel, ConfigDict, ValidationError, field_validator
 
 from fhe_bento.protocol import transform, wire
 from fhe_bento.protocol.names import ATTRIBUTES_HEADER, MAX_ATTRIBUTES, OCTET_STREAM
+from fhe_bento.protocol.sessions import SESSION_HEADER
 from fhe_bento.runners.errors import FHEBentoError
 from fhe_bento.service import bodies
 from fhe_bento.service.bodies import media_type
@@ -27,6 +29,7 @@ from fhe_bento.service.auth import Caller, predict_caller
 from fhe_bento.service.operations import Operations, current_operations, decode_rows
 from fhe_bento.service.responses import client_zip_response
 from fhe_bento.service.runner_health import RunnerHealth, current_health
+from fhe_bento.service.sessions import session_for
 
 router = APIRouter()
 
@@ -169,7 +172,12 @@ async def invocations(request: Request, caller: Caller = Depends(predict_caller)
     # Batch Transform and async inference send no attributes: JSON Lines say what they are by their
     # content type, an envelope by its first bytes.
     invocation = INVOCATIONS[attrs.op or ("transform" if media_type(request) == transform.CONTENT_TYPE else "envelope")]
+    session = session_for(request.headers.get(SESSION_HEADER), attrs.key, ops.settings.session_seconds)
     if invocation.body is None:
-        return await invocation.run(ops, caller, attrs, None)
-    ops.spec(attrs.model)  # an unknown model is refused before its body is read
-    return await invocation.run(ops, caller, attrs, await invocation.body.read(request))
+        response = await invocation.run(ops, caller, attrs, None)
+    else:
+        ops.spec(attrs.model)  # an unknown model is refused before its body is read
+        response = await invocation.run(ops, caller, attrs, await invocation.body.read(request))
+    if session is not None:  # only once the request has succeeded: a failed one opens no session
+        response.headers[SESSION_HEADER] = session.header()
+    return response

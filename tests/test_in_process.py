@@ -169,3 +169,44 @@ def test_batch_transform_answers_every_record_in_order(http, demo, tmp_path):
     assert [a["code"] for a in answers if isinstance(a, dict)] == ["invalid_record", "invalid_ciphertext", "unknown_model"]
     results = [answers[i] for i in (0, 2, 5)]
     assert [logreg.labels(logreg.decrypt(r).reshape(1, -1))[0] for r in results] == list(demo.clear_predict(LOGREG, x))
+
+
+def test_a_stateful_session_is_opened_for_one_key_and_checked(http, owner):
+    from fhe_bento.protocol.sessions import NEW_SESSION, SESSION_HEADER, parse_session
+
+    key_id = hashlib.sha256(owner.evaluation_key()).hexdigest()
+    other = hashlib.sha256(b"another key").hexdigest()
+
+    def has_key(session: str, key: str | None = key_id):
+        attrs = f"op=has_key; model={XGB}" + (f"; key={key}" if key else "")
+        return http.post("/invocations", headers={ATTRIBUTES_HEADER: attrs, SESSION_HEADER: session})
+
+    opened = has_key(NEW_SESSION)
+    assert opened.status_code == 200, opened.text
+    session = parse_session(opened.headers[SESSION_HEADER])
+    assert 1100 < session.expires.timestamp() - time.time() <= 1200  # FHE_BENTO_SESSION_SECONDS
+    carried = has_key(session.id)
+    assert carried.status_code == 200 and SESSION_HEADER not in carried.headers
+    prefix, expires, nonce = session.id.split(".")
+    for refused in (has_key(session.id, other), has_key(f"{prefix}.{int(time.time()) - 1}.{nonce}"),
+                    has_key("forged"), has_key(NEW_SESSION, key=None)):
+        assert_error(refused, 400, "invalid_session")
+
+
+def test_a_client_whose_session_is_refused_opens_a_new_one(http, demo, owner):
+    from datetime import datetime, timedelta, timezone
+
+    from fhe_bento.client.sagemaker_transport import LocalInvoker, SageMakerTransport
+    from fhe_bento.protocol.sessions import Session
+
+    invoker = LocalInvoker("http://testserver")
+    invoker.http.close()
+    invoker.http = http
+    transport = SageMakerTransport(invoker)
+    model = FHEClient(transport=transport, cache_dir=owner.folder.parent, progress=False).model(XGB)
+    key_id = model.ensure_key()
+    ended = Session(f"{key_id[:16]}.{int(time.time()) - 5}.{'0' * 16}", datetime.now(timezone.utc) + timedelta(hours=1))
+    transport.sessions[key_id] = ended  # the client thinks it open; the server knows it ended
+    x = demo.x_test[:1]
+    assert model.predict(x)[0] == demo.clear_predict(XGB, x)[0]
+    assert transport.sessions[key_id] != ended and not transport.sessions[key_id].expired(margin_seconds=1000)

@@ -181,3 +181,36 @@ def test_limits_ttl_and_one_transparent_reupload(limited, demo, tmp_path):
     assert remote.predict(row)[0] == demo.clear_predict(XGB, row)[0]  # unknown_key -> upload -> retry
     assert limited.metric("fhe_bento_key_uploads_total", model=XGB, outcome="created") == created + 1
     assert httpx.get(f"{url}/v1/models/{XGB}/keys/{stray}/parts").json()["parts"] == []  # swept
+
+
+def test_key_affinity_keeps_a_keys_predictions_on_one_replica_until_it_leaves(replicas, demo, tmp_path):
+    """Real boto3 against a stand-in for SageMaker's routing of stateful sessions: the first prediction opens
+    a session on a random replica, the next ones reach that replica (where the key is warm), and once it has
+    left the endpoint the client opens a new session on the other."""
+    from harness.sagemaker_balancer import Balancer
+
+    with Balancer([r.url for r in replicas], seed=1) as balancer:
+        runtime = boto3.client("sagemaker-runtime", endpoint_url=balancer.url)
+        client = FHEClient.sagemaker("fhe-bento", runtime_client=runtime, cache_dir=tmp_path, progress=False)
+        xgb = client.model(XGB)
+        key_id = xgb.ensure_key()
+        misses = {r.url: r.metric("fhe_bento_key_cache_total", model=XGB, result="miss") for r in replicas}
+        for i in range(3):
+            row = demo.x_test[60 + i : 61 + i]
+            assert xgb.predict(row)[0] == demo.clear_predict(XGB, row)[0]
+        ((home, count),) = balancer.counts("predict_batch").items()
+        assert count == 3
+        session = client.transport.sessions[key_id]
+        carried = [r.session for r in balancer.routed if "op=predict_batch" in r.attributes]
+        assert carried == ["NEW_SESSION", session.id, session.id]
+        by_url = {r.url: r for r in replicas}
+        assert by_url[home].metric("fhe_bento_key_cache_total", model=XGB, result="miss") - misses[home] <= 1
+        (away,) = set(by_url) - {home}
+        assert by_url[away].metric("fhe_bento_key_cache_total", model=XGB, result="miss") == misses[away]
+
+        balancer.remove(home)  # SageMaker replaced that instance: its sessions are refused
+        row = demo.x_test[63:64]
+        assert xgb.predict(row)[0] == demo.clear_predict(XGB, row)[0]
+        assert balancer.counts("predict_batch")[away] == 1
+        assert client.transport.sessions[key_id].id != session.id
+        assert balancer.routed[-1].session == "NEW_SESSION"
