@@ -4,11 +4,16 @@ from __future__ import annotations
 
 import json
 import os
+import re
+import sys
 import tempfile
 import time
 from pathlib import Path
 
 ROOT = Path(__file__).resolve().parents[1]
+# `python bench/x.py` puts bench/ on the path, not the checkout: the test harness lives there.
+if str(ROOT) not in sys.path:
+    sys.path.insert(0, str(ROOT))
 MODEL = "breast-cancer-xgb"
 
 
@@ -48,3 +53,15 @@ def report(name: str, results: dict) -> None:
     print("| figure | value |\n|---|---|")
     for key, value in results.items():
         print(f"| {key} | {value:.4g} |" if isinstance(value, float) else f"| {key} | {value} |")
+
+
+def write_sections(path: Path, sections: dict[str, str], preamble: str | None = None) -> None:
+    """Replace (or append) the `## heading` sections of a markdown report, and its text before the first
+    heading if given, keeping the sections other benchmarks wrote."""
+    old = path.read_text() if path.exists() else ""
+    head, *parts = re.split(r"^## ", old, flags=re.M)
+    kept = {part.split("\n", 1)[0].strip(): part.rstrip() + "\n\n" for part in parts}
+    for heading, body in sections.items():
+        kept[heading] = f"{heading}\n\n{body.strip()}\n\n"
+    text = (preamble.strip() + "\n\n" if preamble is not None else head) + "".join(f"## {part}" for part in kept.values())
+    path.write_text(text.rstrip() + "\n")

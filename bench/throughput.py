@@ -24,7 +24,7 @@ from pathlib import Path
 import httpx
 import numpy as np
 
-from common import MODEL, ROOT, post_predict, report, setup_home, start_server
+from common import MODEL, ROOT, post_predict, report, setup_home, start_server, write_sections
 
 CLIENT_LEVELS = (1, 2, 4, 8)
 
@@ -237,7 +237,7 @@ def write_markdown(path: Path, f: dict, levels: dict[str, list[dict]]) -> None:
     if "image_bytes" in f:
         image = (f"| image size | {f['image_bytes'] / 1e9:.2f} GB | |\n"
                  f"| image: `podman run ... serve` to first `/ping` 200 | {f['image_cold_start_to_ping_s']:.1f} s | |\n")
-    path.write_text(f"""# Benchmarks
+    preamble = f"""# Benchmarks
 
 Produced by `bench/run` (`bench/throughput.py`) in one run on one machine with **{f['cores']} cores**, on the
 XGB demo model (10 trees, depth 3, 6 bits). Execution models are named workers x rows at once per worker x
@@ -247,10 +247,8 @@ is taken against that neighbour, so that the drift of a shared machine cancels o
 comes from that run; rerun `bench/run` to refresh it.
 
 ![throughput and latency](img/throughput.png)
-
-## Summary
-
-| figure | value | target |
+"""
+    summary = f"""| figure | value | target |
 | --- | --- | --- |
 | in-process ideal (plain loop over `FHEModelServer.run`, {f['cores']} threads), median of its rounds | {f['ideal_rows_per_s']:.3f} rows/s | |
 | best served throughput ({f['best_config']}, {f['best_clients']} clients) against its paired ideal | {f['best_rows_per_s']:.3f} / {f['best_ideal_rows_per_s']:.3f} rows/s | |
@@ -264,13 +262,12 @@ comes from that run; rerun `bench/run` to refresh it.
 | bytes per row when the key travels with every request (the original SageMaker sample) | {f['wire_key_per_request']:,} B ({f['key_per_request_over_registered']:.0f}x) | |
 | `bentoml serve` start to first `/ping` 200 | {f['cold_start_to_ping_s']:.1f} s | < 15 s |
 | then the first prediction (cold key: read + deserialize) | {f['first_prediction_s']:.1f} s | |
-{image}
-## Every level
-
-| execution model | clients | rows | rows/s | in-process ideal, measured just before | / ideal | p50 s | p99 s |
+{image}"""
+    every = f"""| execution model | clients | rows | rows/s | in-process ideal, measured just before | / ideal | p50 s | p99 s |
 | --- | --- | --- | --- | --- | --- | --- | --- |
 {rows}
-""")
+"""
+    write_sections(path, {"Summary": summary, "Every level": every}, preamble)
 
 
 if __name__ == "__main__":

@@ -115,14 +115,14 @@ def batch(model_name: str, models: str, key_endpoint: str | None, sagemaker_mode
     """Encrypt the CSV file DATA into JSON Lines in S3, run a Batch Transform job, then decrypt its answers."""
     import boto3
 
-    from fhe_bento.client.batch_transform import start_transform
+    from fhe_bento.client.batch_transform import input_url, output_url, start_transform
 
     model = _batch_model(model_name, models, key_endpoint)
     _, rows = _csv_rows(data)
     job = start_transform(model, np.array(list(rows)), job_name=job_name, model_name=sagemaker_model,
                           input_prefix=input_prefix, output_prefix=output_prefix, instance_type=instance_type,
-                          instance_count=instance_count, s3=boto3.client("s3"), sm=boto3.client("sagemaker"))
-    click.echo(f"started transform job {job.name}: {job.input_url} -> {job.output_url}", err=True)
+                          instance_count=instance_count, s3=boto3.client("s3"))
+    click.echo(f"started transform job {job_name}: {input_url(job)} -> {output_url(job)}", err=True)
     if wait:
         _results(model, job.name, output, proba)
 
@@ -141,10 +141,9 @@ def batch_results(model_name: str, models: str, key_endpoint: str | None, job_na
 def _results(model, job_name: str, output: Path | None, proba: bool) -> None:
     import boto3
 
-    from fhe_bento.client.batch_transform import TransformJob, transform_results
+    from fhe_bento.client.batch_transform import transform_results
 
-    sm = boto3.client("sagemaker")
-    results = transform_results(model, TransformJob.describe(sm, job_name), s3=boto3.client("s3"), sm=sm)
+    results = transform_results(model, job_name, s3=boto3.client("s3"))
     if failed := _write_results(model, results, output, proba):
         click.echo(f"{failed} of {len(results)} rows failed (error lines in the output)", err=True)
 

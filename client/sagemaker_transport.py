@@ -174,9 +174,13 @@ class SageMakerTransport:
             if session is not None:
                 return self.invoke(body, attrs, wire.CONTENT_TYPE, session.id).body
             reply = self.invoke(body, attrs, wire.CONTENT_TYPE, NEW_SESSION)
-            if reply.new_session:  # none when the server has sessions off
+            try:
+                session = parse_session(reply.new_session or "")
+            except ValueError:  # the endpoint opens no sessions (FHE_BENTO_SESSION_SECONDS=0): stop asking
+                self.key_affinity = False
+            else:
                 with self._lock:
-                    self.sessions[key_id] = parse_session(reply.new_session)
+                    self.sessions[key_id] = session
             return reply.body
 
     def _session(self, key_id: str) -> Session | None:

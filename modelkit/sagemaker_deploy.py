@@ -3,7 +3,8 @@ image to ECR, then create the Model, EndpointConfig (real time or async) and End
 
 Not the sagemaker SDK's resources (`sagemaker.core.resources`): their strict models reject the answers of
 moto, which the tests run against (an empty `VpcConfig` or `DataCaptureConfig` fails their validation on
-`Model.get`, `EndpointConfig.get` and `Endpoint.get`), so they could not be tested here.
+`Model.create`, `EndpointConfig.create` and `Endpoint.create` / `.get`), so they could not be tested here.
+Batch Transform does use the SDK (`client/batch_transform.py`): its `TransformJob` takes moto's answers.
 
 `model.tar.gz` holds one folder per model at its root (`<name>/client.zip`, `<name>/server.zip`,
 `<name>/fhe-bento.json`); SageMaker unpacks it into `/opt/ml/model`, which the image serves.

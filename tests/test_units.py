@@ -468,3 +468,38 @@ def test_client_retries_a_busy_or_restarting_server_after_retry_after(demo, tmp_
     with pytest.raises(FHEServiceError) as refused:
         model._run_batch([b"row"])
     assert refused.value.code == code and refused.value.status == 503 and len(sleeps) == 3
+
+
+def test_session_answers_round_trip_and_sessions_can_be_turned_off():
+    from fhe_bento.protocol.sessions import NEW_SESSION, parse_session
+    from fhe_bento.service.sessions import session_for
+
+    key_id = "ab" * 32
+    session = session_for(NEW_SESSION, key_id, 600)
+    assert parse_session(session.header()) == session and not session.expired(margin_seconds=500)
+    assert session_for(session.id, key_id, 600) is None  # carried, still open: nothing new to answer
+    assert session_for(NEW_SESSION, key_id, 0) is None and session_for(None, None, 600) is None
+    for answer in ("", "id", "id; Expires=tomorrow", "a b; Expires=2026-01-01T00:00:00Z"):
+        with pytest.raises(ValueError):
+            parse_session(answer)
+
+
+def test_a_client_stops_asking_for_sessions_when_the_endpoint_opens_none():
+    import httpx
+
+    from fhe_bento.client.sagemaker_transport import LocalInvoker, SageMakerTransport
+    from fhe_bento.protocol.sessions import SESSION_HEADER
+
+    asked = []
+
+    def handler(request: httpx.Request) -> httpx.Response:  # an endpoint with FHE_BENTO_SESSION_SECONDS=0
+        asked.append(request.headers.get(SESSION_HEADER))
+        return httpx.Response(200, content=wire.encode_batch([b"answer"]))
+
+    invoker = LocalInvoker("http://fhe.test")
+    invoker.http.close()
+    invoker.http = httpx.Client(base_url="http://fhe.test", transport=httpx.MockTransport(handler))
+    transport = SageMakerTransport(invoker)
+    for _ in range(2):
+        assert transport.predict_batch("model", "ab" * 32, [b"row"]) == [b"answer"]
+    assert asked == ["NEW_SESSION", None] and not transport.sessions
