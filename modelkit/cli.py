@@ -143,7 +143,7 @@ def delete(endpoint_name: str) -> None:
     from fhe_bento.modelkit.sagemaker_deploy import delete_endpoint
 
     sagemaker_scaling.disable(boto3.client("application-autoscaling"), boto3.client("cloudwatch"), endpoint_name)
-    delete_endpoint(boto3.client("sagemaker"), endpoint_name)
+    delete_endpoint(endpoint_name)
     click.echo(f"deleted {endpoint_name}")
 
 

@@ -1,10 +1,11 @@
 """Deploy to SageMaker with boto3: pack model folders as model.tar.gz, upload to S3, optionally push the
 image to ECR, then create the Model, EndpointConfig (real time or async) and Endpoint.
 
-Not the sagemaker SDK's resources (`sagemaker.core.resources`): their strict models reject the answers of
-moto, which the tests run against (an empty `VpcConfig` or `DataCaptureConfig` fails their validation on
-`Model.create`, `EndpointConfig.create` and `Endpoint.create` / `.get`), so they could not be tested here.
-Batch Transform does use the SDK (`client/batch_transform.py`): its `TransformJob` takes moto's answers.
+Creating and waiting are not the sagemaker SDK's resources (`sagemaker.core.resources`): their strict
+models reject the answers of moto, which the tests run against (an empty `VpcConfig` or
+`DataCaptureConfig` fails their validation on `Model.create`, `EndpointConfig.create` and
+`Endpoint.create` / `.get`), so they could not be tested here. Deleting is the SDK's (it reads no
+answer), and so is Batch Transform (`client/batch_transform.py`): its `TransformJob` takes moto's answers.
 
 `model.tar.gz` holds one folder per model at its root (`<name>/client.zip`, `<name>/server.zip`,
 `<name>/fhe-bento.json`); SageMaker unpacks it into `/opt/ml/model`, which the image serves.
@@ -167,9 +168,12 @@ def wait_in_service(sm, endpoint_name: str, poll: int = 15, attempts: int = 120)
     return sm.describe_endpoint(EndpointName=endpoint_name)["EndpointStatus"]
 
 
-def delete_endpoint(sm, endpoint_name: str) -> None:
-    """Tear down the endpoint, its config and its model (names as `create_endpoint` made them)."""
+def delete_endpoint(endpoint_name: str) -> None:
+    """Tear down the endpoint, its config and its model (names as `create_endpoint` made them) with the
+    sagemaker SDK's resources, in the environment's AWS account and region."""
+    from sagemaker.core.resources import Endpoint, EndpointConfig, Model
+
     names = resource_names(endpoint_name)
-    sm.delete_endpoint(EndpointName=endpoint_name)
-    sm.delete_endpoint_config(EndpointConfigName=names["config"])
-    sm.delete_model(ModelName=names["model"])
+    for resource in (Endpoint(endpoint_name=endpoint_name), EndpointConfig(endpoint_config_name=names["config"]),
+                     Model(model_name=names["model"])):
+        resource.delete()

@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import os
+import sys
 import tempfile
 from dataclasses import dataclass
 from pathlib import Path
@@ -14,6 +15,9 @@ import pytest
 _SESSION_DIR = Path(tempfile.mkdtemp(prefix="fhe-bento-tests-"))
 os.environ["BENTOML_HOME"] = str(_SESSION_DIR / "bentoml")
 os.environ.setdefault("BENTOML_DO_NOT_TRACK", "true")
+
+from harness.background import BackgroundCommand
+from harness.devserver import ROOT
 
 XGB = "breast-cancer-xgb"
 LOGREG = "breast-cancer-logreg"
@@ -69,6 +73,28 @@ def assert_documented_rejection(response) -> str:
     code = response.json()["error"]["code"]
     assert_error(response, ERROR_CODES.get(code, -1), code)
     return code
+
+
+# fixture name -> the slow set-up behind it (scripts/build-image: buildah from a locally made Debian base)
+BACKGROUND = {
+    "image": BackgroundCommand("build-image", [str(ROOT / "scripts" / "build-image")], _SESSION_DIR),
+    "client_python": BackgroundCommand(
+        "client-venv", [sys.executable, "-m", "harness.client_venv", str(_SESSION_DIR / "client-venv")], _SESSION_DIR),
+}
+
+
+def pytest_collection_modifyitems(session, config, items) -> None:
+    """Start the slow set-up that the collected tests need, and run those tests last: the set-up has the
+    rest of the run to finish in."""
+    for name, command in BACKGROUND.items():
+        if any(name in item.fixturenames for item in items):
+            command.start()
+    items.sort(key=lambda item: any(name in item.fixturenames for name in BACKGROUND))
+
+
+def pytest_sessionfinish(session, exitstatus) -> None:
+    for command in BACKGROUND.values():
+        command.stop()
 
 
 @pytest.fixture(scope="session")
@@ -135,17 +161,19 @@ def moto_url():
 
 @pytest.fixture(scope="session")
 def image():
-    """The real image, built once per run (scripts/build-image: buildah from a locally made Debian base)."""
+    """The real image, built once per run."""
     import subprocess
 
-    from harness.devserver import ROOT
-
-    built = subprocess.run([str(ROOT / "scripts" / "build-image")], capture_output=True, text=True, timeout=3000)
-    assert built.returncode == 0, built.stderr[-4000:]
-    name = built.stdout.strip().splitlines()[-1]
+    name = BACKGROUND["image"].result(timeout=3000)
     yield name
     subprocess.run(["podman", "rmi", "-f", name], capture_output=True)
     subprocess.run(["podman", "image", "prune", "-f"], capture_output=True)
+
+
+@pytest.fixture(scope="session")
+def client_python() -> str:
+    """The python of a fresh venv holding only `fhe-bento[client]` (harness/client_venv.py)."""
+    return BACKGROUND["client_python"].result(timeout=1800)
 
 
 @pytest.fixture(scope="session")

@@ -1,0 +1,35 @@
+"""`python -m harness.client_venv DEST`: a fresh venv in DEST/venv with `fhe-bento[client]` installed from
+a copy of this checkout (DEST/source, so that the build writes nothing into the checkout). Prints the
+venv's python."""
+
+from __future__ import annotations
+
+import shutil
+import subprocess
+import sys
+from pathlib import Path
+
+from harness.devserver import ROOT
+
+SOURCES = ("pyproject.toml", "README.md", "fhe_bento", "protocol", "client", "service", "runners", "modelkit")
+
+
+def install_client(dest: Path) -> Path:
+    source = dest / "source"
+    source.mkdir(parents=True)
+    for name in SOURCES:
+        if (ROOT / name).is_dir():
+            shutil.copytree(ROOT / name, source / name, ignore=shutil.ignore_patterns("__pycache__"))
+        else:
+            shutil.copy(ROOT / name, source / name)
+    venv = dest / "venv"
+    subprocess.run([sys.executable, "-m", "venv", str(venv)], check=True)
+    python = venv / "bin" / "python"
+    # --no-compile: byte-compiling torch and the rest is most of an install's time, and proves nothing here.
+    subprocess.run([str(python), "-m", "pip", "install", "--quiet", "--no-compile", f"{source}[client]"],
+                   check=True, stdout=sys.stderr)
+    return python
+
+
+if __name__ == "__main__":
+    print(install_client(Path(sys.argv[1])))
