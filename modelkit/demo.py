@@ -42,11 +42,11 @@ def demo_estimators() -> dict[str, Any]:
     }
 
 
-def train(names: list[str] | None = None) -> tuple[dict[str, Any], DemoData]:
-    """Fit and compile the demo estimators (all, or those named)."""
+def train(names: list[str] | None = None, estimators: dict[str, Any] | None = None) -> tuple[dict[str, Any], DemoData]:
+    """Fit and compile `estimators` (default: the demo estimators) on the demo data, all or those named."""
     data = load_data()
     models = {}
-    for name, estimator in demo_estimators().items():
+    for name, estimator in (estimators or demo_estimators()).items():
         if names is None or name in names:
             estimator.fit(data.x_train, data.y_train)
             estimator.compile(data.x_train)

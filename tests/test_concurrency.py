@@ -11,7 +11,7 @@ import numpy as np
 import pytest
 
 from fhe_bento.client import FHEClient
-from conftest import XGB
+from conftest import REALISTIC_XGB, XGB
 from harness.devserver import Server
 
 
@@ -29,10 +29,10 @@ def test_concurrent_clients_with_their_own_keys_get_their_own_answers(server, de
 
 
 @pytest.fixture(scope="module")
-def tight(demo, tmp_path_factory):
-    """A server that admits two XGB rows at a time."""
+def tight(demo, realistic_xgb, tmp_path_factory):
+    """A server that admits two rows of each XGB model at a time."""
     workdir = tmp_path_factory.mktemp("tight")
-    srv = Server(workdir, {"FHE_BENTO_MODELS": f"{XGB}:latest", "FHE_BENTO_KEY_STORE": (workdir / "keys").as_uri(),
+    srv = Server(workdir, {"FHE_BENTO_MODELS": f"{XGB}:latest,{realistic_xgb}:latest", "FHE_BENTO_KEY_STORE": (workdir / "keys").as_uri(),
                            "FHE_BENTO_MAX_QUEUE_ROWS": "2"})
     srv.start()
     yield srv
@@ -74,20 +74,20 @@ def test_client_backs_off_and_gets_every_row(tight, demo, tmp_path):
 
 def test_a_key_registers_while_rows_compute(tight, demo, tmp_path):
     """Key uploads are not queued behind FHE rows in the runner worker: a new key sent while a two-row
-    batch computes is registered before that batch answers."""
-    busy = FHEClient(tight.url, cache_dir=tmp_path / "busy", progress=False, batch_size=2).model(XGB)
+    batch of the realistic XGB (seconds a row) computes is registered before that batch answers."""
+    busy = FHEClient(tight.url, cache_dir=tmp_path / "busy", progress=False, batch_size=2).model(REALISTIC_XGB)
     busy.ensure_key()
-    newcomer = FHEClient(tight.url, cache_dir=tmp_path / "new", progress=False).model(XGB)
+    newcomer = FHEClient(tight.url, cache_dir=tmp_path / "new", progress=False).model(REALISTIC_XGB)
     newcomer.evaluation_key()  # generated before the race starts
     finished: list[str] = []
     rows = demo.x_test[16:18]
 
     def batch() -> None:
-        assert list(busy.predict(rows)) == list(demo.clear_predict(XGB, rows))
+        assert list(busy.predict(rows)) == list(demo.clear_predict(REALISTIC_XGB, rows))
         finished.append("batch")
 
     def upload() -> None:
-        while tight.metric("fhe_bento_queue_rows", model=XGB) < 2 and not finished:  # the batch is in the runner
+        while tight.metric("fhe_bento_queue_rows", model=REALISTIC_XGB) < 2 and not finished:  # the batch runs
             time.sleep(0.05)
         newcomer.ensure_key()
         finished.append("key")

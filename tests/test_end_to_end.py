@@ -18,6 +18,7 @@ import pytest
 import requests
 
 from fhe_bento.client import FHEClient
+from fhe_bento.protocol import wire
 from conftest import LOGREG, XGB
 
 ROWS = {XGB: 4, LOGREG: 40}
@@ -114,22 +115,22 @@ def test_key_is_uploaded_once_and_survives_a_restart(server, demo, client_cache)
 
 
 def test_ping_answers_while_fhe_runs_on_every_worker(server, demo, client_cache):
-    remote = FHEClient(server.url, cache_dir=client_cache, progress=False, batch_size=1).model(XGB)
+    remote = FHEClient(server.url, cache_dir=client_cache, progress=False).model(XGB)
     key_id = remote.ensure_key()
-    rows = demo.x_test[40:42]  # one row per runner worker (the test server runs two)
-    ciphertexts = remote.encrypt(rows)
+    batches = [demo.x_test[40:44], demo.x_test[44:48]]  # one batch of seconds per runner worker (the server runs two)
 
-    def predict(ciphertext: bytes) -> bytes:
+    def predict(rows: np.ndarray) -> list[bytes]:
         response = httpx.post(
-            f"{server.url}/v1/models/{XGB}/predict", content=ciphertext, timeout=300,
-            headers={"Content-Type": "application/octet-stream", "X-FHE-Key-Id": key_id},
+            f"{server.url}/v1/models/{XGB}/predict_batch", content=wire.encode_batch(remote.encrypt(rows)),
+            timeout=300, headers={"Content-Type": wire.CONTENT_TYPE, "X-FHE-Key-Id": key_id},
         )
         assert response.status_code == 200
-        return response.content
+        return wire.decode_batch(response.content, len(rows))
 
-    with ThreadPoolExecutor(len(rows)) as pool:
-        futures = [pool.submit(predict, ct) for ct in ciphertexts]
-        time.sleep(1.0)
+    with ThreadPoolExecutor(len(batches)) as pool:
+        futures = [pool.submit(predict, rows) for rows in batches]
+        while server.metric("fhe_bento_queue_rows", model=XGB) < 8 and not any(f.done() for f in futures):
+            time.sleep(0.05)
         pings = []
         while not any(f.done() for f in futures):
             response = httpx.get(f"{server.url}/ping", timeout=10)
@@ -139,9 +140,9 @@ def test_ping_answers_while_fhe_runs_on_every_worker(server, demo, client_cache)
     in_flight = [p for p in pings if p[2]]
     assert in_flight, "no ping was answered while both FHE runs were in flight"
     assert all(status == 200 and body == b"" for status, body, _ in in_flight)
-    for answer, row in zip(answers, rows):
-        proba = remote.fhe.deserialize_decrypt_dequantize(answer)
-        assert np.argmax(proba, axis=1)[0] == demo.clear_predict(XGB, row.reshape(1, -1))[0]
+    for batch_answers, rows in zip(answers, batches):
+        labels = remote.labels(np.stack([remote.decrypt(answer) for answer in batch_answers]))
+        assert list(labels) == list(demo.clear_predict(XGB, rows))
 
 
 def test_logreg_needs_no_key_upload(server, demo):

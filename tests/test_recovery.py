@@ -20,12 +20,13 @@ import psutil
 import pytest
 
 from fhe_bento.client import FHEClient
-from conftest import LOGREG, XGB, assert_error, imported_spec
+from conftest import LOGREG, REALISTIC_XGB as XGB, assert_error, imported_spec  # rows must take seconds here
 from harness.devserver import Server
 from fhe_bento.runners.lifecycle import STOPPED_STATUS
 from fhe_bento.protocol import wire
 
 OCTET = {"Content-Type": "application/octet-stream"}
+pytestmark = pytest.mark.usefixtures("realistic_xgb")
 CONTAINERIZED = {"BENTOML_CONTAINERIZED": "true", "FHE_BENTO_MODELS": f"{XGB}:latest,{LOGREG}:latest"}
 
 
