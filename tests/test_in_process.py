@@ -62,7 +62,7 @@ def _client(http, cache_dir) -> FHEClient:
 
 @pytest.fixture(scope="module")
 def owner(http, tmp_path_factory) -> RemoteModel:
-    """An XGB data owner speaking to the in-process app; its key is made once (59 MB)."""
+    """An XGB data owner speaking to the in-process app; its key is made once."""
     return _client(http, tmp_path_factory.mktemp("owner")).model(XGB)
 
 

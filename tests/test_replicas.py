@@ -14,7 +14,7 @@ import pytest
 from fhe_bento.client import FHEClient
 from fhe_bento.client.http_transport import HTTPTransport
 from fhe_bento.protocol.names import PART_BYTES
-from conftest import LOGREG, XGB
+from conftest import LOGREG, XGB, imported_spec
 from harness.devserver import Server
 
 BUCKET = "fhe-bento-keys"
@@ -156,7 +156,7 @@ def limited(demo, moto_url, tmp_path_factory):
     boto3.client("s3").create_bucket(Bucket=BUCKET)
     server = start_replica(tmp_path_factory.mktemp("limited"), f"s3://{BUCKET}/limited",
                            FHE_BENTO_KEY_TTL_SECONDS="6", FHE_BENTO_UPLOAD_TTL_SECONDS="6",
-                           FHE_BENTO_MAX_STORE_BYTES=str(80 * 1024 * 1024))
+                           FHE_BENTO_MAX_STORE_BYTES=str(int(1.5 * imported_spec(XGB).meta.eval_key_bytes)))
     yield server
     server.stop()
 
@@ -167,7 +167,7 @@ def test_limits_ttl_and_one_transparent_reupload(limited, demo, tmp_path):
     other_key = FHEClient(url, cache_dir=tmp_path / "b", progress=False).model(XGB).evaluation_key()
     key_id = remote.ensure_key()
 
-    # Per-model store limit: a second 59 MB key does not fit in 80 MB.
+    # Per-model store limit: a second key does not fit in 1.5 keys' room.
     full = HTTPTransport(url).http.post(f"/v1/models/{XGB}/keys", content=other_key, headers=OCTET)
     assert full.status_code == 413 and full.json()["error"]["code"] == "key_store_full"
     stray = hashlib.sha256(b"abandoned upload").hexdigest()
