@@ -157,22 +157,13 @@ class SageMakerTransport:
     def _in_session(self, key_id: str, body: bytes, attrs: str) -> bytes:
         with self._lock:
             opening = self._opening.setdefault(key_id, threading.Lock())
-        session = self._session(key_id)
-        if session is not None:
-            try:
-                return self.invoke(body, attrs, wire.CONTENT_TYPE, session.id).body
-            except FHEServiceError as exc:
-                if exc.code != "invalid_session":
-                    raise
-                with self._lock:
-                    if self.sessions.get(key_id) == session:
-                        del self.sessions[key_id]
+        if (answer := self._in_known_session(key_id, body, attrs)) is not None:
+            return answer
         # One request per key opens its session; the others of this key wait for it rather than each
         # opening one on another instance.
         with opening:
-            session = self._session(key_id)
-            if session is not None:
-                return self.invoke(body, attrs, wire.CONTENT_TYPE, session.id).body
+            if (answer := self._in_known_session(key_id, body, attrs)) is not None:
+                return answer
             reply = self.invoke(body, attrs, wire.CONTENT_TYPE, NEW_SESSION)
             try:
                 session = parse_session(reply.new_session or "")
@@ -182,6 +173,22 @@ class SageMakerTransport:
                 with self._lock:
                     self.sessions[key_id] = session
             return reply.body
+
+    def _in_known_session(self, key_id: str, body: bytes, attrs: str) -> bytes | None:
+        """The answer sent in the key's open session; None if it has none, or its session was refused
+        (then forgotten)."""
+        session = self._session(key_id)
+        if session is None:
+            return None
+        try:
+            return self.invoke(body, attrs, wire.CONTENT_TYPE, session.id).body
+        except FHEServiceError as exc:
+            if exc.code != "invalid_session":
+                raise
+        with self._lock:
+            if self.sessions.get(key_id) == session:
+                del self.sessions[key_id]
+        return None
 
     def _session(self, key_id: str) -> Session | None:
         """The key's session, unless it ends within a minute (a request sent now could outlive it)."""

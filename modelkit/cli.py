@@ -71,16 +71,19 @@ def sagemaker() -> None:
 @click.option("--max-concurrent", type=int, help="Async MaxConcurrentInvocationsPerInstance.")
 @click.option("--env", "environment", multiple=True, help="NAME=VALUE for the container (repeatable).")
 @click.option("--wait/--no-wait", default=False, help="Wait until the endpoint is InService (always with autoscaling).")
+@click.option("--poll-seconds", default=15, show_default=True, help="How often --wait asks for the endpoint's status.")
 def deploy(endpoint_name: str, role_arn: str, bucket: str, prefix: str, image_uri: str | None,
            push_image: str | None, ecr_repository: str | None, push_tool: str, tags: str | None,
            model_dir: Path | None, instance_type: str, instance_count: int, key_store: str | None,
            min_instances: int | None, max_instances: int | None, async_output: str | None,
-           async_failure: str | None, max_concurrent: int | None, environment: tuple[str, ...], wait: bool) -> None:
+           async_failure: str | None, max_concurrent: int | None, environment: tuple[str, ...], wait: bool,
+           poll_seconds: int) -> None:
     """Pack and upload the models, then create the Model, EndpointConfig and Endpoint, and with
     --min-instances/--max-instances its autoscaling."""
     import tempfile
 
     import boto3
+    from sagemaker.core.helper.session_helper import Session
 
     from fhe_bento.modelkit import sagemaker_deploy as sd
     from fhe_bento.modelkit import sagemaker_scaling
@@ -117,13 +120,13 @@ def deploy(endpoint_name: str, role_arn: str, bucket: str, prefix: str, image_ur
         key_store=store, instance_type=instance_type, instance_count=instance_count,
         max_instances=max_instances or 1, async_output_path=async_output, async_failure_path=async_failure,
         max_concurrent_invocations=max_concurrent, environment=env)
-    sm = boto3.client("sagemaker")
-    created = sd.create_endpoint(sm, config)
+    session = Session(boto_session=boto3.Session())
+    created = sd.create_endpoint(session, config)
     click.echo(f"created {created['endpoint_arn']} (keys in {config.key_store})")
     if not (wait or scaling):
         return
-    status = sd.wait_in_service(sm, endpoint_name)  # Application Auto Scaling takes only an endpoint in service
-    click.echo(f"endpoint {endpoint_name} is {status}")
+    status = sd.wait_in_service(session, endpoint_name, poll_seconds)  # Application Auto Scaling takes only an endpoint in service
+    click.echo(f"\nendpoint {endpoint_name} is {status}")  # after the SDK's progress marks
     if scaling is not None:
         if status != "InService":
             raise click.ClickException("the endpoint is not in service: autoscaling not registered")

@@ -1,11 +1,11 @@
-"""Deploy to SageMaker with boto3: pack model folders as model.tar.gz, upload to S3, optionally push the
-image to ECR, then create the Model, EndpointConfig (real time or async) and Endpoint.
+"""Deploy to SageMaker: pack model folders as model.tar.gz, upload to S3, optionally push the image to
+ECR, then create the Model, EndpointConfig (real time or async) and Endpoint, and wait for it.
 
-Creating and waiting are not the sagemaker SDK's resources (`sagemaker.core.resources`): their strict
-models reject the answers of moto, which the tests run against (an empty `VpcConfig` or
-`DataCaptureConfig` fails their validation on `Model.create`, `EndpointConfig.create` and
-`Endpoint.create` / `.get`), so they could not be tested here. Deleting is the SDK's (it reads no
-answer), and so is Batch Transform (`client/batch_transform.py`): its `TransformJob` takes moto's answers.
+Creating, waiting and deleting go through the sagemaker SDK: its `Session` helpers create and wait (its
+`sagemaker.core.resources` classes cannot: their strict models reject the answers of moto, which the
+tests run against, since an empty `VpcConfig` or `DataCaptureConfig` fails their validation), and its
+resources delete, as they read no answer. Batch Transform is the SDK's `TransformJob`
+(`client/batch_transform.py`).
 
 `model.tar.gz` holds one folder per model at its root (`<name>/client.zip`, `<name>/server.zip`,
 `<name>/fhe-bento.json`); SageMaker unpacks it into `/opt/ml/model`, which the image serves.
@@ -14,16 +14,18 @@ answer), and so is Batch Transform (`client/batch_transform.py`): its `Transform
 from __future__ import annotations
 
 import base64
-import contextlib
 import shutil
 import subprocess
 import tarfile
 from pathlib import Path
+from typing import TYPE_CHECKING
 
-from botocore.exceptions import WaiterError
 from pydantic import BaseModel, Field, model_validator
 
 from fhe_bento.runners.model_repo import METADATA_FILE, load_folder
+
+if TYPE_CHECKING:
+    from sagemaker.core.helper.session_helper import Session
 
 VARIANT = "AllTraffic"
 MODEL_FILES = ("client.zip", "server.zip", METADATA_FILE)
@@ -125,47 +127,43 @@ def push_image(ecr, local_image: str, repository: str, tool: str = "podman") -> 
     return target
 
 
-def create_endpoint(sm, config: DeployConfig) -> dict:
-    """Create the Model, EndpointConfig and Endpoint; returns the names and the endpoint ARN."""
+def create_endpoint(session: "Session", config: DeployConfig) -> dict:
+    """Create the Model, EndpointConfig and Endpoint with the sagemaker SDK's `Session`; returns the names
+    and the endpoint ARN."""
     names = resource_names(config.endpoint_name)
-    sm.create_model(
-        ModelName=names["model"],
-        ExecutionRoleArn=config.role_arn,
-        PrimaryContainer={
-            "Image": config.image_uri,
-            "ModelDataUrl": config.model_data_url,
-            "Environment": {"FHE_BENTO_MODEL_DIR": "/opt/ml/model", "FHE_BENTO_KEY_STORE": config.key_store,
-                            **config.environment},
-        },
-    )
-    endpoint_config = {
-        "EndpointConfigName": names["config"],
-        "ProductionVariants": [{
-            "VariantName": VARIANT,
-            "ModelName": names["model"],
-            "InstanceType": config.instance_type,
-            "InitialInstanceCount": config.instance_count,
-        }],
-    }
+    session.create_model(names["model"], role=config.role_arn, container_defs={
+        "Image": config.image_uri,
+        "ModelDataUrl": config.model_data_url,
+        "Environment": {"FHE_BENTO_MODEL_DIR": "/opt/ml/model", "FHE_BENTO_KEY_STORE": config.key_store,
+                        **config.environment},
+    })
+    async_config = None
     if config.async_output_path:
         output = {"S3OutputPath": config.async_output_path}
         if config.async_failure_path:
             output["S3FailurePath"] = config.async_failure_path
-        async_config: dict = {"OutputConfig": output}
+        async_config = {"OutputConfig": output}
         if config.max_concurrent_invocations:
             async_config["ClientConfig"] = {"MaxConcurrentInvocationsPerInstance": config.max_concurrent_invocations}
-        endpoint_config["AsyncInferenceConfig"] = async_config
-    sm.create_endpoint_config(**endpoint_config)
-    arn = sm.create_endpoint(EndpointName=config.endpoint_name, EndpointConfigName=names["config"])["EndpointArn"]
-    return {**names, "endpoint": config.endpoint_name, "endpoint_arn": arn}
+    session.create_endpoint_config(names["config"], [{
+        "VariantName": VARIANT,
+        "ModelName": names["model"],
+        "InstanceType": config.instance_type,
+        "InitialInstanceCount": config.instance_count,
+    }], async_inference_config_dict=async_config)
+    session.create_endpoint(config.endpoint_name, names["config"], wait=False)
+    return {**names, "endpoint": config.endpoint_name, "endpoint_arn": session.endpoint_arn}
 
 
-def wait_in_service(sm, endpoint_name: str, poll: int = 15, attempts: int = 120) -> str:
-    """Wait with boto3's `endpoint_in_service` waiter (it gives up on Failed); returns the final status."""
-    with contextlib.suppress(WaiterError):
-        sm.get_waiter("endpoint_in_service").wait(
-            EndpointName=endpoint_name, WaiterConfig={"Delay": poll, "MaxAttempts": attempts})
-    return sm.describe_endpoint(EndpointName=endpoint_name)["EndpointStatus"]
+def wait_in_service(session: "Session", endpoint_name: str, poll: int = 15) -> str:
+    """Wait with the SDK's `wait_for_endpoint` (it gives up on a status other than InService); returns the
+    final status."""
+    from sagemaker.core.exceptions import UnexpectedStatusException
+
+    try:
+        return session.wait_for_endpoint(endpoint_name, poll=poll)["EndpointStatus"]
+    except UnexpectedStatusException:
+        return session.sagemaker_client.describe_endpoint(EndpointName=endpoint_name)["EndpointStatus"]
 
 
 def delete_endpoint(endpoint_name: str) -> None:

@@ -80,7 +80,8 @@ def assert_documented_rejection(response) -> str:
     return code
 
 
-# fixture name -> the slow set-up behind it (scripts/build-image: buildah from a locally made Debian base)
+# fixture name -> the slow set-up behind it: the image (scripts/build-image: buildah from a locally made
+# Debian base) and a fresh venv with only the client extra (harness/client_venv.py)
 BACKGROUND = {
     "image": BackgroundCommand("build-image", [str(ROOT / "scripts" / "build-image")], _SESSION_DIR),
     "client_python": BackgroundCommand(
@@ -91,10 +92,10 @@ BACKGROUND = {
 def pytest_collection_modifyitems(session, config, items) -> None:
     """Start the slow set-up that the collected tests need, and run those tests last: the set-up has the
     rest of the run to finish in."""
-    for name, command in BACKGROUND.items():
-        if any(name in item.fixturenames for item in items):
-            command.start()
-    items.sort(key=lambda item: any(name in item.fixturenames for name in BACKGROUND))
+    needs = {item: BACKGROUND.keys() & set(item.fixturenames) for item in items}
+    for name in set().union(*needs.values()):
+        BACKGROUND[name].start()
+    items.sort(key=lambda item: bool(needs[item]))
 
 
 def pytest_sessionfinish(session, exitstatus) -> None:

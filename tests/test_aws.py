@@ -32,7 +32,7 @@ def cli(*args: str, ok: bool = True, env: dict[str, str] | None = None) -> str:
 def deploy_args(name: str, bucket: str, *extra: str) -> list[str]:
     return ["sagemaker", "deploy", "--endpoint-name", name, "--role", ROLE, "--bucket", bucket, "--prefix", name,
             "--image-uri", "123456789012.dkr.ecr.us-east-1.amazonaws.com/fhe-bento:1", "--models", f"{XGB}:latest",
-            *extra]
+            "--poll-seconds", "1", *extra]
 
 
 @pytest.fixture(scope="module")
@@ -47,7 +47,7 @@ def test_deploy_creates_model_config_endpoint_and_artifacts(mode, demo, bucket, 
     args = ["sagemaker", "deploy", "--endpoint-name", name, "--role", ROLE, "--bucket", bucket,
             "--prefix", f"models/{mode}", "--image-uri", "123456789012.dkr.ecr.us-east-1.amazonaws.com/fhe-bento:1",
             "--models", f"{XGB}:latest,{LOGREG}:latest", "--instance-type", "ml.c5.2xlarge",
-            "--instance-count", "2", "--env", "FHE_BENTO_WORKERS=4", "--wait"]
+            "--instance-count", "2", "--env", "FHE_BENTO_WORKERS=4", "--wait", "--poll-seconds", "1"]
     if mode == "async":
         args += ["--async-output", f"s3://{bucket}/out", "--async-failure", f"s3://{bucket}/failed",
                  "--max-concurrent", "2"]
