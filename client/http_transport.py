@@ -16,6 +16,16 @@ OCTET = {"Content-Type": OCTET_STREAM}
 # A 429/503 the client retries after Retry-After: one of the service's retryable codes, or
 # `http_error`, a 503 without the service's JSON error (a proxy in front of it).
 RETRYABLE_CODES = SERVICE_RETRYABLE | {"http_error"}
+# An idle pooled connection is dropped after this long. It must stay well under the server's keep-alive
+# (uvicorn's default under `bentoml serve`: 5 s): at equal timeouts the server may close a connection just
+# as the client reuses it, and the request fails with "Server disconnected without sending a response".
+KEEPALIVE_SECONDS = 1.0
+
+
+def http_client(url: str, timeout: float, headers: dict[str, str] | None = None) -> httpx.Client:
+    """The client's connection pool to one server (native API or a container's /invocations)."""
+    return httpx.Client(base_url=url.rstrip("/"), timeout=httpx.Timeout(timeout, connect=10.0), headers=headers,
+                        limits=httpx.Limits(keepalive_expiry=KEEPALIVE_SECONDS))
 
 
 class FHEServiceError(RuntimeError):
@@ -68,8 +78,7 @@ class HTTPTransport:
         self.url = url.rstrip("/")
         self.part_bytes = part_bytes
         headers = {"Authorization": f"Bearer {token}"} if token else {}
-        self.http = client or httpx.Client(base_url=self.url, timeout=httpx.Timeout(timeout, connect=10.0),
-                                           headers=headers)
+        self.http = client or http_client(self.url, timeout, headers)
 
     def close(self) -> None:
         self.http.close()

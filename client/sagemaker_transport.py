@@ -27,10 +27,9 @@ from pathlib import Path
 from typing import NamedTuple, Protocol
 from urllib.parse import urlparse
 
-import httpx
 from tqdm.auto import tqdm
 
-from fhe_bento.client.http_transport import FHEServiceError, error_from_body, retry_after_seconds
+from fhe_bento.client.http_transport import FHEServiceError, error_from_body, http_client, retry_after_seconds
 from fhe_bento.client.uploads import upload_key
 from fhe_bento.protocol import wire
 from fhe_bento.protocol.names import ATTRIBUTES_HEADER, OCTET_STREAM, PART_BYTES
@@ -89,7 +88,7 @@ class LocalInvoker:
     custom attributes header and no SigV4. For a container run locally (`podman run ... serve`)."""
 
     def __init__(self, url: str, timeout: float = 600.0) -> None:
-        self.http = httpx.Client(base_url=url.rstrip("/"), timeout=timeout)
+        self.http = http_client(url, timeout)
 
     def __call__(self, body: bytes, custom_attributes: str, content_type: str,
                  session_id: str | None = None) -> Reply:

@@ -503,3 +503,42 @@ def test_a_client_stops_asking_for_sessions_when_the_endpoint_opens_none():
     for _ in range(2):
         assert transport.predict_batch("model", "ab" * 32, [b"row"]) == [b"answer"]
     assert asked == ["NEW_SESSION", None] and not transport.sessions
+
+
+def test_client_never_reuses_a_connection_the_server_may_be_closing():
+    """A server closes an idle keep-alive connection after its timeout (uvicorn under `bentoml serve`: 5 s),
+    and a request sent just as it does is lost ("Server disconnected without sending a response"). This
+    server drops any request that arrives on a connection idle for 1.5 s, without answering: the client's
+    pool must have let such a connection go (KEEPALIVE_SECONDS) and opened a new one."""
+    import socketserver
+    import threading
+    import time
+
+    from fhe_bento.client.http_transport import KEEPALIVE_SECONDS, HTTPTransport
+
+    server_idle = 1.5
+    assert KEEPALIVE_SECONDS < server_idle
+    connections = []
+
+    class Handler(socketserver.StreamRequestHandler):
+        def handle(self) -> None:
+            connections.append(self)
+            answered = None
+            while self.rfile.readline():  # a request line
+                while self.rfile.readline() not in (b"\r\n", b""):  # headers; the requests carry no body
+                    pass
+                if answered is not None and time.monotonic() - answered > server_idle:
+                    return  # closed as the request crossed: no answer
+                self.wfile.write(b"HTTP/1.1 200 OK\r\nContent-Type: application/json\r\nContent-Length: 2\r\n\r\n[]")
+                answered = time.monotonic()
+
+    with socketserver.ThreadingTCPServer(("127.0.0.1", 0), Handler) as server:
+        server.daemon_threads = True
+        threading.Thread(target=server.serve_forever, daemon=True).start()
+        transport = HTTPTransport(f"http://127.0.0.1:{server.server_address[1]}", timeout=10)
+        assert transport.list_models() == []
+        time.sleep(server_idle + 0.5)
+        assert transport.list_models() == []  # on a new connection
+        assert len(connections) == 2
+        transport.close()
+        server.shutdown()
