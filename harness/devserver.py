@@ -64,14 +64,18 @@ class Server:
             time.sleep(0.5)
         raise RuntimeError(f"server not ready in {timeout}s:\n{self.log()[-4000:]}")
 
-    def stop(self) -> None:
+    def stop(self) -> int | None:
+        """SIGTERM, then SIGKILL after 30 s, as SageMaker stops a container; returns the exit status, or
+        None when SIGTERM was not enough (or the server was not running)."""
+        status = None
         if self.proc and self.proc.poll() is None:
             os.killpg(self.proc.pid, signal.SIGTERM)
             try:
-                self.proc.wait(30)
+                status = self.proc.wait(30)
             except subprocess.TimeoutExpired:
                 self.kill()
         self.proc = None
+        return status
 
     def kill(self) -> None:
         """SIGKILL the whole server at once, as a crashed host or container would die. BentoML's workers

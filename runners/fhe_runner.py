@@ -67,6 +67,13 @@ class FHERunner:
     def __is_ready__(self) -> bool:  # BentoML's /readyz, for a runner served on its own
         return self.engine.ready()
 
+    @bentoml.on_shutdown
+    def stop_engine(self) -> None:
+        """The worker is stopping: its engine processes end now, on purpose. Left to the interpreter's exit,
+        they would end under a running monitor, which would take them for a crash and start new ones that
+        hold the stop until SIGKILL."""
+        self.engine.shutdown()
+
     def _spec(self, name: str) -> ModelSpec:
         try:
             return self.specs[name]
