@@ -3,29 +3,28 @@
 from __future__ import annotations
 
 import io
-import os
-import subprocess
-import sys
 import tarfile
 from pathlib import Path
 
 import boto3
 import httpx
 import pytest
+from click.testing import CliRunner
 
 from fhe_bento.client import FHEClient, FHEServiceError
 from conftest import LOGREG, XGB, imported_spec
+from fhe_bento.modelkit.cli import main
 from fhe_bento.runners.model_repo import load_specs
 from fhe_bento.runners.settings import Settings
 
 ROLE = "arn:aws:iam::123456789012:role/fhe-bento-sagemaker"
-FHE_BENTO = str(Path(sys.executable).parent / "fhe-bento")
 
 
 def cli(*args: str, ok: bool = True, env: dict[str, str] | None = None) -> str:
-    done = subprocess.run([FHE_BENTO, *args], capture_output=True, text=True, timeout=300,
-                          env={**os.environ, **(env or {})})
-    assert (done.returncode == 0) == ok, done.stderr
+    """`fhe-bento ARGS` in this process (click's runner: its imports are paid once; tests/test_end_to_end.py
+    runs the installed console script itself). Returns stdout, or stderr when the command must fail."""
+    done = CliRunner().invoke(main, list(args), env=env)
+    assert (done.exit_code == 0) == ok, (done.output, done.exception)
     return done.stdout if ok else done.stderr
 
 
