@@ -14,12 +14,13 @@ import contextvars
 import logging
 import time
 
-from fastapi.responses import JSONResponse
+from fastapi.responses import JSONResponse, Response
 from starlette.types import ASGIApp, Message, Receive, Scope, Send
 
 from fhe_bento.runners.errors import FHEBentoError
 
 log = logging.getLogger("bentoml.fhe_bento.service")
+CLIENT_CLOSED_REQUEST = 499
 _DEADLINE: contextvars.ContextVar[float] = contextvars.ContextVar("fhe_bento_request_deadline")
 
 
@@ -79,6 +80,11 @@ class RequestLimits:
                 raise
             handler.uncancel()
             log.info("client went away: %s %s cancelled", scope["method"], scope["path"])
+            # Nobody receives this (uvicorn drops what is sent to a closed connection), but every request must
+            # answer: BentoML's own timeout middleware holds the request until the app's first message (or its
+            # 10-minute deadline), and that held request would stall the server's graceful stop. The access
+            # log records nginx's 499, "client closed request".
+            await Response(status_code=CLIENT_CLOSED_REQUEST)(scope, receive, send)
         except TimeoutError:
             log.warning("request over FHE_BENTO_REQUEST_TIMEOUT (%ss): %s %s", self.timeout, scope["method"], scope["path"])
             if started:  # the answer is half sent: all that is left is to cut the connection
