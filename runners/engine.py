@@ -166,7 +166,8 @@ def _deserialize_key(path: str) -> int:
 
 def _context() -> multiprocessing.context.BaseContext:
     context = multiprocessing.get_context("forkserver")
-    context.set_forkserver_preload(["concrete.fhe", "concrete.ml.deployment", "fhe_bento.runners.engine"])
+    context.set_forkserver_preload(["concrete.fhe", "concrete.ml.deployment", "fhe_bento.runners.engine",
+                                    "fhe_bento.runners.forkserver_signals"])  # last: concrete installs handlers
     return context
 
 

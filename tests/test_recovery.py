@@ -14,6 +14,7 @@ import re
 import signal
 import threading
 import time
+from pathlib import Path
 
 import httpx
 import psutil
@@ -84,6 +85,15 @@ def test_an_engine_killed_mid_row_is_replaced_and_the_row_is_retryable(image_lik
         assert model.predict(row)[0] == demo.clear_predict(clear, row)[0]
     assert image_like.metric("fhe_bento_engine_restarts_total") == 1
     print(f"engine recovered {recovered:.1f} s after SIGKILL")
+
+
+def test_the_engines_forkserver_ignores_the_stop_signal(image_like):
+    """BentoML stops a runner worker by signalling it and its children: a forkserver that died of SIGTERM
+    would make every engine it forked look crashed while the server stops, and a new engine would start."""
+    (engine,) = image_like.engines()
+    status = Path(f"/proc/{engine.parent().pid}/status").read_text()
+    ignored = int(re.search(r"^SigIgn:\s*([0-9a-f]+)$", status, re.M).group(1), 16)
+    assert ignored & (1 << (signal.SIGTERM - 1)), status
 
 
 def test_ping_is_503_while_the_engine_restarts(image_like, demo, tmp_path):
