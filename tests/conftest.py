@@ -4,15 +4,16 @@ from __future__ import annotations
 
 import os
 import sys
-import tempfile
 from dataclasses import dataclass
 from pathlib import Path
 
 import numpy as np
 import pytest
 
+from harness.session_dir import close_session_dir, open_session_dir
+
 # BentoML reads its home when first used: point it at a throwaway store before anything imports it.
-_SESSION_DIR = Path(tempfile.mkdtemp(prefix="fhe-bento-tests-"))
+_SESSION_DIR = open_session_dir()
 os.environ["BENTOML_HOME"] = str(_SESSION_DIR / "bentoml")
 os.environ.setdefault("BENTOML_DO_NOT_TRACK", "true")
 
@@ -98,9 +99,11 @@ def pytest_collection_modifyitems(session, config, items) -> None:
     items.sort(key=lambda item: bool(needs[item]))
 
 
+@pytest.hookimpl(trylast=True)  # after the session's fixtures, stopped servers included, are torn down
 def pytest_sessionfinish(session, exitstatus) -> None:
     for command in BACKGROUND.values():
         command.stop()
+    close_session_dir(_SESSION_DIR)
 
 
 def _train_and_import(estimators: dict, demo: Demo | None = None) -> Demo:

@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import ast
 import hashlib
+import os
 import re
 from pathlib import Path
 
@@ -542,3 +543,18 @@ def test_client_never_reuses_a_connection_the_server_may_be_closing():
         assert len(connections) == 2
         transport.close()
         server.shutdown()
+
+
+def test_a_killed_runs_scratch_folder_is_removed_by_the_next_run(tmp_path):
+    import subprocess
+    import sys
+
+    from harness.session_dir import PREFIX, remove_abandoned
+
+    gone = subprocess.run([sys.executable, "-c", "import os; print(os.getpid())"], capture_output=True, text=True)
+    abandoned, running, other = (tmp_path / f"{PREFIX}{gone.stdout.strip()}", tmp_path / f"{PREFIX}{os.getpid()}",
+                                 tmp_path / f"{PREFIX}notapid")
+    for path in (abandoned, running, other):
+        (path / "client-venv").mkdir(parents=True)
+    assert remove_abandoned(tmp_path) == [abandoned]
+    assert not abandoned.exists() and running.exists() and other.exists()
