@@ -20,11 +20,10 @@ import argparse
 import json
 import os
 import statistics
-import tempfile
 import time
 from pathlib import Path
 
-from common import MODEL, ROOT, report, start_server, write_sections
+from common import MODEL, ROOT, report, start_server, throwaway_home, write_sections
 
 CLIENTS = (1, 4, 12)
 ROUTINGS = ("random", "sessions")
@@ -84,8 +83,7 @@ def main() -> None:
     args = parser.parse_args()
     ks = [int(k) for k in args.clients.split(",")]
 
-    os.environ["BENTOML_HOME"] = tempfile.mkdtemp(prefix="fhe-bento-affinity-")
-    home = Path(os.environ["BENTOML_HOME"])
+    home = throwaway_home()
     import boto3
 
     from fhe_bento.client import FHEClient

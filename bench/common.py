@@ -2,9 +2,11 @@
 
 from __future__ import annotations
 
+import atexit
 import json
 import os
 import re
+import shutil
 import sys
 import tempfile
 import time
@@ -17,13 +19,22 @@ if str(ROOT) not in sys.path:
 MODEL = "breast-cancer-xgb"
 
 
+def throwaway_home() -> Path:
+    """Point BentoML at a fresh home, removed when the benchmark exits (call before anything imports bentoml):
+    with its servers' files and keys it holds several hundred MB."""
+    home = Path(tempfile.mkdtemp(prefix="fhe-bento-bench-"))
+    os.environ["BENTOML_HOME"] = str(home)
+    atexit.register(shutil.rmtree, home, ignore_errors=True)
+    return home
+
+
 def setup_home() -> Path:
-    """Point BentoML at a fresh home and import the XGB demo model into it (call before other imports)."""
-    os.environ["BENTOML_HOME"] = tempfile.mkdtemp(prefix="fhe-bento-bench-")
+    """A throwaway BentoML home with the XGB demo model imported into it (call before other imports)."""
+    home = throwaway_home()
     from fhe_bento.modelkit.demo import build_and_import
 
     build_and_import([MODEL])
-    return Path(os.environ["BENTOML_HOME"])
+    return home
 
 
 def start_server(workdir: Path, store_url: str, **env: str):

@@ -4,18 +4,16 @@
 from __future__ import annotations
 
 import os
-import tempfile
-from pathlib import Path
 
 import httpx
 
-from common import ROOT
+from common import ROOT, throwaway_home
 
 XGB, LOGREG = "breast-cancer-xgb", "breast-cancer-logreg"
 
 
 def main() -> None:
-    os.environ["BENTOML_HOME"] = tempfile.mkdtemp(prefix="fhe-bento-reliability-")
+    home = throwaway_home()
     from fhe_bento.client import FHEClient
     from harness import loadfault
     from fhe_bento.modelkit.demo import import_trained, train
@@ -23,7 +21,6 @@ def main() -> None:
 
     models, data = train()
     import_trained(models)
-    home = Path(os.environ["BENTOML_HOME"])
     replicas = [Server(home / name, {"FHE_BENTO_KEY_STORE": (home / "keys").as_uri()}) for name in ("a", "b")]
     for server in replicas:
         server.start()

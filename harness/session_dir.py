@@ -8,6 +8,7 @@ filled the disk there.
 
 from __future__ import annotations
 
+import atexit
 import os
 import shutil
 import tempfile
@@ -38,7 +39,8 @@ def remove_abandoned(root: Path) -> list[Path]:
 
 
 def open_session_dir() -> Path:
-    """This run's scratch folder, named by its pid, with TMPDIR pointed inside it (here and in children)."""
+    """This run's scratch folder, named by its pid, with TMPDIR pointed inside it (here and in children),
+    removed when this process exits."""
     root = Path(tempfile.gettempdir())
     remove_abandoned(root)
     path = root / f"{PREFIX}{os.getpid()}"
@@ -46,8 +48,7 @@ def open_session_dir() -> Path:
     (path / "tmp").mkdir(parents=True)
     os.environ["TMPDIR"] = str(path / "tmp")
     tempfile.tempdir = None  # gettempdir() reads TMPDIR again
+    # atexit runs the last registered first: registered before multiprocessing is imported, this runs after
+    # multiprocessing removes its own temporary folder (in TMPDIR) at exit.
+    atexit.register(shutil.rmtree, path, ignore_errors=True)
     return path
-
-
-def close_session_dir(path: Path) -> None:
-    shutil.rmtree(path, ignore_errors=True)

@@ -10,7 +10,7 @@ from pathlib import Path
 import numpy as np
 import pytest
 
-from harness.session_dir import close_session_dir, open_session_dir
+from harness.session_dir import open_session_dir
 
 # BentoML reads its home when first used: point it at a throwaway store before anything imports it.
 _SESSION_DIR = open_session_dir()
@@ -99,11 +99,9 @@ def pytest_collection_modifyitems(session, config, items) -> None:
     items.sort(key=lambda item: bool(needs[item]))
 
 
-@pytest.hookimpl(trylast=True)  # after the session's fixtures, stopped servers included, are torn down
 def pytest_sessionfinish(session, exitstatus) -> None:
     for command in BACKGROUND.values():
         command.stop()
-    close_session_dir(_SESSION_DIR)
 
 
 def _train_and_import(estimators: dict, demo: Demo | None = None) -> Demo:
