@@ -2,11 +2,9 @@
 
 from __future__ import annotations
 
-import atexit
 import json
 import os
 import re
-import shutil
 import sys
 import tempfile
 import time
@@ -21,10 +19,12 @@ MODEL = "breast-cancer-xgb"
 
 def throwaway_home() -> Path:
     """Point BentoML at a fresh home, removed when the benchmark exits (call before anything imports bentoml):
-    with its servers' files and keys it holds several hundred MB."""
-    home = Path(tempfile.mkdtemp(prefix="fhe-bento-bench-"))
+    with its servers' files and keys it holds several hundred MB. TMPDIR points inside it for the servers,
+    whose engines leave temporary folders behind (concrete's, one per model load)."""
+    from harness.session_dir import use_as_scratch
+
+    home = use_as_scratch(Path(tempfile.mkdtemp(prefix="fhe-bento-bench-")))
     os.environ["BENTOML_HOME"] = str(home)
-    atexit.register(shutil.rmtree, home, ignore_errors=True)
     return home
 
 

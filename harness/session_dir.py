@@ -45,7 +45,13 @@ def open_session_dir() -> Path:
     remove_abandoned(root)
     path = root / f"{PREFIX}{os.getpid()}"
     shutil.rmtree(path, ignore_errors=True)  # a pid reused from a run that did not clean up
-    (path / "tmp").mkdir(parents=True)
+    path.mkdir()
+    return use_as_scratch(path)
+
+
+def use_as_scratch(path: Path) -> Path:
+    """Point TMPDIR inside `path` (here and in children) and remove `path` when this process exits."""
+    (path / "tmp").mkdir()
     os.environ["TMPDIR"] = str(path / "tmp")
     tempfile.tempdir = None  # gettempdir() reads TMPDIR again
     # atexit runs the last registered first: registered before multiprocessing is imported, this runs after
