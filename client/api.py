@@ -14,10 +14,10 @@ import random
 import threading
 import time
 from collections import deque
-from collections.abc import Iterable, Iterator
+from collections.abc import Callable, Iterable, Iterator
 from concurrent.futures import Future, ThreadPoolExecutor
 from pathlib import Path
-from typing import Protocol
+from typing import Protocol, TypeVar
 
 import numpy as np
 from tqdm.auto import tqdm
@@ -37,6 +37,7 @@ class Transport(Protocol):
     def predict_batch(self, name: str, key_id: str | None, rows: list[bytes]) -> list[bytes]: ...
 
 
+T = TypeVar("T")
 BACKOFF_BASE = 1.0  # seconds before the first retry of a retryable answer without Retry-After
 BACKOFF_CAP = 30.0
 
@@ -136,7 +137,11 @@ class RemoteModel:
                 with tqdm(
                     total=len(key), unit="B", unit_scale=True, desc=f"upload key {self.name}", disable=not self.progress
                 ) as bar:
-                    answer = self.transport.put_key(self.name, key, bar.update)
+                    def upload() -> dict:
+                        bar.reset()  # a retried upload starts over
+                        return self.transport.put_key(self.name, key, bar.update)
+
+                    answer = self._retrying(upload)
                 if answer["key_id"] != key_id:
                     raise FHEServiceError(0, "key_id_mismatch", "the server computed another key id")
             self._key_id = key_id
@@ -151,19 +156,27 @@ class RemoteModel:
         (overloaded, runner restarting: `RETRYABLE_CODES`) is retried after its Retry-After (or an
         exponential backoff with jitter)."""
         reuploaded = False
+        while True:
+            try:
+                return self._retrying(lambda: self.transport.predict_batch(self.name, self.ensure_key(), rows))
+            except FHEServiceError as exc:
+                if exc.code != "unknown_key" or reuploaded:
+                    raise
+                # Evicted, expired or deleted on the server: upload once more and retry.
+                self.ensure_key(force_upload=True)
+                reuploaded = True
+
+    def _retrying(self, call: Callable[[], T]) -> T:
+        """`call()`, retried on a retryable answer after its Retry-After (or an exponential backoff with
+        jitter), at most `max_retries` times."""
         for attempt in range(self.max_retries + 1):
             try:
-                return self.transport.predict_batch(self.name, self.ensure_key(), rows)
+                return call()
             except FHEServiceError as exc:
-                if exc.code == "unknown_key" and not reuploaded:
-                    # Evicted, expired or deleted on the server: upload once more and retry.
-                    self.ensure_key(force_upload=True)
-                    reuploaded = True
-                elif exc.retryable and attempt < self.max_retries:
-                    backoff = min(BACKOFF_CAP, BACKOFF_BASE * 2**attempt)
-                    time.sleep((exc.retry_after or backoff) * random.uniform(1.0, 1.5))
-                else:
+                if not exc.retryable or attempt == self.max_retries:
                     raise
+                backoff = min(BACKOFF_CAP, BACKOFF_BASE * 2**attempt)
+                time.sleep((exc.retry_after or backoff) * random.uniform(1.0, 1.5))
         raise AssertionError("unreachable: the last attempt returns or raises")
 
     def _predict_rows(self, batch: np.ndarray) -> np.ndarray:

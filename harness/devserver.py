@@ -116,6 +116,20 @@ class Server:
                 pass
         return found
 
+    def resident_bytes(self) -> int:
+        """Proportional set size of the whole server (arbiter, workers, engines, verifiers): memory that its
+        processes share, such as the libraries their forkserver loaded, is counted once."""
+        import psutil
+
+        root = psutil.Process(self.proc.pid)
+        total = 0
+        for proc in [root, *root.children(recursive=True)]:
+            try:
+                total += proc.memory_full_info().pss
+            except psutil.Error:  # a short-lived child exited meanwhile
+                pass
+        return total
+
     def restart(self) -> None:
         self.stop()
         self.start()

@@ -37,8 +37,10 @@ from fhe_bento.runners.errors import FHEBentoError
 from fhe_bento.runners.key_cache import KeyCache
 from fhe_bento.runners.key_registry import KeyRegistry
 from fhe_bento.runners.key_store_url import open_store
+from fhe_bento.runners.memory_plan import plan_memory
 from fhe_bento.runners.model_repo import ModelSpec, load_specs
 from fhe_bento.runners.settings import get_settings
+from fhe_bento.runners.verify_slots import VerifySlots
 
 log = logging.getLogger("bentoml.fhe_bento.engine")
 MONITOR_SECONDS = 0.5
@@ -68,9 +70,10 @@ class _LoadedModel:
 class _EngineState:
     def __init__(self) -> None:
         settings = get_settings()
-        self.models = {name: _LoadedModel(spec) for name, spec in load_specs(settings).items()}
+        specs = load_specs(settings)
+        self.models = {name: _LoadedModel(spec) for name, spec in specs.items()}
         self.keys = KeyRegistry(open_store(settings.key_store_url()), settings)
-        self.cache = KeyCache(settings.key_cache_bytes)
+        self.cache = KeyCache(plan_memory(settings, specs).key_cache_bytes)
 
     def evaluation_key(self, model: _LoadedModel, scope: str, key_id: str | None) -> Any:
         if model.builtin_key is not None:
@@ -191,8 +194,10 @@ def _is_broken(pool: ProcessPoolExecutor) -> bool:
 class Engine:
     """The supervisor of one runner worker's engine processes (see the module docstring)."""
 
-    def __init__(self, processes: int, max_failed_starts: int, give_up: Callable[[str], None]) -> None:
+    def __init__(self, processes: int, max_failed_starts: int, give_up: Callable[[str], None],
+                 verify_slots: VerifySlots) -> None:
         self.processes = processes
+        self.verify_slots = verify_slots
         self.max_failed_starts = max_failed_starts
         self._give_up = give_up
         self._lock = threading.Lock()
@@ -285,13 +290,16 @@ class Engine:
                 log.info("%d rows of a cancelled request dropped before they started", dropped)
 
     async def verify_key(self, path: str) -> int:
-        """Deserialize an upload in a throwaway process; 400 invalid_key if that process dies on it."""
-        verifier = ProcessPoolExecutor(1, mp_context=_context())
-        try:
-            return await asyncio.wrap_future(verifier.submit(_deserialize_key, path))
-        except BrokenProcessPool:
-            log.warning("the key verifier died on an upload: refused")
-            raise FHEBentoError("invalid_key", "the body is not a serialized concrete evaluation key") from None
-        finally:
-            verifier.shutdown(wait=False)
+        """Deserialize an upload in a throwaway process, once a verification slot is free (`verify_slots`);
+        400 invalid_key if that process dies on it."""
+        async with self.verify_slots.slot():
+            verifier = ProcessPoolExecutor(1, mp_context=_context())
+            try:
+                return await asyncio.wrap_future(verifier.submit(_deserialize_key, path))
+            except BrokenProcessPool:
+                log.warning("the key verifier died on an upload: refused")
+                raise FHEBentoError("invalid_key", "the body is not a serialized concrete evaluation key") from None
+            finally:
+                # Its memory is back before the slot is free for the next one (waited for off the event loop).
+                await asyncio.to_thread(verifier.shutdown, wait=True)
 

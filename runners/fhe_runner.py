@@ -4,8 +4,8 @@ It owns the keys too (`runners/key_service.py`), so it stands alone: `bentoml se
 runners.fhe_runner:FHERunner` serves it on its own, and an HTTP service elsewhere reaches it with
 `FHE_BENTO_RUNNER_URL`.
 
-Its API methods are async: a worker only validates and relays, so `ready()` answers at once even while
-every core computes FHE. Methods return a `RunnerReply` instead of raising, so that error codes cross the
+Its API methods are async: a worker only validates and relays, so its event loop stays free to beat the
+heartbeat that the HTTP service reads (`runners/heartbeat.py`) even while every core computes FHE. Methods return a `RunnerReply` instead of raising, so that error codes cross the
 process hop.
 """
 
@@ -22,12 +22,15 @@ import bentoml
 from fhe_bento.runners import metrics
 from fhe_bento.runners.engine import Engine
 from fhe_bento.runners.errors import FHEBentoError
+from fhe_bento.runners.heartbeat import beat_forever
 from fhe_bento.runners.key_service import KeyService
+from fhe_bento.runners.memory_plan import plan_memory
 from fhe_bento.runners.lifecycle import exit_nonzero_if_stopped, stop_server
 from fhe_bento.runners.model_repo import ModelSpec, load_specs
 from fhe_bento.runners.payload_check import check_ciphertext
 from fhe_bento.runners.runner_api import KeyPart, KeyUpload, Rows, RunnerReply
 from fhe_bento.runners.settings import get_settings
+from fhe_bento.runners.verify_slots import VerifySlots
 
 log = logging.getLogger("bentoml.fhe_bento.runner")
 settings = get_settings()
@@ -49,20 +52,30 @@ async def _reply(work: Callable[[], Awaitable[Any]], rejected_upload: str | None
     return answer if isinstance(answer, RunnerReply) else RunnerReply(info=answer)
 
 
-@bentoml.service(name="fhe_runner", workers=settings.workers, traffic={"timeout": settings.request_timeout})
+# runner_connection: BentoML's client of this service (in the HTTP service) replaces its connection pool every
+# 100 requests or 300 s by default, closing the connections of calls still in flight: about one call in 35
+# failed with ServerDisconnectedError under load (and was run again). One pool for the worker's life.
+@bentoml.service(name="fhe_runner", workers=settings.workers, traffic={"timeout": settings.request_timeout},
+                 runner_connection={"max_requests": 2**31 - 1, "max_age": float(2**31)})
 class FHERunner:
     def __init__(self) -> None:
         # Read by the OpenMP runtime when concrete first computes, in the engine processes this starts.
         os.environ["OMP_NUM_THREADS"] = str(settings.omp_threads_per_row())
         self.specs = load_specs(settings)
-        self.engine = Engine(settings.row_threads, settings.engine_max_failed_starts, give_up=stop_server)
+        memory = plan_memory(settings, self.specs)
+        self.engine = Engine(settings.row_threads, settings.engine_max_failed_starts, give_up=stop_server,
+                             verify_slots=VerifySlots(memory.verifications, memory.queued_verifications))
         self.keys = KeyService(settings, verify=self.engine.verify_key)
-        log.info("FHE runner started: models=%s engine processes=%d omp_threads=%s", sorted(self.specs),
-                 settings.row_threads, os.environ["OMP_NUM_THREADS"])
+        self._heartbeat: asyncio.Future | None = None
+        log.info("FHE runner started: models=%s engine processes=%d omp_threads=%s memory=%d MB warm-key bound "
+                 "per engine=%d MB verifications=%d (+%d queued)", sorted(self.specs), settings.row_threads,
+                 os.environ["OMP_NUM_THREADS"], memory.memory // 10**6, memory.key_cache_bytes // 10**6,
+                 memory.verifications, memory.queued_verifications)
 
-    @bentoml.api
-    async def ready(self) -> bool:
-        return self.engine.ready()
+    @bentoml.on_startup
+    async def start_heartbeat(self) -> None:
+        """The liveness signal the HTTP service reads (`runners/heartbeat.py`), beaten by this event loop."""
+        self._heartbeat = asyncio.ensure_future(beat_forever(self.engine.ready))
 
     def __is_ready__(self) -> bool:  # BentoML's /readyz, for a runner served on its own
         return self.engine.ready()
@@ -72,6 +85,8 @@ class FHERunner:
         """The worker is stopping: its engine processes end now, on purpose. Left to the interpreter's exit,
         they would end under a running monitor, which would take them for a crash and start new ones that
         hold the stop until SIGKILL."""
+        if self._heartbeat is not None:
+            self._heartbeat.cancel()
         self.engine.shutdown()
 
     def _spec(self, name: str) -> ModelSpec:

@@ -61,3 +61,13 @@ ENGINE_RESTARTS = bentoml.metrics.Counter(
     name="fhe_bento_engine_restarts",
     documentation="FHE engine processes started again after one died (a crash that validation missed, or a kill)",
 )
+VERIFICATIONS = bentoml.metrics.Gauge(
+    name="fhe_bento_key_verifications",
+    documentation="Uploaded keys being verified (running) or waiting for a verification slot (queued)",
+    labelnames=["state"],
+    multiprocess_mode="livesum",
+)
+VERIFICATIONS_REFUSED = bentoml.metrics.Counter(
+    name="fhe_bento_key_verifications_refused",
+    documentation="Key uploads refused with 503 overloaded because every verification slot and queue place was taken",
+)

@@ -39,9 +39,18 @@ class Settings(BaseSettings):
     key_store: str = Field(
         default="", description="Key store URL; empty means file://$BENTOML_HOME/fhe-bento/keys."
     )
-    key_cache_bytes: int = Field(
-        default=2048 * MiB, ge=0,
-        description="Resident bytes of warm keys each engine process may hold (each key costs its model's warm_key_bytes).",
+    key_cache_bytes: int | None = Field(
+        default=None, ge=0,
+        description="Resident bytes of warm keys each engine process may hold (each key costs its model's "
+        "warm_key_bytes); unset: derived from the instance's memory (runners/memory_plan.py); 0 keeps none.",
+    )
+    max_verifications: int = Field(
+        default=0, ge=0,
+        description="Uploaded keys deserialized at once per runner worker; 0: derived from cores and memory.",
+    )
+    max_queued_verifications: int = Field(
+        default=0, ge=0,
+        description="Uploads waiting for a verification per runner worker, past which: 503; 0: twice the above.",
     )
     max_key_bytes: int = Field(default=256 * MiB, gt=0)
     max_part_bytes: int = Field(

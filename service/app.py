@@ -31,7 +31,8 @@ from fhe_bento.service.compat import router as compat_router
 from fhe_bento.service.limits import RequestLimits
 from fhe_bento.service.operations import Operations
 from fhe_bento.service.routes import admin_router, router as native_router
-from fhe_bento.service.runner_health import RunnerHealth
+from fhe_bento.service.runner_connection import drop_idle_connections_first
+from fhe_bento.service.runner_health import RunnerHealth, heartbeat_probe, readyz_probe
 from fhe_bento.service.sagemaker import router as sagemaker_router
 
 log = logging.getLogger("bentoml.fhe_bento.service")
@@ -81,9 +82,11 @@ class FHEBento:
             log.info("removed %d spool files left in %s by an earlier process", removed, settings.staging_path())
         admission = Admission(settings.max_queue_rows, settings.request_timeout, parallelism=os.cpu_count() or 1,
                               batch_parallelism=settings.row_threads)
-        self.ops = Operations(self.runner, specs, default, settings, admission)
-        # A remote runner is not this server's to replace: /ping turns 503 while it is down, nothing stops.
-        self.health = RunnerHealth(self.runner, settings.runner_down_seconds, stop_when_down=not settings.runner_url)
+        # A runner served elsewhere is not this server's to replace: /ping turns 503 while it is down, nothing stops.
+        probe = readyz_probe(settings.runner_url) if settings.runner_url else heartbeat_probe(settings.workers)
+        self.health = RunnerHealth(probe, settings.runner_down_seconds, stop_when_down=not settings.runner_url)
+        drop_idle_connections_first(self.runner)
+        self.ops = Operations(self.runner, specs, default, settings, admission, self.health)
         log.info("serving models %s (default %s)%s", sorted(specs), default.name,
                  f" with the runner at {settings.runner_url}" if settings.runner_url else "")
 

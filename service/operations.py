@@ -10,11 +10,12 @@ from __future__ import annotations
 
 import asyncio
 import logging
+import time
+from collections.abc import Awaitable
 from pathlib import Path
 from typing import Any
 
 import bentoml
-import httpx
 
 from fhe_bento.protocol import transform, wire
 from fhe_bento.runners.errors import FHEBentoError
@@ -25,11 +26,23 @@ from fhe_bento.runners.settings import Settings
 from fhe_bento.service.admission import Admission
 from fhe_bento.service.auth import Caller
 from fhe_bento.service.limits import request_deadline
+from fhe_bento.service.runner_health import RunnerHealth
 
 log = logging.getLogger("bentoml.fhe_bento.service")
 RUNNER_RETRY_AFTER = 5  # seconds a client is told to wait when the runner does not answer
 # Errors of one bad row, which fail its whole batch: a transform runs such a batch again row by row.
 ROW_ERRORS = frozenset({"invalid_ciphertext", "ciphertext_mismatch"})
+
+
+def _runner_unavailable() -> FHEBentoError:
+    return FHEBentoError("runner_unavailable", "the FHE runner did not answer; retry",
+                         headers={"Retry-After": str(RUNNER_RETRY_AFTER)})
+
+
+def _forget(future: asyncio.Future) -> None:
+    """Retrieve an abandoned call's outcome, so that asyncio does not log it as never retrieved."""
+    if not future.cancelled():
+        future.exception()
 
 
 def decode_rows(body: bytes, max_rows: int) -> list[bytes]:
@@ -41,9 +54,10 @@ def decode_rows(body: bytes, max_rows: int) -> list[bytes]:
 
 class Operations:
     def __init__(self, runner: Any, specs: dict[str, ModelSpec], default: ModelSpec, settings: Settings,
-                 admission: Admission) -> None:
+                 admission: Admission, health: RunnerHealth) -> None:
         """`runner`: the FHE runner's client (`bentoml.depends`), or an `FHERunner` itself in process."""
         self.runner = runner
+        self.health = health
         self.specs = specs
         self.default = default
         self.settings = settings
@@ -61,21 +75,43 @@ class Operations:
         return [spec.public() for spec in self.specs.values()]
 
     async def call(self, method: str, **kwargs: Any) -> RunnerReply:
-        """A runner call, its in-band error raised. Runner calls are safe to repeat (FHE is pure, key
-        registration is content-addressed), and a pooled connection that the runner closed as idle fails at
-        once: so one retry, but not after a timeout, which already took the whole request time."""
+        """A runner call, its in-band error raised. Every call has a deadline (the request's own), and fails
+        at once with 503 when the runner is seen down, in flight or not yet sent.
+
+        A pooled connection that the runner closed as idle fails before the runner reads the request, so
+        such a failure is retried once; a timeout or a down runner is not (the row may be computing)."""
         for attempt in (1, 2):
+            if self.health.is_down():
+                raise _runner_unavailable()
             try:
-                reply = await getattr(self.runner.to_async, method)(**kwargs)
+                reply = await self._within_deadline(getattr(self.runner.to_async, method)(**kwargs))
+            except (FHEBentoError, asyncio.CancelledError):
+                raise
             except Exception as exc:
-                timed_out = isinstance(exc, (asyncio.TimeoutError, httpx.TimeoutException))
                 log.warning("runner call %s failed (attempt %d): %s", method, attempt, type(exc).__name__)
-                if attempt == 2 or timed_out:
-                    raise FHEBentoError("runner_unavailable", "the FHE runner did not answer; retry",
-                                        headers={"Retry-After": str(RUNNER_RETRY_AFTER)}) from None
+                if attempt == 2:
+                    raise _runner_unavailable() from None
                 continue
             return reply.unwrap()
         raise AssertionError("unreachable: the second attempt returns or raises")
+
+    async def _within_deadline(self, call: Awaitable[RunnerReply]) -> RunnerReply:
+        """`call`'s reply, unless the request's time runs out or the runner goes down first. An abandoned
+        call is cancelled, not awaited: a hung runner would hold the cancellation too."""
+        pending = asyncio.ensure_future(call)
+        down = asyncio.ensure_future(self.health.wait_down())
+        remaining = request_deadline(self.settings.request_timeout) - time.time()
+        try:
+            await asyncio.wait({pending, down}, timeout=max(0.0, remaining), return_when=asyncio.FIRST_COMPLETED)
+        finally:
+            down.cancel()
+        if pending.done():
+            return pending.result()
+        pending.cancel()
+        pending.add_done_callback(_forget)
+        if down.done() and not down.cancelled():
+            raise _runner_unavailable()
+        raise FHEBentoError("request_timeout", "the request's time ran out before the FHE runner answered")
 
     # --- predictions ----------------------------------------------------------------------------------
 

@@ -37,9 +37,14 @@ def http(demo):
     settings = get_settings()
     runner = FHERunner()
     specs = load_specs(settings)
+
+    async def engine_ready() -> bool:  # the runner is this process: only its engine can be down
+        return runner.engine.ready()
+
+    health = RunnerHealth(engine_ready, settings.runner_down_seconds, stop_when_down=False)
     ops = Operations(runner, specs, default_model(settings, specs), settings,
-                     Admission(settings.max_queue_rows, settings.request_timeout, parallelism=2, batch_parallelism=1))
-    health = RunnerHealth(runner, settings.runner_down_seconds, stop_when_down=False)
+                     Admission(settings.max_queue_rows, settings.request_timeout, parallelism=2, batch_parallelism=1),
+                     health)
     app.dependency_overrides[current_operations] = lambda: ops
     app.dependency_overrides[current_health] = lambda: health
     try:

@@ -23,6 +23,7 @@ import pytest
 from fhe_bento.client import FHEClient
 from conftest import LOGREG, REALISTIC_XGB as XGB, assert_error, imported_spec  # rows must take seconds here
 from harness.devserver import Server
+from fhe_bento.runners.heartbeat import STALE_SECONDS
 from fhe_bento.runners.lifecycle import STOPPED_STATUS
 from fhe_bento.protocol import wire
 
@@ -164,12 +165,27 @@ def test_a_dead_or_hung_runner_worker_stops_the_server_with_a_failure_status(dem
     try:
         engine_pids = [e.pid for e in server.engines()]
         assert engine_pids
+        row = FHEClient(server.url, cache_dir=tmp_path / "owner", progress=False).model(LOGREG).encrypt(demo.x_test[:1])[0]
         worker = server.runner_worker()
         worker.send_signal(kill)
         killed_at = time.monotonic()
-        pings = []
-        wait_for(lambda: pings.append(ping(server)) or proc.poll() is not None, "the server to exit", every=0.2)
-        assert 200 not in pings[1:], pings  # the first may have been answered before the kill was seen
+        if kill == signal.SIGKILL:
+            # The next request is answered 503 at once, or refused by a server that already exited.
+            time.sleep(0.2)
+            started = time.monotonic()
+            try:
+                answer = httpx.post(f"{server.url}/v1/models/{LOGREG}/predict", content=row, headers=OCTET, timeout=30)
+                assert_error(answer, 503, "runner_unavailable")
+                assert time.monotonic() - started < 2.0
+            except httpx.TransportError:
+                pass
+        pings = []  # (seconds since the kill, status)
+        wait_for(lambda: pings.append((time.monotonic() - killed_at, ping(server))) or proc.poll() is not None,
+                 "the server to exit", every=0.2)
+        # A dead worker is seen at once (the first ping may have been answered before); a hung one once its
+        # heartbeat is stale.
+        seen_within = 0.5 if kill == signal.SIGKILL else STALE_SECONDS + 1.0
+        assert not [(t, status) for t, status in pings if t > seen_within and status == 200], pings
         assert proc.returncode in statuses
         if kill == signal.SIGSTOP:
             assert "the FHE runner has not answered" in server.log()
