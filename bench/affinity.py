@@ -4,12 +4,12 @@
 
 A run with some K values keeps the other levels of the last run (bench/results/affinity.json).
 
-Two `bentoml serve` replicas (default settings: one engine each, a warm-key bound of 2 GiB resident, about
-6 XGB keys) share a key store on moto's server mode, behind `harness/sagemaker_balancer.py`, which routes as
+Two `bentoml serve` replicas (default settings: one engine each, the warm-key bound derived from the
+machine's memory) share a key store on moto's server mode, behind `harness/sagemaker_balancer.py`, which routes as
 SageMaker does; the clients are real boto3 `invoke_endpoint` callers. For K = 1, 4 and 12 distinct clients
 (each with its own key) and each routing, fresh replicas get max(--requests, 4 K) one-row predictions, sent
 one at a time, round robin over the clients (so that every client comes back at least three times). Reported: cold-key loads per 100 requests (the replicas' key
-cache misses), resident memory per replica at the end (RSS summed over its processes), p50 latency of a
+cache misses), resident memory per replica at the end (PSS of its processes), p50 latency of a
 prediction at the client. The figures go to the "Key affinity" section of docs/benchmarks.md and to
 bench/results/affinity.json.
 """
@@ -29,19 +29,6 @@ CLIENTS = (1, 4, 12)
 ROUTINGS = ("random", "sessions")
 
 
-def resident_bytes(server) -> int:
-    import psutil
-
-    root = psutil.Process(server.proc.pid)
-    total = 0
-    for proc in [root, *root.children(recursive=True)]:
-        try:
-            total += proc.memory_info().rss
-        except psutil.NoSuchProcess:
-            pass
-    return total
-
-
 def run_level(home: Path, store: str, owners: list[Path], routing: str, requests: int, x, clear) -> dict:
     import boto3
 
@@ -49,7 +36,7 @@ def run_level(home: Path, store: str, owners: list[Path], routing: str, requests
     from harness.sagemaker_balancer import Balancer
 
     replicas = [start_server(home / f"{routing}-{len(owners)}-{i}", store) for i in range(2)]
-    idle = [resident_bytes(r) for r in replicas]
+    idle = [r.resident_bytes() for r in replicas]
     try:
         with Balancer([r.url for r in replicas], seed=len(owners)) as balancer:
             runtime = boto3.client("sagemaker-runtime", endpoint_url=balancer.url)
@@ -66,7 +53,7 @@ def run_level(home: Path, store: str, owners: list[Path], routing: str, requests
                 wrong += int(answer[0] != clear[i % len(x)])
             misses = sum(r.metric("fhe_bento_key_cache_total", model=MODEL, result="miss") for r in replicas)
             served = [balancer.counts("predict_batch")[r.url] for r in replicas]
-            memory = [resident_bytes(r) for r in replicas]
+            memory = [r.resident_bytes() for r in replicas]
     finally:
         for server in replicas:
             server.stop()
@@ -130,13 +117,13 @@ def write_markdown(levels: list[dict]) -> None:
         f"{' / '.join(f'{gb:.2f}' for gb in lv['rss_growth_gb_per_replica'])} | {lv['p50_s']:.2f} | "
         f"{' / '.join(map(str, lv['requests_per_replica']))} | {lv['wrong']} |" for lv in levels)
     write_sections(ROOT / "docs" / "benchmarks.md", {"Key affinity": f"""
-Produced by `bench/affinity.py` in one run: two replicas (default settings: one engine each, warm keys
-bounded at 2 GiB resident, about 6 XGB keys) on one `s3://` store (moto), behind
+Produced by `bench/affinity.py` in one run: two replicas (default settings: one engine each, the
+warm-key bound derived from the machine's memory, README "Memory") on one `s3://` store (moto), behind
 `harness/sagemaker_balancer.py`, which routes as SageMaker does. Each level starts fresh replicas and sends
 the given number of one-row XGB predictions (at least 4 per client) through real boto3, one at a time, round robin over K
 clients with a key each. "random" sends no session ids (SageMaker's default routing), "sessions" is the
 client's default (README, "Key affinity"). Cold loads are the replicas' key cache misses; memory is the
-resident size of each replica's processes (RSS summed, so shared pages count once per process) at the end
+proportional set size of each replica's processes (shared pages counted once) at the end
 of the level, and how much of it the level added to the idle replica.
 
 How to read it: with sessions each key is loaded on one replica only, so the cold loads of a level are its

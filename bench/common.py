@@ -76,3 +76,10 @@ def write_sections(path: Path, sections: dict[str, str], preamble: str | None = 
         kept[heading] = f"{heading}\n\n{body.strip()}\n\n"
     text = (preamble.strip() + "\n\n" if preamble is not None else head) + "".join(f"## {part}" for part in kept.values())
     path.write_text(text.rstrip() + "\n")
+
+
+def write_report(path: Path, markdown: str) -> None:
+    """Write a whole report (a preamble, then `## ` sections) over `path`, keeping the sections that other
+    benchmarks wrote there."""
+    preamble, *parts = re.split(r"^## ", markdown, flags=re.M)
+    write_sections(path, {part.split("\n", 1)[0].strip(): part.split("\n", 1)[1] for part in parts}, preamble)

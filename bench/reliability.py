@@ -7,7 +7,7 @@ import os
 
 import httpx
 
-from common import ROOT, throwaway_home
+from common import ROOT, throwaway_home, write_report
 
 XGB, LOGREG = "breast-cancer-xgb", "breast-cancer-logreg"
 
@@ -40,7 +40,7 @@ def main() -> None:
 
     report = loadfault.markdown(outcome, lost, wrong, os.cpu_count() or 1) + hostile.run(
         home, data.x_test, lambda name, rows: models[name].predict(rows, fhe="disable"))
-    (ROOT / "docs" / "reliability.md").write_text(report)
+    write_report(ROOT / "docs" / "reliability.md", report)
     print(report)
 
 

@@ -105,10 +105,11 @@ class Operations:
             await asyncio.wait({pending, down}, timeout=max(0.0, remaining), return_when=asyncio.FIRST_COMPLETED)
         finally:
             down.cancel()
-        if pending.done():
+            if not pending.done():  # also when this request is cancelled (its client went away): the runner
+                pending.cancel()    # sees its caller leave and drops the rows not started
+                pending.add_done_callback(_forget)
+        if pending.done() and not pending.cancelled():
             return pending.result()
-        pending.cancel()
-        pending.add_done_callback(_forget)
         if down.done() and not down.cancelled():
             raise _runner_unavailable()
         raise FHEBentoError("request_timeout", "the request's time ran out before the FHE runner answered")
