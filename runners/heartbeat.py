@@ -55,6 +55,8 @@ async def beat_forever(ready: Callable[[], bool], folder: Path | None = None) ->
             await asyncio.sleep(BEAT_SECONDS)
     finally:
         path.unlink(missing_ok=True)
+        with contextlib.suppress(OSError):  # the last worker out removes the folder
+            folder.rmdir()
 
 
 def _alive(pid: int) -> bool:
