@@ -40,8 +40,16 @@ def run_level(home: Path, store: str, owners: list[Path], routing: str, requests
     try:
         with Balancer([r.url for r in replicas], seed=len(owners)) as balancer:
             runtime = boto3.client("sagemaker-runtime", endpoint_url=balancer.url)
-            models = [FHEClient.sagemaker("bench", runtime_client=runtime, cache_dir=cache, progress=False,
-                                          key_affinity=routing == "sessions").model(MODEL) for cache in owners]
+            models = [
+                FHEClient.sagemaker(
+                    "bench",
+                    runtime_client=runtime,
+                    cache_dir=cache,
+                    progress=False,
+                    key_affinity=routing == "sessions",
+                ).model(MODEL)
+                for cache in owners
+            ]
             for model in models:
                 model.ensure_key()  # registered already: a has_key call
             latencies, wrong = [], 0
@@ -57,15 +65,24 @@ def run_level(home: Path, store: str, owners: list[Path], routing: str, requests
     finally:
         for server in replicas:
             server.stop()
-    return {"clients": len(owners), "routing": routing, "requests": requests, "wrong": wrong,
-            "cold_per_100": 100 * misses / requests, "p50_s": statistics.median(latencies),
-            "rss_gb_per_replica": [m / 1e9 for m in memory],
-            "rss_growth_gb_per_replica": [(m - i) / 1e9 for m, i in zip(memory, idle)], "requests_per_replica": served}
+    return {
+        "clients": len(owners),
+        "routing": routing,
+        "requests": requests,
+        "wrong": wrong,
+        "cold_per_100": 100 * misses / requests,
+        "p50_s": statistics.median(latencies),
+        "rss_gb_per_replica": [m / 1e9 for m in memory],
+        "rss_growth_gb_per_replica": [(m - i) / 1e9 for m, i in zip(memory, idle)],
+        "requests_per_replica": served,
+    }
 
 
 def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
-    parser.add_argument("--requests", type=int, default=24, help="predictions per level, at least 4 per client")
+    parser.add_argument(
+        "--requests", type=int, default=24, help="predictions per level, at least 4 per client"
+    )
     parser.add_argument("--clients", default=",".join(map(str, CLIENTS)), help="comma-separated K values")
     args = parser.parse_args()
     ks = [int(k) for k in args.clients.split(",")]
@@ -96,7 +113,9 @@ def main() -> None:
             setup.stop()
         for clients in ks:
             for routing in ROUTINGS:
-                level = run_level(home, store, owners[:clients], routing, max(args.requests, 4 * clients), x, clear)
+                level = run_level(
+                    home, store, owners[:clients], routing, max(args.requests, 4 * clients), x, clear
+                )
                 print(level, flush=True)
                 levels.append(level)
     finally:
@@ -104,7 +123,11 @@ def main() -> None:
     results = ROOT / "bench" / "results" / "affinity.json"
     if results.exists():  # the levels this run did not measure, from the last run
         measured = {(lv["clients"], lv["routing"]) for lv in levels}
-        levels += [lv for lv in json.loads(results.read_text())["levels"] if (lv["clients"], lv["routing"]) not in measured]
+        levels += [
+            lv
+            for lv in json.loads(results.read_text())["levels"]
+            if (lv["clients"], lv["routing"]) not in measured
+        ]
     levels.sort(key=lambda lv: (lv["clients"], ROUTINGS.index(lv["routing"])))
     report("affinity", {"cores": os.cpu_count(), "levels": levels})
     write_markdown(levels)
@@ -115,8 +138,13 @@ def write_markdown(levels: list[dict]) -> None:
         f"| {lv['clients']} | {lv['routing']} | {lv['requests']} | {lv['cold_per_100']:.0f} | "
         f"{' / '.join(f'{gb:.2f}' for gb in lv['rss_gb_per_replica'])} | "
         f"{' / '.join(f'{gb:.2f}' for gb in lv['rss_growth_gb_per_replica'])} | {lv['p50_s']:.2f} | "
-        f"{' / '.join(map(str, lv['requests_per_replica']))} | {lv['wrong']} |" for lv in levels)
-    write_sections(ROOT / "docs" / "benchmarks.md", {"Key affinity": f"""
+        f"{' / '.join(map(str, lv['requests_per_replica']))} | {lv['wrong']} |"
+        for lv in levels
+    )
+    write_sections(
+        ROOT / "docs" / "benchmarks.md",
+        {
+            "Key affinity": f"""
 Produced by `bench/affinity.py` in one run: two replicas (default settings: one engine each, the
 warm-key bound derived from the machine's memory, README "Memory") on one `s3://` store (moto), behind
 `harness/sagemaker_balancer.py`, which routes as SageMaker does. Each level starts fresh replicas and sends
@@ -134,7 +162,10 @@ longer fit one replica's bound, most requests are cold.
 | K clients | routing | requests | cold-key loads per 100 requests | resident GB per replica | of which grown during the level | p50 latency s | requests per replica | wrong answers |
 | --- | --- | --- | --- | --- | --- | --- | --- | --- |
 {rows}
-"""})
+"""
+        },
+    )
+
 
 if __name__ == "__main__":
     main()

@@ -50,8 +50,12 @@ def post_predict(url: str, key_id: str, ciphertext: bytes) -> tuple[float, bytes
     import httpx
 
     started = time.perf_counter()
-    response = httpx.post(f"{url}/v1/models/{MODEL}/predict", content=ciphertext, timeout=600,
-                          headers={"Content-Type": "application/octet-stream", "X-FHE-Key-Id": key_id})
+    response = httpx.post(
+        f"{url}/v1/models/{MODEL}/predict",
+        content=ciphertext,
+        timeout=600,
+        headers={"Content-Type": "application/octet-stream", "X-FHE-Key-Id": key_id},
+    )
     response.raise_for_status()
     return time.perf_counter() - started, response.content
 
@@ -74,7 +78,9 @@ def write_sections(path: Path, sections: dict[str, str], preamble: str | None = 
     kept = {part.split("\n", 1)[0].strip(): part.rstrip() + "\n\n" for part in parts}
     for heading, body in sections.items():
         kept[heading] = f"{heading}\n\n{body.strip()}\n\n"
-    text = (preamble.strip() + "\n\n" if preamble is not None else head) + "".join(f"## {part}" for part in kept.values())
+    text = (preamble.strip() + "\n\n" if preamble is not None else head) + "".join(
+        f"## {part}" for part in kept.values()
+    )
     path.write_text(text.rstrip() + "\n")
 
 

@@ -41,8 +41,11 @@ def run(home: Path, x, clear_predict) -> str:
     from harness.devserver import Server
     from harness.loadfault import tree_rss
 
-    env = {"BENTOML_CONTAINERIZED": "true", "FHE_BENTO_MODELS": f"{XGB}:latest,{LOGREG}:latest",
-           "FHE_BENTO_KEY_STORE": (home / "hostile-keys").as_uri()}
+    env = {
+        "BENTOML_CONTAINERIZED": "true",
+        "FHE_BENTO_MODELS": f"{XGB}:latest,{LOGREG}:latest",
+        "FHE_BENTO_KEY_STORE": (home / "hostile-keys").as_uri(),
+    }
     server = Server(home / "hostile", env)
     server.start()
     client = FHEClient(server.url, cache_dir=home / "hostile-owner", progress=False)
@@ -59,14 +62,22 @@ def run(home: Path, x, clear_predict) -> str:
                 continue  # valid shape, seconds of FHE for a wrong answer: the logreg cases show it
             for _ in range(CIPHERTEXT_CASES):
                 body = mutate(real[model], family, rng.randint)
-                response = httpx.post(f"{server.url}/v1/models/{model}/predict", content=body, timeout=600,
-                                      headers={**OCTET, "X-FHE-Key-Id": key_id})
+                response = httpx.post(
+                    f"{server.url}/v1/models/{model}/predict",
+                    content=body,
+                    timeout=600,
+                    headers={**OCTET, "X-FHE-Key-Id": key_id},
+                )
                 answers[f"ciphertext: {family}"][_code(response)] += 1
                 requests += 1
         if family != "blob content":
             for _ in range(KEY_CASES):
-                response = httpx.post(f"{server.url}/v1/models/{XGB}/keys", content=mutate(key, family, rng.randint),
-                                      headers=OCTET, timeout=600)
+                response = httpx.post(
+                    f"{server.url}/v1/models/{XGB}/keys",
+                    content=mutate(key, family, rng.randint),
+                    headers=OCTET,
+                    timeout=600,
+                )
                 answers[f"key: {family}"][_code(response)] += 1
                 requests += 1
     rss_after = tree_rss(server)
@@ -86,8 +97,10 @@ def run(home: Path, x, clear_predict) -> str:
     status = proc.returncode
     server.proc = None
 
-    rows = "\n".join(f"| {family} | {sum(c.values())} | {', '.join(f'{k}: {n}' for k, n in sorted(c.items()))} |"
-                     for family, c in answers.items())
+    rows = "\n".join(
+        f"| {family} | {sum(c.values())} | {', '.join(f'{k}: {n}' for k, n in sorted(c.items()))} |"
+        for family, c in answers.items()
+    )
     return f"""
 ## Crafted ciphertexts and keys (`bench/hostile.py`)
 

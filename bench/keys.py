@@ -58,17 +58,20 @@ def main() -> None:
             server.stop()
         moto.stop()
 
-    report("keys", {
-        "cores": os.cpu_count(),
-        "key_bytes": len(key),
-        "parts": -(-len(key) // (5 * 1024 * 1024)),
-        "upload_seconds": upload_s,
-        "upload_MB_per_s": len(key) / upload_s / 1e6,
-        "warm_median_s": statistics.median(warm_times),
-        "cold_median_s": statistics.median(cold_times),
-        "cold_over_warm": statistics.median(cold_times) / statistics.median(warm_times),
-        "cold_extra_s": statistics.median(cold_times) - statistics.median(warm_times),
-    })
+    report(
+        "keys",
+        {
+            "cores": os.cpu_count(),
+            "key_bytes": len(key),
+            "parts": -(-len(key) // (5 * 1024 * 1024)),
+            "upload_seconds": upload_s,
+            "upload_MB_per_s": len(key) / upload_s / 1e6,
+            "warm_median_s": statistics.median(warm_times),
+            "cold_median_s": statistics.median(cold_times),
+            "cold_over_warm": statistics.median(cold_times) / statistics.median(warm_times),
+            "cold_extra_s": statistics.median(cold_times) - statistics.median(warm_times),
+        },
+    )
 
 
 if __name__ == "__main__":

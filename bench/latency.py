@@ -23,7 +23,6 @@ from pathlib import Path
 
 import httpx
 import numpy as np
-
 from common import MODEL, post_predict, report, setup_home, start_server
 
 

@@ -36,8 +36,10 @@ def main() -> None:
     server = start_server(home / "server", (home / "keys").as_uri())
     levels = []
     try:
-        models = [FHEClient(server.url, cache_dir=home / f"owner{i}", progress=False).model(MODEL)
-                  for i in range(max(CLIENTS))]
+        models = [
+            FHEClient(server.url, cache_dir=home / f"owner{i}", progress=False).model(MODEL)
+            for i in range(max(CLIENTS))
+        ]
         for clients in CLIENTS:
             for model in models[:clients]:  # new keys: uploaded and loaded once, not measured
                 model.predict(row)
@@ -49,8 +51,15 @@ def main() -> None:
                     model.predict(row)
                     latencies.append(time.perf_counter() - started)
             cold = server.metric("fhe_bento_key_cache_total", model=MODEL, result="miss") - misses
-            levels.append({"clients": clients, "requests": len(latencies), "mean_s": statistics.mean(latencies),
-                           "cold_per_100": 100 * cold / len(latencies), "resident_gb": server.resident_bytes() / 1e9})
+            levels.append(
+                {
+                    "clients": clients,
+                    "requests": len(latencies),
+                    "mean_s": statistics.mean(latencies),
+                    "cold_per_100": 100 * cold / len(latencies),
+                    "resident_gb": server.resident_bytes() / 1e9,
+                }
+            )
             print(levels[-1], flush=True)
     finally:
         server.stop()
@@ -58,9 +67,15 @@ def main() -> None:
     for level in levels:
         level["vs_one_key"] = level["mean_s"] / one_key
     report("many_keys", {"cores": os.cpu_count(), "memory_gb": instance_memory() / 1e9, "levels": levels})
-    rows = "\n".join(f"| {lv['clients']} | {lv['requests']} | {lv['mean_s']:.2f} | {lv['vs_one_key']:.2f} | "
-                     f"{lv['cold_per_100']:.0f} | {lv['resident_gb']:.2f} |" for lv in levels)
-    write_sections(ROOT / "docs" / "benchmarks.md", {"Many clients on one server": f"""
+    rows = "\n".join(
+        f"| {lv['clients']} | {lv['requests']} | {lv['mean_s']:.2f} | {lv['vs_one_key']:.2f} | "
+        f"{lv['cold_per_100']:.0f} | {lv['resident_gb']:.2f} |"
+        for lv in levels
+    )
+    write_sections(
+        ROOT / "docs" / "benchmarks.md",
+        {
+            "Many clients on one server": f"""
 Produced by `bench/many_keys.py` in one run on {os.cpu_count()} cores and {instance_memory() / 1e9:.0f} GB: one
 server with default settings (the warm-key bound derived from the machine's memory, README "Memory"), the
 demo XGB, K clients with a key each sending one-row predictions one at a time, round robin. Each level
@@ -72,7 +87,9 @@ K = 12 1.46x the one-key latency.
 | K clients | measured requests | mean latency s | against one key | cold-key loads per 100 requests | resident GB |
 | --- | --- | --- | --- | --- | --- |
 {rows}
-"""})
+"""
+        },
+    )
 
 
 if __name__ == "__main__":

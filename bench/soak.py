@@ -38,7 +38,9 @@ def main() -> None:
 
     models, data = train([XGB, LOGREG])
     import_trained(models)
-    server = start_server(home / "server", (home / "keys").as_uri(), FHE_BENTO_MODELS=f"{XGB}:latest,{LOGREG}:latest")
+    server = start_server(
+        home / "server", (home / "keys").as_uri(), FHE_BENTO_MODELS=f"{XGB}:latest,{LOGREG}:latest"
+    )
     x = data.x_test[:16]
     clear = {name: models[name].predict(x, fhe="disable") for name in (XGB, LOGREG)}
     logreg = FHEClient(server.url, cache_dir=home / "logreg", progress=False).model(LOGREG)
@@ -86,8 +88,14 @@ def main() -> None:
             xgb = FHEClient(server.url, cache_dir=home / f"xgb{cycle}", progress=False).model(XGB)
             key_id = xgb.ensure_key()
             cycles.append(key_id)
-            answer = timed(lambda: httpx.post(f"{server.url}/v1/models/{XGB}/predict", content=xgb.encrypt(x[:1])[0],
-                                              headers={**OCTET, "X-FHE-Key-Id": key_id}, timeout=600))
+            answer = timed(
+                lambda: httpx.post(
+                    f"{server.url}/v1/models/{XGB}/predict",
+                    content=xgb.encrypt(x[:1])[0],
+                    headers={**OCTET, "X-FHE-Key-Id": key_id},
+                    timeout=600,
+                )
+            )
             if answer is not None and answer.status_code == 200:
                 with lock:
                     wrong += int(xgb.labels(xgb.decrypt(answer.content)[None, :])[0] != clear[XGB][0])
@@ -97,7 +105,9 @@ def main() -> None:
     memory.append(server.resident_bytes() / 1e9)
     try:
         clients = [httpx.Client(base_url=server.url, timeout=600) for _ in range(THREADS)]
-        threads = [threading.Thread(target=cheap, args=(c,)) for c in clients] + [threading.Thread(target=key_cycles)]
+        threads = [threading.Thread(target=cheap, args=(c,)) for c in clients] + [
+            threading.Thread(target=key_cycles)
+        ]
         for thread in threads:
             thread.start()
         for thread in threads:
@@ -105,29 +115,41 @@ def main() -> None:
     finally:
         server.stop()
     total = sum(statuses.values())
-    results = {"requests": total, "seconds": time.monotonic() - started, "statuses": dict(statuses),
-               "server_errors": sum(n for s, n in statuses.items() if not isinstance(s, int) or s >= 500),
-               "slowest_s": slowest, "wrong": wrong, "key_cycles": len(cycles), "resident_gb_per_1000": memory}
+    results = {
+        "requests": total,
+        "seconds": time.monotonic() - started,
+        "statuses": dict(statuses),
+        "server_errors": sum(n for s, n in statuses.items() if not isinstance(s, int) or s >= 500),
+        "slowest_s": slowest,
+        "wrong": wrong,
+        "key_cycles": len(cycles),
+        "resident_gb_per_1000": memory,
+    }
     report("soak", results)
     half = len(memory) // 2
-    write_sections(ROOT / "docs" / "reliability.md", {"Soak (`bench/soak.py`)": f"""
-One server with default settings on {os.cpu_count()} cores, {total + len(cycles)} requests in {results['seconds'] / 60:.0f} min:
+    write_sections(
+        ROOT / "docs" / "reliability.md",
+        {
+            "Soak (`bench/soak.py`)": f"""
+One server with default settings on {os.cpu_count()} cores, {total + len(cycles)} requests in {results["seconds"] / 60:.0f} min:
 {THREADS} threads of one-row logreg predictions (one in ten a garbage body), and XGB key cycles (a new key
 uploaded, one prediction, the key deleted) alongside. Every XGB answer and every 50th logreg answer was
 decrypted and checked.
 
 - {len(cycles)} XGB keys uploaded, used and deleted;
-- answers by status (the uploads' own not counted): {', '.join(f'{s}: {n}' for s, n in sorted(statuses.items(), key=str))};
-- 5xx or lost: {results['server_errors']}; wrong answers: {wrong}; slowest answer {slowest:.2f} s;
+- answers by status (the uploads' own not counted): {", ".join(f"{s}: {n}" for s, n in sorted(statuses.items(), key=str))};
+- 5xx or lost: {results["server_errors"]}; wrong answers: {wrong}; slowest answer {slowest:.2f} s;
 - resident memory (PSS of the whole server), GB, at the start and after every 1,000 requests:
-  {', '.join(f'{gb:.2f}' for gb in memory)};
+  {", ".join(f"{gb:.2f}" for gb in memory)};
 - growth over the first half {memory[half] - memory[0]:+.3f} GB, over the second half {memory[-1] - memory[half]:+.3f} GB.
 
 How to read the memory: it grows while the engine's warm-key cache fills and then levels off at the
 derived bound (README "Memory"). A deleted key leaves an engine's cache only when it is asked for again
 or evicted, so every cycle's key stays warm until the bound is reached; the growth is the cache, not a
 leak, and the bound holds it.
-"""})
+"""
+        },
+    )
 
 
 if __name__ == "__main__":

@@ -23,7 +23,6 @@ from pathlib import Path
 
 import httpx
 import numpy as np
-
 from common import MODEL, ROOT, post_predict, report, setup_home, start_server, write_sections
 
 CLIENT_LEVELS = (1, 2, 4, 8)
@@ -84,8 +83,13 @@ def load_level(url: str, key_id: str, rows: list[bytes], clients: int, ping: boo
     done.set()
     if ping:
         thread.join()
-    result = {"clients": clients, "rows": len(rows), "rows_per_s": len(rows) / wall,
-              "p50_s": float(np.percentile(latencies, 50)), "p99_s": float(np.percentile(latencies, 99))}
+    result = {
+        "clients": clients,
+        "rows": len(rows),
+        "rows_per_s": len(rows) / wall,
+        "p50_s": float(np.percentile(latencies, 50)),
+        "p99_s": float(np.percentile(latencies, 99)),
+    }
     if ping:
         result["ping_p99_ms"] = float(np.percentile(pings, 99)) * 1000
         result["ping_samples"] = len(pings)
@@ -93,28 +97,67 @@ def load_level(url: str, key_id: str, rows: list[bytes], clients: int, ping: boo
 
 
 def wire_bytes(url: str, key_id: str, ciphertext: bytes, key_bytes: int) -> dict:
-    response = httpx.post(f"{url}/v1/models/{MODEL}/predict", content=ciphertext, timeout=600,
-                          headers={"Content-Type": "application/octet-stream", "X-FHE-Key-Id": key_id})
+    response = httpx.post(
+        f"{url}/v1/models/{MODEL}/predict",
+        content=ciphertext,
+        timeout=600,
+        headers={"Content-Type": "application/octet-stream", "X-FHE-Key-Id": key_id},
+    )
     request_line = len(f"POST /v1/models/{MODEL}/predict HTTP/1.1\r\n")
     headers = sum(len(k) + len(v) + 4 for k, v in response.request.headers.raw) + request_line + 2
     headers += sum(len(k) + len(v) + 4 for k, v in response.headers.raw) + len("HTTP/1.1 200 OK\r\n") + 2
     registered = headers + len(ciphertext) + len(response.content)
-    return {"ciphertexts": len(ciphertext) + len(response.content), "registered_key": registered,
-            "key_per_request": registered + key_bytes}
+    return {
+        "ciphertexts": len(ciphertext) + len(response.content),
+        "registered_key": registered,
+        "key_per_request": registered + key_bytes,
+    }
 
 
 def image_figures(image: str) -> dict:
-    size = int(subprocess.run(["podman", "image", "inspect", "--format", "{{.Size}}", image],
-                              capture_output=True, text=True, check=True).stdout.strip())
+    size = int(
+        subprocess.run(
+            ["podman", "image", "inspect", "--format", "{{.Size}}", image],
+            capture_output=True,
+            text=True,
+            check=True,
+        ).stdout.strip()
+    )
     from fhe_bento.modelkit.sagemaker_deploy import model_folders_from_store, write_model_dir
 
-    models = write_model_dir(model_folders_from_store([f"{MODEL}:latest"]), Path(os.environ["BENTOML_HOME"]) / "opt-ml")
+    models = write_model_dir(
+        model_folders_from_store([f"{MODEL}:latest"]), Path(os.environ["BENTOML_HOME"]) / "opt-ml"
+    )
     started = time.perf_counter()
     name = f"fhe-bench-{os.getpid()}"
-    subprocess.run(["podman", "--runtime", "runc", "--cgroup-manager", "cgroupfs", "run", "-d", "--rm", "--name",
-                    name, "--network", "host", "--ulimit", "nofile=20000:20000", "--ulimit", "nproc=4096:4096",
-                    "-e", "PORT=8080", "-v", f"{models}:/opt/ml/model:ro", image, "serve"],
-                   check=True, capture_output=True)
+    subprocess.run(
+        [
+            "podman",
+            "--runtime",
+            "runc",
+            "--cgroup-manager",
+            "cgroupfs",
+            "run",
+            "-d",
+            "--rm",
+            "--name",
+            name,
+            "--network",
+            "host",
+            "--ulimit",
+            "nofile=20000:20000",
+            "--ulimit",
+            "nproc=4096:4096",
+            "-e",
+            "PORT=8080",
+            "-v",
+            f"{models}:/opt/ml/model:ro",
+            image,
+            "serve",
+        ],
+        check=True,
+        capture_output=True,
+    )
     try:
         while True:
             try:
@@ -169,9 +212,11 @@ def main() -> None:
 
     model_path = Path(bentoml.models.get(f"{MODEL}:latest").path)
     store = (home / "keys").as_uri()
-    configs = {f"1x1x{cores}": {},
-               f"1x{cores}x1": {"FHE_BENTO_ROW_THREADS": str(cores)},
-               f"{cores}x1x1": {"FHE_BENTO_WORKERS": str(cores)}}
+    configs = {
+        f"1x1x{cores}": {},
+        f"1x{cores}x1": {"FHE_BENTO_ROW_THREADS": str(cores)},
+        f"{cores}x1x1": {"FHE_BENTO_WORKERS": str(cores)},
+    }
     levels: dict[str, list[dict]] = {}
     figures: dict = {"cores": cores}
     for index, (name, env) in enumerate(configs.items()):
@@ -192,8 +237,12 @@ def main() -> None:
                     latencies["in_process"].append(in_process.latency(ciphertext))
                     latencies["served"].append(post_predict(server.url, key_id, ciphertext)[0])
                 figures.update({"cold_start_to_ping_s": to_ping, "first_prediction_s": first})
-                figures.update({f"wire_{k}": v for k, v in wire_bytes(server.url, key_id, ciphertexts[0],
-                                                                       len(key)).items()})
+                figures.update(
+                    {
+                        f"wire_{k}": v
+                        for k, v in wire_bytes(server.url, key_id, ciphertexts[0], len(key)).items()
+                    }
+                )
             else:
                 post_predict(server.url, key_id, ciphertexts[0])  # warm every worker's key cache once
             levels[name] = []
@@ -201,26 +250,37 @@ def main() -> None:
                 rows = level_rows(ciphertexts, clients)
                 ideal = in_process.rows_per_s(rows)
                 result = load_level(server.url, key_id, rows, clients, ping=clients == CLIENT_LEVELS[-1])
-                levels[name].append({**result, "ideal_rows_per_s": ideal, "over_ideal": result["rows_per_s"] / ideal})
+                levels[name].append(
+                    {**result, "ideal_rows_per_s": ideal, "over_ideal": result["rows_per_s"] / ideal}
+                )
         finally:
             server.stop()
-    ideal = {"rows_per_s": statistics.median(r["ideal_rows_per_s"] for rs in levels.values() for r in rs),
-             "latency_s": statistics.median(latencies["in_process"])}
+    ideal = {
+        "rows_per_s": statistics.median(r["ideal_rows_per_s"] for rs in levels.values() for r in rs),
+        "latency_s": statistics.median(latencies["in_process"]),
+    }
     if args.image:
         figures.update(image_figures(args.image))
 
     best_name = next(iter(levels))  # the default execution model, at its best concurrency
     best = max(levels[best_name], key=lambda r: r["rows_per_s"])
-    figures.update({
-        "ideal_rows_per_s": ideal["rows_per_s"], "ideal_latency_s": ideal["latency_s"],
-        "served_latency_s": statistics.median(latencies["served"]),
-        "best_config": best_name, "best_clients": best["clients"], "best_rows_per_s": best["rows_per_s"],
-        "best_ideal_rows_per_s": best["ideal_rows_per_s"], "throughput_over_ideal": best["over_ideal"],
-        "p50_one_client_over_in_process": statistics.median(latencies["served"]) / ideal["latency_s"],
-        "ping_p99_ms_full_load": max(rs[-1]["ping_p99_ms"] for rs in levels.values()),
-        "wire_over_ciphertexts": figures["wire_registered_key"] / figures["wire_ciphertexts"],
-        "key_per_request_over_registered": figures["wire_key_per_request"] / figures["wire_registered_key"],
-    })
+    figures.update(
+        {
+            "ideal_rows_per_s": ideal["rows_per_s"],
+            "ideal_latency_s": ideal["latency_s"],
+            "served_latency_s": statistics.median(latencies["served"]),
+            "best_config": best_name,
+            "best_clients": best["clients"],
+            "best_rows_per_s": best["rows_per_s"],
+            "best_ideal_rows_per_s": best["ideal_rows_per_s"],
+            "throughput_over_ideal": best["over_ideal"],
+            "p50_one_client_over_in_process": statistics.median(latencies["served"]) / ideal["latency_s"],
+            "ping_p99_ms_full_load": max(rs[-1]["ping_p99_ms"] for rs in levels.values()),
+            "wire_over_ciphertexts": figures["wire_registered_key"] / figures["wire_ciphertexts"],
+            "key_per_request_over_registered": figures["wire_key_per_request"]
+            / figures["wire_registered_key"],
+        }
+    )
     docs = ROOT / "docs"
     (docs / "img").mkdir(parents=True, exist_ok=True)
     plot(levels, ideal, cores, docs / "img" / "throughput.png")
@@ -232,14 +292,18 @@ def write_markdown(path: Path, f: dict, levels: dict[str, list[dict]]) -> None:
     rows = "\n".join(
         f"| {name} | {r['clients']} | {r['rows']} | {r['rows_per_s']:.3f} | {r['ideal_rows_per_s']:.3f} | {r['over_ideal']:.2f}"
         f" | {r['p50_s']:.2f} | {r['p99_s']:.2f} |"
-        for name, results in levels.items() for r in results)
+        for name, results in levels.items()
+        for r in results
+    )
     image = ""
     if "image_bytes" in f:
-        image = (f"| image size | {f['image_bytes'] / 1e9:.2f} GB | |\n"
-                 f"| image: `podman run ... serve` to first `/ping` 200 | {f['image_cold_start_to_ping_s']:.1f} s | |\n")
+        image = (
+            f"| image size | {f['image_bytes'] / 1e9:.2f} GB | |\n"
+            f"| image: `podman run ... serve` to first `/ping` 200 | {f['image_cold_start_to_ping_s']:.1f} s | |\n"
+        )
     preamble = f"""# Benchmarks
 
-Produced by `bench/run` (`bench/throughput.py`) in one run on one machine with **{f['cores']} cores**, on the
+Produced by `bench/run` (`bench/throughput.py`) in one run on one machine with **{f["cores"]} cores**, on the
 XGB demo model (10 trees, depth 3, 6 bits). Execution models are named workers x rows at once per worker x
 OpenMP threads per row; the first is the default. Each
 served level is paired with the in-process ideal measured on the same rows just before it, and its ratio
@@ -250,18 +314,18 @@ comes from that run; rerun `bench/run` to refresh it.
 """
     summary = f"""| figure | value | target |
 | --- | --- | --- |
-| in-process ideal (plain loop over `FHEModelServer.run`, {f['cores']} threads), median of its rounds | {f['ideal_rows_per_s']:.3f} rows/s | |
-| best served throughput ({f['best_config']}, {f['best_clients']} clients) against its paired ideal | {f['best_rows_per_s']:.3f} / {f['best_ideal_rows_per_s']:.3f} rows/s | |
-| **served / ideal throughput** | **{f['throughput_over_ideal']:.2f}** | ≥ 0.95 |
-| median latency of one row, in-process / served (interleaved, one client) | {f['ideal_latency_s']:.2f} s / {f['served_latency_s']:.2f} s | |
-| **p50 served latency, one client / in-process latency** | **{f['p50_one_client_over_in_process']:.2f}** | ≤ 1.05 |
-| **`/ping` p99 at 8 clients** | **{f['ping_p99_ms_full_load']:.1f} ms** | < 100 ms |
-| bytes on the wire per row, key registered (bodies + HTTP headers) | {f['wire_registered_key']:,} B | |
-| ciphertexts alone (in + out) | {f['wire_ciphertexts']:,} B | |
-| **wire / ciphertexts** | **{f['wire_over_ciphertexts']:.3f}** | ≤ 1.05 |
-| bytes per row when the key travels with every request (the original SageMaker sample) | {f['wire_key_per_request']:,} B ({f['key_per_request_over_registered']:.0f}x) | |
-| `bentoml serve` start to first `/ping` 200 | {f['cold_start_to_ping_s']:.1f} s | < 15 s |
-| then the first prediction (cold key: read + deserialize) | {f['first_prediction_s']:.1f} s | |
+| in-process ideal (plain loop over `FHEModelServer.run`, {f["cores"]} threads), median of its rounds | {f["ideal_rows_per_s"]:.3f} rows/s | |
+| best served throughput ({f["best_config"]}, {f["best_clients"]} clients) against its paired ideal | {f["best_rows_per_s"]:.3f} / {f["best_ideal_rows_per_s"]:.3f} rows/s | |
+| **served / ideal throughput** | **{f["throughput_over_ideal"]:.2f}** | ≥ 0.95 |
+| median latency of one row, in-process / served (interleaved, one client) | {f["ideal_latency_s"]:.2f} s / {f["served_latency_s"]:.2f} s | |
+| **p50 served latency, one client / in-process latency** | **{f["p50_one_client_over_in_process"]:.2f}** | ≤ 1.05 |
+| **`/ping` p99 at 8 clients** | **{f["ping_p99_ms_full_load"]:.1f} ms** | < 100 ms |
+| bytes on the wire per row, key registered (bodies + HTTP headers) | {f["wire_registered_key"]:,} B | |
+| ciphertexts alone (in + out) | {f["wire_ciphertexts"]:,} B | |
+| **wire / ciphertexts** | **{f["wire_over_ciphertexts"]:.3f}** | ≤ 1.05 |
+| bytes per row when the key travels with every request (the original SageMaker sample) | {f["wire_key_per_request"]:,} B ({f["key_per_request_over_registered"]:.0f}x) | |
+| `bentoml serve` start to first `/ping` 200 | {f["cold_start_to_ping_s"]:.1f} s | < 15 s |
+| then the first prediction (cold key: read + deserialize) | {f["first_prediction_s"]:.1f} s | |
 {image}"""
     every = f"""| execution model | clients | rows | rows/s | in-process ideal, measured just before | / ideal | p50 s | p99 s |
 | --- | --- | --- | --- | --- | --- | --- | --- |

@@ -72,7 +72,13 @@ class RemoteModel:
     """One served model, as seen by a data owner holding its own keys."""
 
     def __init__(
-        self, transport: Transport, name: str, cache_dir: Path, batch_size: int, concurrency: int, progress: bool,
+        self,
+        transport: Transport,
+        name: str,
+        cache_dir: Path,
+        batch_size: int,
+        concurrency: int,
+        progress: bool,
         max_retries: int = 8,
     ) -> None:
         from concrete.ml.deployment import FHEModelClient
@@ -93,7 +99,9 @@ class RemoteModel:
         self.fhe = FHEModelClient(str(self.folder), key_dir=str(self.folder / "keys"))
         self._key_id: str | None = None
         self._key_lock = threading.Lock()
-        self._keygen_lock = threading.Lock()  # not _key_lock: ensure_key holds that one while it generates keys
+        self._keygen_lock = (
+            threading.Lock()
+        )  # not _key_lock: ensure_key holds that one while it generates keys
         self._keys_private = False
 
     def _ensure_client_zip(self, folder: Path) -> None:
@@ -104,7 +112,9 @@ class RemoteModel:
         data, header = self.transport.get_client_zip(self.name)
         actual = hashlib.sha256(data).hexdigest()
         if actual != expected or (header and header != expected):
-            raise FHEServiceError(0, "client_zip_mismatch", f"client.zip hashes to {actual}, expected {expected}")
+            raise FHEServiceError(
+                0, "client_zip_mismatch", f"client.zip hashes to {actual}, expected {expected}"
+            )
         tmp = folder / "client.zip.tmp"
         tmp.write_bytes(data)
         tmp.chmod(0o600)
@@ -135,8 +145,13 @@ class RemoteModel:
             key_id = hashlib.sha256(key).hexdigest()
             if force_upload or not self.transport.has_key(self.name, key_id):
                 with tqdm(
-                    total=len(key), unit="B", unit_scale=True, desc=f"upload key {self.name}", disable=not self.progress
+                    total=len(key),
+                    unit="B",
+                    unit_scale=True,
+                    desc=f"upload key {self.name}",
+                    disable=not self.progress,
                 ) as bar:
+
                     def upload() -> dict:
                         bar.reset()  # a retried upload starts over
                         return self.transport.put_key(self.name, key, bar.update)
@@ -158,7 +173,9 @@ class RemoteModel:
         reuploaded = False
         while True:
             try:
-                return self._retrying(lambda: self.transport.predict_batch(self.name, self.ensure_key(), rows))
+                return self._retrying(
+                    lambda: self.transport.predict_batch(self.name, self.ensure_key(), rows)
+                )
             except FHEServiceError as exc:
                 if exc.code != "unknown_key" or reuploaded:
                     raise
@@ -182,26 +199,36 @@ class RemoteModel:
     def _predict_rows(self, batch: np.ndarray) -> np.ndarray:
         """Encrypt, send and decrypt one batch of rows (runs on the client's thread pool)."""
         if batch.ndim != 2 or batch.shape[1] != self.info["n_features"]:
-            raise ValueError(f"{self.name} takes rows of {self.info['n_features']} features, got shape {batch.shape}")
+            raise ValueError(
+                f"{self.name} takes rows of {self.info['n_features']} features, got shape {batch.shape}"
+            )
         return np.vstack([self.decrypt(answer) for answer in self._run_batch(self.encrypt(batch))])
 
     def decrypt(self, answer: bytes) -> np.ndarray:
         """The scores of one row from the server's encrypted answer."""
         if not self._keys_private and not any((self.folder / "keys").iterdir()):
             # Fresh keys here would decrypt to garbage: the answer needs the key its rows were encrypted with.
-            raise FHEServiceError(0, "no_private_key", f"no private key of {self.name} in {self.folder}: decrypt "
-                                  "with the key cache that encrypted (FHE_BENTO_CLIENT_CACHE)")
+            raise FHEServiceError(
+                0,
+                "no_private_key",
+                f"no private key of {self.name} in {self.folder}: decrypt "
+                "with the key cache that encrypted (FHE_BENTO_CLIENT_CACHE)",
+            )
         self._generate_keys()  # loads the private key from the cache when another process encrypted
         return np.asarray(self.fhe.deserialize_decrypt_dequantize(answer)).reshape(-1)
 
-    def predict_proba_stream(self, rows: Iterable[np.ndarray], total: int | None = None) -> Iterator[np.ndarray]:
+    def predict_proba_stream(
+        self, rows: Iterable[np.ndarray], total: int | None = None
+    ) -> Iterator[np.ndarray]:
         """Scores for rows read lazily, in order. Batches are encrypted, sent and decrypted on
         `concurrency` threads while later rows are still being read, so a large input streams through
         with bounded memory instead of being loaded first."""
         self.ensure_key()
         in_flight: deque[Future] = deque()
-        with tqdm(total=total, unit="row", desc=f"predict {self.name}", disable=not self.progress) as bar, \
-                ThreadPoolExecutor(self.concurrency) as pool:
+        with (
+            tqdm(total=total, unit="row", desc=f"predict {self.name}", disable=not self.progress) as bar,
+            ThreadPoolExecutor(self.concurrency) as pool,
+        ):
             for batch in _batches(rows, self.batch_size):
                 in_flight.append(pool.submit(self._predict_rows, batch))
                 while len(in_flight) > 2 * self.concurrency:
@@ -285,11 +312,16 @@ class FHEClient:
         s3_client=None,
         key_affinity: bool = True,
         **options,
-    ) -> "FHEClient":
+    ) -> FHEClient:
         """A client of a SageMaker endpoint. `mode="async"` needs `input_prefix` (s3://bucket/prefix for
         envelopes) and `models` (the model folders, local or the deployed s3://.../model.tar.gz). In real
         time, `key_affinity` keeps each key's predictions in a stateful session (README "Key affinity")."""
-        from fhe_bento.client.sagemaker_transport import AsyncSageMakerTransport, ModelFolders, RuntimeInvoker, SageMakerTransport
+        from fhe_bento.client.sagemaker_transport import (
+            AsyncSageMakerTransport,
+            ModelFolders,
+            RuntimeInvoker,
+            SageMakerTransport,
+        )
 
         if mode == "realtime":
             invoker = RuntimeInvoker(endpoint_name, runtime_client)
@@ -301,7 +333,11 @@ class FHEClient:
 
             s3_client = boto3.client("s3")
         transport = AsyncSageMakerTransport(
-            endpoint_name, input_prefix, ModelFolders(models, s3_client), runtime_client, s3_client,
+            endpoint_name,
+            input_prefix,
+            ModelFolders(models, s3_client),
+            runtime_client,
+            s3_client,
             progress=options.get("progress", True),
         )
         return cls(transport=transport, **options)
@@ -309,7 +345,12 @@ class FHEClient:
     def model(self, name: str) -> RemoteModel:
         if name not in self._models:
             self._models[name] = RemoteModel(
-                self.transport, name, self.cache_dir, self.batch_size, self.concurrency, self.progress,
+                self.transport,
+                name,
+                self.cache_dir,
+                self.batch_size,
+                self.concurrency,
+                self.progress,
                 self.max_retries,
             )
         return self._models[name]

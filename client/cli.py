@@ -24,21 +24,33 @@ def models(url: str, token: str | None) -> None:
     from fhe_bento.client.http_transport import HTTPTransport
 
     for info in HTTPTransport(url, token=token).list_models():
-        click.echo(f"{info['name']}:{info['version']}  {info['model_class']}  features={info['n_features']}  "
-                   f"needs_key={info['needs_key']}")
+        click.echo(
+            f"{info['name']}:{info['version']}  {info['model_class']}  features={info['n_features']}  "
+            f"needs_key={info['needs_key']}"
+        )
 
 
 @main.command("predict")
 @click.option("--url", required=True, envvar="FHE_BENTO_URL", help="Server URL.")
 @click.option("--token", envvar="FHE_BENTO_TOKEN", help="Bearer token, if the server needs one.")
 @click.option("--model", "model_name", required=True, help="Served model name.")
-@click.option("--output", "-o", type=click.Path(dir_okay=False, path_type=Path), help="CSV to write (default stdout).")
+@click.option(
+    "--output", "-o", type=click.Path(dir_okay=False, path_type=Path), help="CSV to write (default stdout)."
+)
 @click.option("--proba", is_flag=True, help="Write class probabilities instead of labels.")
 @click.option("--batch-size", default=8, show_default=True, help="Rows per request.")
 @click.option("--concurrency", default=4, show_default=True, help="Requests in flight.")
 @click.argument("data", type=click.Path(exists=True, dir_okay=False, path_type=Path))
-def predict(url: str, token: str | None, model_name: str, output: Path | None, proba: bool, batch_size: int,
-            concurrency: int, data: Path) -> None:
+def predict(
+    url: str,
+    token: str | None,
+    model_name: str,
+    output: Path | None,
+    proba: bool,
+    batch_size: int,
+    concurrency: int,
+    data: Path,
+) -> None:
     """Encrypt each row of the CSV file DATA, predict on the server, and write the decrypted answers."""
     from fhe_bento.client.api import FHEClient
 
@@ -72,9 +84,17 @@ def _batch_model(model_name: str, models: str, key_endpoint: str | None):
 
 
 MODEL_OPTIONS = [
-    click.option("--model", "model_name", required=True, help="Served model name (a folder of the artifacts)."),
-    click.option("--models", required=True, help="The deployed s3://.../model.tar.gz (or a local folder of model folders)."),
-    click.option("--key-endpoint", help="A real-time endpoint on the fleet's key store, to register the key through."),
+    click.option(
+        "--model", "model_name", required=True, help="Served model name (a folder of the artifacts)."
+    ),
+    click.option(
+        "--models",
+        required=True,
+        help="The deployed s3://.../model.tar.gz (or a local folder of model folders).",
+    ),
+    click.option(
+        "--key-endpoint", help="A real-time endpoint on the fleet's key store, to register the key through."
+    ),
 ]
 
 
@@ -99,19 +119,35 @@ def _write_results(model, results: list, output: Path | None, proba: bool) -> in
 
 @sagemaker.command("batch")
 @_model_options
-@click.option("--sagemaker-model", required=True, help="The SageMaker Model to run (deploy makes ENDPOINT-model).")
+@click.option(
+    "--sagemaker-model", required=True, help="The SageMaker Model to run (deploy makes ENDPOINT-model)."
+)
 @click.option("--job-name", required=True)
 @click.option("--input-prefix", required=True, help="s3://... for the encrypted records.")
 @click.option("--output-prefix", required=True, help="s3://... for the job's answers.")
 @click.option("--instance-type", default="ml.m5.xlarge", show_default=True)
 @click.option("--instance-count", default=1, show_default=True)
-@click.option("--output", "-o", type=click.Path(dir_okay=False, path_type=Path), help="CSV to write (default stdout).")
+@click.option(
+    "--output", "-o", type=click.Path(dir_okay=False, path_type=Path), help="CSV to write (default stdout)."
+)
 @click.option("--proba", is_flag=True, help="Write class probabilities instead of labels.")
 @click.option("--wait/--no-wait", default=True, help="Wait for the job and write its decrypted answers.")
 @click.argument("data", type=click.Path(exists=True, dir_okay=False, path_type=Path))
-def batch(model_name: str, models: str, key_endpoint: str | None, sagemaker_model: str, job_name: str,
-          input_prefix: str, output_prefix: str, instance_type: str, instance_count: int, output: Path | None,
-          proba: bool, wait: bool, data: Path) -> None:
+def batch(
+    model_name: str,
+    models: str,
+    key_endpoint: str | None,
+    sagemaker_model: str,
+    job_name: str,
+    input_prefix: str,
+    output_prefix: str,
+    instance_type: str,
+    instance_count: int,
+    output: Path | None,
+    proba: bool,
+    wait: bool,
+    data: Path,
+) -> None:
     """Encrypt the CSV file DATA into JSON Lines in S3, run a Batch Transform job, then decrypt its answers."""
     import boto3
 
@@ -119,9 +155,17 @@ def batch(model_name: str, models: str, key_endpoint: str | None, sagemaker_mode
 
     model = _batch_model(model_name, models, key_endpoint)
     _, rows = _csv_rows(data)
-    job = start_transform(model, np.array(list(rows)), job_name=job_name, model_name=sagemaker_model,
-                          input_prefix=input_prefix, output_prefix=output_prefix, instance_type=instance_type,
-                          instance_count=instance_count, s3=boto3.client("s3"))
+    job = start_transform(
+        model,
+        np.array(list(rows)),
+        job_name=job_name,
+        model_name=sagemaker_model,
+        input_prefix=input_prefix,
+        output_prefix=output_prefix,
+        instance_type=instance_type,
+        instance_count=instance_count,
+        s3=boto3.client("s3"),
+    )
     click.echo(f"started transform job {job_name}: {input_url(job)} -> {output_url(job)}", err=True)
     if wait:
         _results(model, job.name, output, proba)
@@ -130,10 +174,13 @@ def batch(model_name: str, models: str, key_endpoint: str | None, sagemaker_mode
 @sagemaker.command("batch-results")
 @_model_options
 @click.option("--job-name", required=True)
-@click.option("--output", "-o", type=click.Path(dir_okay=False, path_type=Path), help="CSV to write (default stdout).")
+@click.option(
+    "--output", "-o", type=click.Path(dir_okay=False, path_type=Path), help="CSV to write (default stdout)."
+)
 @click.option("--proba", is_flag=True, help="Write class probabilities instead of labels.")
-def batch_results(model_name: str, models: str, key_endpoint: str | None, job_name: str, output: Path | None,
-                  proba: bool) -> None:
+def batch_results(
+    model_name: str, models: str, key_endpoint: str | None, job_name: str, output: Path | None, proba: bool
+) -> None:
     """Wait for a Batch Transform job, then decrypt its answers into a CSV."""
     _results(_batch_model(model_name, models, key_endpoint), job_name, output, proba)
 

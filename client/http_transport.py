@@ -24,8 +24,12 @@ KEEPALIVE_SECONDS = 1.0
 
 def http_client(url: str, timeout: float, headers: dict[str, str] | None = None) -> httpx.Client:
     """The client's connection pool to one server (native API or a container's /invocations)."""
-    return httpx.Client(base_url=url.rstrip("/"), timeout=httpx.Timeout(timeout, connect=10.0), headers=headers,
-                        limits=httpx.Limits(keepalive_expiry=KEEPALIVE_SECONDS))
+    return httpx.Client(
+        base_url=url.rstrip("/"),
+        timeout=httpx.Timeout(timeout, connect=10.0),
+        headers=headers,
+        limits=httpx.Limits(keepalive_expiry=KEEPALIVE_SECONDS),
+    )
 
 
 class FHEServiceError(RuntimeError):
@@ -43,8 +47,9 @@ class FHEServiceError(RuntimeError):
         return self.status in (429, 503) and self.code in RETRYABLE_CODES
 
 
-def error_from_body(status: int, body: bytes | str, fallback_code: str, retry_after: float | None = None
-                    ) -> FHEServiceError:
+def error_from_body(
+    status: int, body: bytes | str, fallback_code: str, retry_after: float | None = None
+) -> FHEServiceError:
     """The service error in a JSON error body, or `fallback_code` with the start of a body that is not one."""
     try:
         error = json.loads(body)["error"]
@@ -66,13 +71,21 @@ def retry_after_seconds(headers: httpx.Headers) -> float | None:
 def _raise_for_error(response: httpx.Response) -> httpx.Response:
     if response.status_code < 400:
         return response
-    raise error_from_body(response.status_code, response.content or response.reason_phrase, "http_error",
-                          retry_after_seconds(response.headers))
+    raise error_from_body(
+        response.status_code,
+        response.content or response.reason_phrase,
+        "http_error",
+        retry_after_seconds(response.headers),
+    )
 
 
 class HTTPTransport:
     def __init__(
-        self, url: str, timeout: float = 600.0, client: httpx.Client | None = None, part_bytes: int = PART_BYTES,
+        self,
+        url: str,
+        timeout: float = 600.0,
+        client: httpx.Client | None = None,
+        part_bytes: int = PART_BYTES,
         token: str | None = None,
     ) -> None:
         self.url = url.rstrip("/")
@@ -111,7 +124,9 @@ class HTTPTransport:
         return _raise_for_error(self.http.get(f"/v1/models/{name}/keys/{key_id}/parts")).json()["parts"]
 
     def put_key_part(self, name: str, key_id: str, index: int, data: bytes) -> None:
-        _raise_for_error(self.http.put(f"/v1/models/{name}/keys/{key_id}/parts/{index}", content=data, headers=OCTET))
+        _raise_for_error(
+            self.http.put(f"/v1/models/{name}/keys/{key_id}/parts/{index}", content=data, headers=OCTET)
+        )
 
     def complete_key(self, name: str, key_id: str, count: int) -> dict:
         response = self.http.post(f"/v1/models/{name}/keys/{key_id}/complete", params={"parts": count})
@@ -121,5 +136,7 @@ class HTTPTransport:
         headers = {"Content-Type": wire.CONTENT_TYPE}
         if key_id:
             headers[KEY_ID_HEADER] = key_id
-        response = self.http.post(f"/v1/models/{name}/predict_batch", content=wire.encode_batch(rows), headers=headers)
+        response = self.http.post(
+            f"/v1/models/{name}/predict_batch", content=wire.encode_batch(rows), headers=headers
+        )
         return wire.decode_batch(_raise_for_error(response).content, max_rows=len(rows))

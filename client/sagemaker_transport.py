@@ -50,8 +50,9 @@ class Reply(NamedTuple):
 
 
 class Invoker(Protocol):
-    def __call__(self, body: bytes, custom_attributes: str, content_type: str,
-                 session_id: str | None = None) -> Reply: ...
+    def __call__(
+        self, body: bytes, custom_attributes: str, content_type: str, session_id: str | None = None
+    ) -> Reply: ...
 
 
 class RuntimeInvoker:
@@ -65,13 +66,17 @@ class RuntimeInvoker:
         self.endpoint_name = endpoint_name
         self.runtime = runtime_client or boto3.client("sagemaker-runtime")
 
-    def __call__(self, body: bytes, custom_attributes: str, content_type: str,
-                 session_id: str | None = None) -> Reply:
+    def __call__(
+        self, body: bytes, custom_attributes: str, content_type: str, session_id: str | None = None
+    ) -> Reply:
         from botocore.exceptions import ClientError
 
         try:
             response = self.runtime.invoke_endpoint(
-                EndpointName=self.endpoint_name, Body=body, ContentType=content_type, CustomAttributes=custom_attributes,
+                EndpointName=self.endpoint_name,
+                Body=body,
+                ContentType=content_type,
+                CustomAttributes=custom_attributes,
                 **({"SessionId": session_id} if session_id else {}),
             )
         except ClientError as exc:
@@ -90,11 +95,15 @@ class LocalInvoker:
     def __init__(self, url: str, timeout: float = 600.0) -> None:
         self.http = http_client(url, timeout)
 
-    def __call__(self, body: bytes, custom_attributes: str, content_type: str,
-                 session_id: str | None = None) -> Reply:
+    def __call__(
+        self, body: bytes, custom_attributes: str, content_type: str, session_id: str | None = None
+    ) -> Reply:
         headers = {"Content-Type": content_type, ATTRIBUTES_HEADER: custom_attributes}
-        response = self.http.post("/invocations", content=body, headers={
-            **headers, **({SESSION_HEADER: session_id} if session_id else {})})
+        response = self.http.post(
+            "/invocations",
+            content=body,
+            headers={**headers, **({SESSION_HEADER: session_id} if session_id else {})},
+        )
         if response.status_code >= 400:
             raise _model_error(response.status_code, response.content, retry_after_seconds(response.headers))
         return Reply(response.content, response.headers.get(SESSION_HEADER))
@@ -219,7 +228,9 @@ class ModelFolders:
         else:
             for folder in Path(source).iterdir():
                 if (folder / "fhe-bento.json").is_file():
-                    self.files[folder.name] = {n: (folder / n).read_bytes() for n in ("client.zip", "fhe-bento.json")}
+                    self.files[folder.name] = {
+                        n: (folder / n).read_bytes() for n in ("client.zip", "fhe-bento.json")
+                    }
 
     def info(self, name: str) -> dict:
         if name not in self.files:
@@ -264,8 +275,15 @@ class AsyncJob:
 class AsyncSageMakerTransport:
     """Asynchronous endpoint transport: envelopes in, framed answers out, through S3."""
 
-    def __init__(self, endpoint_name: str, input_prefix: str, models: ModelFolders, runtime_client=None,
-                 s3_client=None, progress: bool = True) -> None:
+    def __init__(
+        self,
+        endpoint_name: str,
+        input_prefix: str,
+        models: ModelFolders,
+        runtime_client=None,
+        s3_client=None,
+        progress: bool = True,
+    ) -> None:
         import boto3
 
         self.endpoint_name = endpoint_name
@@ -299,8 +317,10 @@ class AsyncSageMakerTransport:
         key = f"{prefix}/{uuid.uuid4().hex}.fhe".lstrip("/")
         self.s3.put_object(Bucket=bucket, Key=key, Body=envelope, ContentType=wire.ENVELOPE_CONTENT_TYPE)
         response = self.runtime.invoke_endpoint_async(
-            EndpointName=self.endpoint_name, InputLocation=f"s3://{bucket}/{key}",
-            ContentType=wire.ENVELOPE_CONTENT_TYPE, CustomAttributes=attributes(op="envelope", model=name),
+            EndpointName=self.endpoint_name,
+            InputLocation=f"s3://{bucket}/{key}",
+            ContentType=wire.ENVELOPE_CONTENT_TYPE,
+            CustomAttributes=attributes(op="envelope", model=name),
         )
         return AsyncJob(self.s3, response["OutputLocation"], response.get("FailureLocation"), len(rows))
 

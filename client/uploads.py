@@ -17,7 +17,9 @@ class PartOps(Protocol):
     def complete_key(self, name: str, key_id: str, count: int) -> dict: ...
 
 
-def upload_key(ops: PartOps, name: str, key: bytes, part_bytes: int, on_progress: Callable[[int], None]) -> dict:
+def upload_key(
+    ops: PartOps, name: str, key: bytes, part_bytes: int, on_progress: Callable[[int], None]
+) -> dict:
     """Send a key whole if it fits one part, else in parts: ask which parts the server already holds (an
     earlier, interrupted upload, possibly to another replica), send the others, then complete."""
     if len(key) <= part_bytes:

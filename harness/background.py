@@ -22,7 +22,9 @@ class BackgroundCommand:
     def start(self) -> None:
         self.stdout.parent.mkdir(parents=True, exist_ok=True)
         with self.stdout.open("wb") as out, self.stderr.open("wb") as err:
-            self._process = subprocess.Popen(self.argv, cwd=ROOT, stdout=out, stderr=err, start_new_session=True)
+            self._process = subprocess.Popen(
+                self.argv, cwd=ROOT, stdout=out, stderr=err, start_new_session=True
+            )
 
     def result(self, timeout: float) -> str:
         """The command's last line of output, once it has succeeded (started now if it was not yet)."""

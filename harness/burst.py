@@ -14,7 +14,9 @@ from collections import Counter
 import httpx
 
 
-async def _burst(url: str, seconds: float, connections: int, keyed: str, keyless: str, ciphertext: bytes) -> Counter:
+async def _burst(
+    url: str, seconds: float, connections: int, keyed: str, keyless: str, ciphertext: bytes
+) -> Counter:
     statuses: Counter = Counter()
     deadline = time.monotonic() + seconds
     limits = httpx.Limits(max_connections=connections, keepalive_expiry=1.0)
@@ -25,8 +27,11 @@ async def _burst(url: str, seconds: float, connections: int, keyed: str, keyless
                 if head:
                     answer = await client.head(f"/v1/models/{keyed}/keys/{os.urandom(32).hex()}")
                 else:
-                    answer = await client.post(f"/v1/models/{keyless}/predict", content=ciphertext,
-                                               headers={"Content-Type": "application/octet-stream"})
+                    answer = await client.post(
+                        f"/v1/models/{keyless}/predict",
+                        content=ciphertext,
+                        headers={"Content-Type": "application/octet-stream"},
+                    )
                 statuses[answer.status_code] += 1
             except httpx.TransportError as exc:
                 statuses[type(exc).__name__] += 1

@@ -9,7 +9,7 @@ attacker would, at the Cap'n Proto level.
 from __future__ import annotations
 
 import struct
-from typing import Callable
+from collections.abc import Callable
 
 from fhe_bento.runners.capnp_wire import COMPOSITE_LIST, POINTER_LIST, Shape, read_shape
 
@@ -134,11 +134,20 @@ def structural_words(data: bytes) -> list[int]:
             content = unfar(blob)[2]
             start = data.find(content)
             blob_ranges.append((start, start + len(content)))
-    return list(range(0, header, 8)) + [offset for offset in range(header, len(data), 8)
-                                        if not any(a <= offset < b for a, b in blob_ranges)]
+    return list(range(0, header, 8)) + [
+        offset for offset in range(header, len(data), 8) if not any(a <= offset < b for a, b in blob_ranges)
+    ]
 
 
-FAMILIES = ("pointer word", "bit flip", "truncation", "segment table", "blob split", "blob size", "blob content")
+FAMILIES = (
+    "pointer word",
+    "bit flip",
+    "truncation",
+    "segment table",
+    "blob split",
+    "blob size",
+    "blob content",
+)
 
 
 def mutate(data: bytes, family: str, draw: Callable[[int, int], int]) -> bytes:
@@ -152,7 +161,7 @@ def mutate(data: bytes, family: str, draw: Callable[[int, int], int]) -> bytes:
         new = draw(0, 2**64 - 1) if family == "pointer word" else old ^ (1 << draw(0, 63))
         struct.pack_into("<Q", raw, offset, new if new != old else old ^ 1)
     elif family == "truncation":
-        del raw[draw(0, len(raw) - 1):]
+        del raw[draw(0, len(raw) - 1) :]
     elif family == "segment table":
         raw[draw(0, 7)] ^= 1 << draw(0, 7)
     elif family == "blob split":

@@ -26,8 +26,11 @@ def install_client(dest: Path) -> Path:
     subprocess.run([sys.executable, "-m", "venv", str(venv)], check=True)
     python = venv / "bin" / "python"
     # --no-compile: byte-compiling torch and the rest is most of an install's time, and proves nothing here.
-    subprocess.run([str(python), "-m", "pip", "install", "--quiet", "--no-compile", f"{source}[client]"],
-                   check=True, stdout=sys.stderr)
+    subprocess.run(
+        [str(python), "-m", "pip", "install", "--quiet", "--no-compile", f"{source}[client]"],
+        check=True,
+        stdout=sys.stderr,
+    )
     return python
 
 

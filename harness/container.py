@@ -5,8 +5,8 @@ from __future__ import annotations
 import subprocess
 import time
 import uuid
-from contextlib import contextmanager
 from collections.abc import Iterator
+from contextlib import contextmanager
 from pathlib import Path
 
 import httpx
@@ -37,9 +37,14 @@ def running(image: str, model_dir: Path, env: dict[str, str] | None = None) -> I
     """The image serving `model_dir` as /opt/ml/model (read only), as SageMaker starts it: `IMAGE serve`.
     Its log is kept beside the model folder."""
     name = f"fhe-bento-test-{uuid.uuid4().hex[:8]}"
-    flags = [item for key, value in {"PORT": str(PORT), **(env or {})}.items() for item in ("-e", f"{key}={value}")]
-    subprocess.run([*RUN, "-d", "--name", name, *flags, "-v", f"{model_dir}:/opt/ml/model:ro", image, "serve"],
-                   check=True, capture_output=True)
+    flags = [
+        item for key, value in {"PORT": str(PORT), **(env or {})}.items() for item in ("-e", f"{key}={value}")
+    ]
+    subprocess.run(
+        [*RUN, "-d", "--name", name, *flags, "-v", f"{model_dir}:/opt/ml/model:ro", image, "serve"],
+        check=True,
+        capture_output=True,
+    )
     try:
         yield name
     finally:
@@ -48,6 +53,12 @@ def running(image: str, model_dir: Path, env: dict[str, str] | None = None) -> I
         subprocess.run(["podman", "rm", "-f", name], capture_output=True)
 
 
-def invoke(attributes: str, body: bytes = b"{}", content_type: str = "application/octet-stream") -> httpx.Response:
-    return httpx.post(f"{URL}/invocations", content=body, timeout=300,
-                      headers={"Content-Type": content_type, ATTRIBUTES_HEADER: attributes})
+def invoke(
+    attributes: str, body: bytes = b"{}", content_type: str = "application/octet-stream"
+) -> httpx.Response:
+    return httpx.post(
+        f"{URL}/invocations",
+        content=body,
+        timeout=300,
+        headers={"Content-Type": content_type, ATTRIBUTES_HEADER: attributes},
+    )

@@ -25,8 +25,13 @@ def free_port() -> int:
 class Server:
     """A `bentoml serve` process of the fhe-bento service, restartable on the same port and key store."""
 
-    def __init__(self, workdir: Path, env: dict[str, str], target: str = "fhe_bento.service.app:FHEBento",
-                 ready_path: str = "/ping") -> None:
+    def __init__(
+        self,
+        workdir: Path,
+        env: dict[str, str],
+        target: str = "fhe_bento.service.app:FHEBento",
+        ready_path: str = "/ping",
+    ) -> None:
         """`target`: what `bentoml serve` serves (the whole service, or the runner alone, which has no /ping
         and is ready at BentoML's own /readyz)."""
         self.target = target
@@ -48,9 +53,22 @@ class Server:
     def start(self, timeout: float = 180.0) -> None:
         log = self.log_path.open("ab")
         self.proc = subprocess.Popen(
-            [sys.executable, "-m", "bentoml", "serve", self.target, "--host", "127.0.0.1",
-             "--port", str(self.port)],
-            cwd=ROOT, env=self.env, stdout=log, stderr=subprocess.STDOUT, start_new_session=True,
+            [
+                sys.executable,
+                "-m",
+                "bentoml",
+                "serve",
+                self.target,
+                "--host",
+                "127.0.0.1",
+                "--port",
+                str(self.port),
+            ],
+            cwd=ROOT,
+            env=self.env,
+            stdout=log,
+            stderr=subprocess.STDOUT,
+            start_new_session=True,
         )
         deadline = time.monotonic() + timeout
         while time.monotonic() < deadline:
@@ -100,8 +118,11 @@ class Server:
         """The psutil process of the (first) FHE runner worker."""
         import psutil
 
-        return next(p for p in psutil.Process(self.proc.pid).children()
-                    if "--service-name fhe_runner" in " ".join(p.cmdline()))
+        return next(
+            p
+            for p in psutil.Process(self.proc.pid).children()
+            if "--service-name fhe_runner" in " ".join(p.cmdline())
+        )
 
     def engines(self) -> list:
         """The psutil processes of the runner worker's FHE engines (children of its forkserver)."""
@@ -140,8 +161,12 @@ class Server:
     def metric(self, name: str, **labels: str) -> float:
         """Sum of a Prometheus sample over all series whose labels include `labels`."""
         text = httpx.get(f"{self.url}/metrics", timeout=10).text
-        return sum(sample.value for family in text_string_to_metric_families(text) for sample in family.samples
-                   if sample.name == name and labels.items() <= sample.labels.items())
+        return sum(
+            sample.value
+            for family in text_string_to_metric_families(text)
+            for sample in family.samples
+            if sample.name == name and labels.items() <= sample.labels.items()
+        )
 
 
 class MotoServer:
@@ -150,8 +175,11 @@ class MotoServer:
     def __init__(self) -> None:
         self.port = free_port()
         self.url = f"http://127.0.0.1:{self.port}"
-        self.proc = subprocess.Popen([sys.executable, "-m", "moto.server", "-H", "127.0.0.1", "-p", str(self.port)],
-                                     stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL)
+        self.proc = subprocess.Popen(
+            [sys.executable, "-m", "moto.server", "-H", "127.0.0.1", "-p", str(self.port)],
+            stdout=subprocess.DEVNULL,
+            stderr=subprocess.DEVNULL,
+        )
         for _ in range(150):
             try:
                 httpx.get(f"{self.url}/moto-api/", timeout=1)
@@ -162,8 +190,12 @@ class MotoServer:
 
     def env(self) -> dict[str, str]:
         """What boto3 (in this process or a child) needs to talk to it."""
-        return {"AWS_ACCESS_KEY_ID": "testing", "AWS_SECRET_ACCESS_KEY": "testing",
-                "AWS_DEFAULT_REGION": "us-east-1", "AWS_ENDPOINT_URL": self.url}
+        return {
+            "AWS_ACCESS_KEY_ID": "testing",
+            "AWS_SECRET_ACCESS_KEY": "testing",
+            "AWS_DEFAULT_REGION": "us-east-1",
+            "AWS_ENDPOINT_URL": self.url,
+        }
 
     def stop(self) -> None:
         self.proc.terminate()

@@ -20,8 +20,8 @@ import psutil
 
 from fhe_bento.client.api import RemoteModel
 from fhe_bento.client.http_transport import OCTET
-from harness.devserver import Server
 from fhe_bento.protocol import wire
+from harness.devserver import Server
 
 
 @dataclass
@@ -78,7 +78,9 @@ class Balancer:
                 self.record("connection lost")
                 time.sleep(0.2)
                 continue
-            code = response.json()["error"]["code"] if response.status_code >= 400 and method != "HEAD" else ""
+            code = (
+                response.json()["error"]["code"] if response.status_code >= 400 and method != "HEAD" else ""
+            )
             self.record(f"{response.status_code} {code}".strip())
             return response
         raise RuntimeError(f"no replica answered {method} {path}")
@@ -99,23 +101,43 @@ def client_round(lb: Balancer, owner: Owner, x: np.ndarray, index: int, outcome:
     row = index % len(x)
     targets = [(keyless, {})] + ([(keyed, {"X-FHE-Key-Id": key_id})] if index % 2 == 0 else [])
     for model, headers in targets:
-        response = lb.send("POST", f"/v1/models/{model.name}/predict", content=model.encrypt(x[row : row + 1])[0],
-                           headers={**OCTET, **headers})
+        response = lb.send(
+            "POST",
+            f"/v1/models/{model.name}/predict",
+            content=model.encrypt(x[row : row + 1])[0],
+            headers={**OCTET, **headers},
+        )
         if response.status_code == 200:
             outcome.predictions.append((model, row, response.content))
     good = keyless.encrypt(x[row : row + 2])
-    response = lb.send("POST", f"/v1/models/{keyless.name}/predict_batch", content=wire.encode_batch(good),
-                       headers={"Content-Type": wire.CONTENT_TYPE})
+    response = lb.send(
+        "POST",
+        f"/v1/models/{keyless.name}/predict_batch",
+        content=wire.encode_batch(good),
+        headers={"Content-Type": wire.CONTENT_TYPE},
+    )
     if response.status_code == 200:
-        outcome.predictions += [(keyless, row + i, a) for i, a in enumerate(wire.decode_batch(response.content, 2))]
+        outcome.predictions += [
+            (keyless, row + i, a) for i, a in enumerate(wire.decode_batch(response.content, 2))
+        ]
     invalid: list[tuple[str, str, dict]] = [
         ("POST", f"/v1/models/{keyless.name}/predict", {"content": b"garbage" * 10, "headers": OCTET}),
         ("POST", f"/v1/models/{keyed.name}/keys", {"content": key[: len(key) // 3], "headers": OCTET}),
-        ("POST", f"/v1/models/{keyless.name}/predict", {"content": good[0], "headers": {"Content-Type": "text/plain"}}),
-        ("POST", f"/v1/models/{keyed.name}/predict", {"content": keyed.encrypt(x[row : row + 1])[0],
-                                                      "headers": {**OCTET, "X-FHE-Key-Id": "0" * 64}}),
-        ("POST", f"/v1/models/{keyless.name}/predict_batch", {"content": wire.MAGIC + b"\x00\x00\x00\x05",
-                                                              "headers": {"Content-Type": wire.CONTENT_TYPE}}),
+        (
+            "POST",
+            f"/v1/models/{keyless.name}/predict",
+            {"content": good[0], "headers": {"Content-Type": "text/plain"}},
+        ),
+        (
+            "POST",
+            f"/v1/models/{keyed.name}/predict",
+            {"content": keyed.encrypt(x[row : row + 1])[0], "headers": {**OCTET, "X-FHE-Key-Id": "0" * 64}},
+        ),
+        (
+            "POST",
+            f"/v1/models/{keyless.name}/predict_batch",
+            {"content": wire.MAGIC + b"\x00\x00\x00\x05", "headers": {"Content-Type": wire.CONTENT_TYPE}},
+        ),
         ("POST", "/v1/models/no-such-model/predict", {"content": good[0], "headers": OCTET}),
     ]
     for method, path, options in invalid:
@@ -131,8 +153,12 @@ def run(replicas: list[Server], victim: Server, owners: list[Owner], x: np.ndarr
         key_id = owner.keyed.ensure_key()
         ciphertext = owner.keyed.encrypt(x[:1])[0]
         for server in replicas:  # every worker of every replica has used every key once
-            httpx.post(f"{server.url}/v1/models/{owner.keyed.name}/predict", content=ciphertext, timeout=600,
-                       headers={**OCTET, "X-FHE-Key-Id": key_id}).raise_for_status()
+            httpx.post(
+                f"{server.url}/v1/models/{owner.keyed.name}/predict",
+                content=ciphertext,
+                timeout=600,
+                headers={**OCTET, "X-FHE-Key-Id": key_id},
+            ).raise_for_status()
     outcome.rss_before = tree_rss(survivor)
     lb = Balancer(replicas, outcome)
     total = len(owners) * rounds

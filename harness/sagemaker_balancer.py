@@ -50,10 +50,12 @@ class Balancer:
         self._sessions: dict[str, str] = {}  # session id -> instance
         self._gone: set[str] = set()
         app = Starlette(routes=[Route("/endpoints/{name}/invocations", self._invoke, methods=["POST"])])
-        self._server = uvicorn.Server(uvicorn.Config(app, host="127.0.0.1", port=self.port, log_level="warning"))
+        self._server = uvicorn.Server(
+            uvicorn.Config(app, host="127.0.0.1", port=self.port, log_level="warning")
+        )
         self._thread = threading.Thread(target=self._server.run, daemon=True)
 
-    def __enter__(self) -> "Balancer":
+    def __enter__(self) -> Balancer:
         self._thread.start()
         deadline = time.monotonic() + 30
         while not self._server.started:
@@ -84,20 +86,34 @@ class Balancer:
         session = request.headers.get(SESSION_HEADER)
         instance = self._pick(session)
         if instance is None:
-            return JSONResponse({"message": f"session {session!r} is not open on this endpoint"}, status_code=400,
-                                headers={"x-amzn-ErrorType": "ValidationError"})
+            return JSONResponse(
+                {"message": f"session {session!r} is not open on this endpoint"},
+                status_code=400,
+                headers={"x-amzn-ErrorType": "ValidationError"},
+            )
         attributes = request.headers.get(ATTRIBUTES_HEADER, "")
         self.routed.append(Routed(instance, attributes, session))
-        headers = {"Content-Type": request.headers.get("content-type", "application/octet-stream"),
-                   ATTRIBUTES_HEADER: attributes, **({SESSION_HEADER: session} if session else {})}
+        headers = {
+            "Content-Type": request.headers.get("content-type", "application/octet-stream"),
+            ATTRIBUTES_HEADER: attributes,
+            **({SESSION_HEADER: session} if session else {}),
+        }
         async with httpx.AsyncClient(timeout=600) as http:
             answer = await http.post(f"{instance}/invocations", content=await request.body(), headers=headers)
         if answer.status_code >= 400:
-            return JSONResponse({"Message": f"Received client error ({answer.status_code}) from primary",
-                                 "OriginalStatusCode": answer.status_code, "OriginalMessage": answer.text},
-                                status_code=424, headers={"x-amzn-ErrorType": "ModelError"})
-        out = {"Content-Type": answer.headers.get("content-type", "application/octet-stream"),
-               "x-Amzn-Invoked-Production-Variant": "AllTraffic"}
+            return JSONResponse(
+                {
+                    "Message": f"Received client error ({answer.status_code}) from primary",
+                    "OriginalStatusCode": answer.status_code,
+                    "OriginalMessage": answer.text,
+                },
+                status_code=424,
+                headers={"x-amzn-ErrorType": "ModelError"},
+            )
+        out = {
+            "Content-Type": answer.headers.get("content-type", "application/octet-stream"),
+            "x-Amzn-Invoked-Production-Variant": "AllTraffic",
+        }
         opened = answer.headers.get(SESSION_HEADER)
         if session == NEW_SESSION and opened:
             self._sessions[parse_session(opened).id] = instance

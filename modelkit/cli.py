@@ -50,7 +50,9 @@ def sagemaker() -> None:
 
 @sagemaker.command("deploy")
 @click.option("--endpoint-name", required=True)
-@click.option("--role", "role_arn", required=True, help="IAM role SageMaker assumes (S3 read, ECR pull, logs).")
+@click.option(
+    "--role", "role_arn", required=True, help="IAM role SageMaker assumes (S3 read, ECR pull, logs)."
+)
 @click.option("--bucket", required=True, help="S3 bucket for model.tar.gz.")
 @click.option("--prefix", default="fhe-bento", show_default=True, help="S3 key prefix for model.tar.gz.")
 @click.option("--image-uri", help="An image already in ECR.")
@@ -58,26 +60,55 @@ def sagemaker() -> None:
 @click.option("--ecr-repository", help="ECR repository for --push-image.")
 @click.option("--push-tool", default="podman", show_default=True, type=click.Choice(["podman", "docker"]))
 @click.option("--models", "tags", help="Comma-separated BentoML model tags to pack.")
-@click.option("--model-dir", type=click.Path(exists=True, file_okay=False, path_type=Path),
-              help="Or a folder of model folders to pack.")
+@click.option(
+    "--model-dir",
+    type=click.Path(exists=True, file_okay=False, path_type=Path),
+    help="Or a folder of model folders to pack.",
+)
 @click.option("--instance-type", default="ml.m5.xlarge", show_default=True)
 @click.option("--instance-count", default=1, show_default=True)
-@click.option("--key-store", help="FHE_BENTO_KEY_STORE of every instance [default: s3://BUCKET/PREFIX/keys]; "
-              "file:// only for one instance without autoscaling.")
+@click.option(
+    "--key-store",
+    help="FHE_BENTO_KEY_STORE of every instance [default: s3://BUCKET/PREFIX/keys]; "
+    "file:// only for one instance without autoscaling.",
+)
 @click.option("--min-instances", type=int, help="Autoscaling lower bound (0 allowed for an async endpoint).")
-@click.option("--max-instances", type=int, help="Autoscaling upper bound; with --min-instances, registers autoscaling.")
+@click.option(
+    "--max-instances", type=int, help="Autoscaling upper bound; with --min-instances, registers autoscaling."
+)
 @click.option("--async-output", help="s3://... output path: makes an asynchronous endpoint.")
 @click.option("--async-failure", help="s3://... failure path of an asynchronous endpoint.")
 @click.option("--max-concurrent", type=int, help="Async MaxConcurrentInvocationsPerInstance.")
 @click.option("--env", "environment", multiple=True, help="NAME=VALUE for the container (repeatable).")
-@click.option("--wait/--no-wait", default=False, help="Wait until the endpoint is InService (always with autoscaling).")
-@click.option("--poll-seconds", default=15, show_default=True, help="How often --wait asks for the endpoint's status.")
-def deploy(endpoint_name: str, role_arn: str, bucket: str, prefix: str, image_uri: str | None,
-           push_image: str | None, ecr_repository: str | None, push_tool: str, tags: str | None,
-           model_dir: Path | None, instance_type: str, instance_count: int, key_store: str | None,
-           min_instances: int | None, max_instances: int | None, async_output: str | None,
-           async_failure: str | None, max_concurrent: int | None, environment: tuple[str, ...], wait: bool,
-           poll_seconds: int) -> None:
+@click.option(
+    "--wait/--no-wait", default=False, help="Wait until the endpoint is InService (always with autoscaling)."
+)
+@click.option(
+    "--poll-seconds", default=15, show_default=True, help="How often --wait asks for the endpoint's status."
+)
+def deploy(
+    endpoint_name: str,
+    role_arn: str,
+    bucket: str,
+    prefix: str,
+    image_uri: str | None,
+    push_image: str | None,
+    ecr_repository: str | None,
+    push_tool: str,
+    tags: str | None,
+    model_dir: Path | None,
+    instance_type: str,
+    instance_count: int,
+    key_store: str | None,
+    min_instances: int | None,
+    max_instances: int | None,
+    async_output: str | None,
+    async_failure: str | None,
+    max_concurrent: int | None,
+    environment: tuple[str, ...],
+    wait: bool,
+    poll_seconds: int,
+) -> None:
     """Pack and upload the models, then create the Model, EndpointConfig and Endpoint, and with
     --min-instances/--max-instances its autoscaling."""
     import tempfile
@@ -95,17 +126,26 @@ def deploy(endpoint_name: str, role_arn: str, bucket: str, prefix: str, image_ur
         raise click.UsageError("give exactly one of --image-uri or --push-image")
     if push_image and not ecr_repository:
         raise click.UsageError("--push-image needs --ecr-repository")
-    folders = sd.model_folders_from_dir(model_dir) if model_dir else sd.model_folders_from_store(
-        [t.strip() for t in (tags or ",".join(DEMO_MODELS)).split(",")]
+    folders = (
+        sd.model_folders_from_dir(model_dir)
+        if model_dir
+        else sd.model_folders_from_store([t.strip() for t in (tags or ",".join(DEMO_MODELS)).split(",")])
     )
     env = dict(item.split("=", 1) for item in environment)
     store = key_store or f"s3://{bucket}/{prefix.strip('/')}/keys"
     try:  # checked before anything is uploaded or created
         sd.check_key_store(store, max(instance_count, max_instances or 1))
-        scaling = None if max_instances is None else sagemaker_scaling.ScalingConfig(
-            min_instances=min_instances, max_instances=max_instances, asynchronous=bool(async_output),
-            row_seconds=sd.slowest_row_seconds(folders),
-            parallel_rows=int(env.get("FHE_BENTO_WORKERS", 1)) * int(env.get("FHE_BENTO_ROW_THREADS", 1)))
+        scaling = (
+            None
+            if max_instances is None
+            else sagemaker_scaling.ScalingConfig(
+                min_instances=min_instances,
+                max_instances=max_instances,
+                asynchronous=bool(async_output),
+                row_seconds=sd.slowest_row_seconds(folders),
+                parallel_rows=int(env.get("FHE_BENTO_WORKERS", 1)) * int(env.get("FHE_BENTO_ROW_THREADS", 1)),
+            )
+        )
     except ValueError as exc:  # pydantic's ValidationError is one
         raise click.UsageError(str(exc)) from None
     with tempfile.TemporaryDirectory() as tmp:
@@ -116,24 +156,38 @@ def deploy(endpoint_name: str, role_arn: str, bucket: str, prefix: str, image_ur
         image_uri = sd.push_image(boto3.client("ecr"), push_image, ecr_repository, push_tool)
         click.echo(f"pushed {image_uri}")
     config = sd.DeployConfig(
-        endpoint_name=endpoint_name, image_uri=image_uri, role_arn=role_arn, model_data_url=model_data_url,
-        key_store=store, instance_type=instance_type, instance_count=instance_count,
-        max_instances=max_instances or 1, async_output_path=async_output, async_failure_path=async_failure,
-        max_concurrent_invocations=max_concurrent, environment=env)
+        endpoint_name=endpoint_name,
+        image_uri=image_uri,
+        role_arn=role_arn,
+        model_data_url=model_data_url,
+        key_store=store,
+        instance_type=instance_type,
+        instance_count=instance_count,
+        max_instances=max_instances or 1,
+        async_output_path=async_output,
+        async_failure_path=async_failure,
+        max_concurrent_invocations=max_concurrent,
+        environment=env,
+    )
     session = Session(boto_session=boto3.Session())
     created = sd.create_endpoint(session, config)
     click.echo(f"created {created['endpoint_arn']} (keys in {config.key_store})")
     if not (wait or scaling):
         return
-    status = sd.wait_in_service(session, endpoint_name, poll_seconds)  # Application Auto Scaling takes only an endpoint in service
+    status = sd.wait_in_service(
+        session, endpoint_name, poll_seconds
+    )  # Application Auto Scaling takes only an endpoint in service
     click.echo(f"\nendpoint {endpoint_name} is {status}")  # after the SDK's progress marks
     if scaling is not None:
         if status != "InService":
             raise click.ClickException("the endpoint is not in service: autoscaling not registered")
-        made = sagemaker_scaling.enable(boto3.client("application-autoscaling"), boto3.client("cloudwatch"),
-                                        endpoint_name, scaling)
-        click.echo(f"autoscaling {made['resource_id']}: {min_instances}..{max_instances} instances, "
-                   f"target {made['target']}")
+        made = sagemaker_scaling.enable(
+            boto3.client("application-autoscaling"), boto3.client("cloudwatch"), endpoint_name, scaling
+        )
+        click.echo(
+            f"autoscaling {made['resource_id']}: {min_instances}..{max_instances} instances, "
+            f"target {made['target']}"
+        )
 
 
 @sagemaker.command("delete")
@@ -145,15 +199,21 @@ def delete(endpoint_name: str) -> None:
     from fhe_bento.modelkit import sagemaker_scaling
     from fhe_bento.modelkit.sagemaker_deploy import delete_endpoint
 
-    sagemaker_scaling.disable(boto3.client("application-autoscaling"), boto3.client("cloudwatch"), endpoint_name)
+    sagemaker_scaling.disable(
+        boto3.client("application-autoscaling"), boto3.client("cloudwatch"), endpoint_name
+    )
     delete_endpoint(endpoint_name)
     click.echo(f"deleted {endpoint_name}")
 
 
 @sagemaker.command("build-image")
-@click.option("--backend", default="docker", show_default=True,
-              type=click.Choice(["docker", "buildah", "podman", "buildx", "nerdctl"]),
-              help="bentoml containerize backend: docker where a daemon runs, buildah/podman without one.")
+@click.option(
+    "--backend",
+    default="docker",
+    show_default=True,
+    type=click.Choice(["docker", "buildah", "podman", "buildx", "nerdctl"]),
+    help="bentoml containerize backend: docker where a daemon runs, buildah/podman without one.",
+)
 @click.option("--base-image", envvar="FHE_BENTO_BASE_IMAGE", help="Base image [default: python:3.11-slim].")
 @click.option("--repository", default="localhost/fhe-bento", show_default=True, help="Image name to tag.")
 def build_image(backend: str, base_image: str | None, repository: str) -> None:

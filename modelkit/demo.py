@@ -42,7 +42,9 @@ def demo_estimators() -> dict[str, Any]:
     }
 
 
-def train(names: list[str] | None = None, estimators: dict[str, Any] | None = None) -> tuple[dict[str, Any], DemoData]:
+def train(
+    names: list[str] | None = None, estimators: dict[str, Any] | None = None
+) -> tuple[dict[str, Any], DemoData]:
     """Fit and compile `estimators` (default: the demo estimators) on the demo data, all or those named."""
     data = load_data()
     models = {}

@@ -40,8 +40,13 @@ def source_version(bentofile: str) -> str:
 
 
 def _bentoml(*args: str, env: dict[str, str] | None = None) -> None:
-    subprocess.run([sys.executable, "-m", "bentoml", *args], cwd=ROOT, check=True,
-                   env={**os.environ, **(env or {})}, stdout=sys.stderr)
+    subprocess.run(
+        [sys.executable, "-m", "bentoml", *args],
+        cwd=ROOT,
+        check=True,
+        env={**os.environ, **(env or {})},
+        stdout=sys.stderr,
+    )
 
 
 def _bento_exists(tag: str) -> bool:
@@ -72,6 +77,13 @@ def build_image(backend: str, base_image: str | None = None, repository: str = "
             path.write_text(bentofile)
             _bentoml("build", "-f", str(path), "--version", version, str(ROOT))
     # chroot isolation lets buildah run RUN steps inside an unprivileged container (no nested namespaces).
-    _bentoml("containerize", f"fhe_bento:{version}", "--backend", backend, "-t", image,
-             env={"BUILDAH_ISOLATION": "chroot"} if backend == "buildah" else None)
+    _bentoml(
+        "containerize",
+        f"fhe_bento:{version}",
+        "--backend",
+        backend,
+        "-t",
+        image,
+        env={"BUILDAH_ISOLATION": "chroot"} if backend == "buildah" else None,
+    )
     return image

@@ -80,7 +80,9 @@ def describe(folder: Path, classes: list | None = None) -> ModelMetadata:
         ciphertext = client.quantize_encrypt_serialize(np.zeros((1, n_features)))
         key_shape = read_shape(keys[0])
         if first_difference(read_shape(keys[1]), key_shape) or len(keys[1]) != len(keys[0]):
-            raise ValueError("two key sets of this circuit serialize to different layouts: it cannot be checked")
+            raise ValueError(
+                "two key sets of this circuit serialize to different layouts: it cannot be checked"
+            )
         check_keyset_params(key_shape, folder / "client.zip")
         keyset = client.client.specs.program_info.get_keyset_info()
         needs_key = bool(keyset.bootstrap_keys() or keyset.keyswitch_keys())

@@ -46,7 +46,7 @@ class DeployConfig(BaseModel):
     environment: dict[str, str] = {}
 
     @model_validator(mode="after")
-    def _shared_keys(self) -> "DeployConfig":
+    def _shared_keys(self) -> DeployConfig:
         check_key_store(self.key_store, max(self.instance_count, self.max_instances))
         return self
 
@@ -56,8 +56,10 @@ def check_key_store(url: str, instances: int) -> None:
     if not url.startswith(("s3://", "file://")):
         raise ValueError("--key-store is s3://bucket/prefix (or file:// for a single instance)")
     if url.startswith("file://") and instances > 1:
-        raise ValueError("a file:// key store is one instance's own disk: more instances, or autoscaling, "
-                         "need an s3:// key store")
+        raise ValueError(
+            "a file:// key store is one instance's own disk: more instances, or autoscaling, "
+            "need an s3:// key store"
+        )
 
 
 def resource_names(endpoint_name: str) -> dict[str, str]:
@@ -121,22 +123,31 @@ def push_image(ecr, local_image: str, repository: str, tool: str = "podman") -> 
     user, password = base64.b64decode(auth["authorizationToken"]).decode().split(":", 1)
     registry = uri.split("/", 1)[0]
     target = f"{uri}:{local_image.rsplit(':', 1)[-1]}"
-    subprocess.run([tool, "login", "--username", user, "--password-stdin", registry], input=password.encode(), check=True)
+    subprocess.run(
+        [tool, "login", "--username", user, "--password-stdin", registry], input=password.encode(), check=True
+    )
     subprocess.run([tool, "tag", local_image, target], check=True)
     subprocess.run([tool, "push", target], check=True)
     return target
 
 
-def create_endpoint(session: "Session", config: DeployConfig) -> dict:
+def create_endpoint(session: Session, config: DeployConfig) -> dict:
     """Create the Model, EndpointConfig and Endpoint with the sagemaker SDK's `Session`; returns the names
     and the endpoint ARN."""
     names = resource_names(config.endpoint_name)
-    session.create_model(names["model"], role=config.role_arn, container_defs={
-        "Image": config.image_uri,
-        "ModelDataUrl": config.model_data_url,
-        "Environment": {"FHE_BENTO_MODEL_DIR": "/opt/ml/model", "FHE_BENTO_KEY_STORE": config.key_store,
-                        **config.environment},
-    })
+    session.create_model(
+        names["model"],
+        role=config.role_arn,
+        container_defs={
+            "Image": config.image_uri,
+            "ModelDataUrl": config.model_data_url,
+            "Environment": {
+                "FHE_BENTO_MODEL_DIR": "/opt/ml/model",
+                "FHE_BENTO_KEY_STORE": config.key_store,
+                **config.environment,
+            },
+        },
+    )
     async_config = None
     if config.async_output_path:
         output = {"S3OutputPath": config.async_output_path}
@@ -144,18 +155,26 @@ def create_endpoint(session: "Session", config: DeployConfig) -> dict:
             output["S3FailurePath"] = config.async_failure_path
         async_config = {"OutputConfig": output}
         if config.max_concurrent_invocations:
-            async_config["ClientConfig"] = {"MaxConcurrentInvocationsPerInstance": config.max_concurrent_invocations}
-    session.create_endpoint_config(names["config"], [{
-        "VariantName": VARIANT,
-        "ModelName": names["model"],
-        "InstanceType": config.instance_type,
-        "InitialInstanceCount": config.instance_count,
-    }], async_inference_config_dict=async_config)
+            async_config["ClientConfig"] = {
+                "MaxConcurrentInvocationsPerInstance": config.max_concurrent_invocations
+            }
+    session.create_endpoint_config(
+        names["config"],
+        [
+            {
+                "VariantName": VARIANT,
+                "ModelName": names["model"],
+                "InstanceType": config.instance_type,
+                "InitialInstanceCount": config.instance_count,
+            }
+        ],
+        async_inference_config_dict=async_config,
+    )
     session.create_endpoint(config.endpoint_name, names["config"], wait=False)
     return {**names, "endpoint": config.endpoint_name, "endpoint_arn": session.endpoint_arn}
 
 
-def wait_in_service(session: "Session", endpoint_name: str, poll: int = 15) -> str:
+def wait_in_service(session: Session, endpoint_name: str, poll: int = 15) -> str:
     """Wait with the SDK's `wait_for_endpoint` (it gives up on a status other than InService); returns the
     final status."""
     from sagemaker.core.exceptions import UnexpectedStatusException
@@ -172,6 +191,9 @@ def delete_endpoint(endpoint_name: str) -> None:
     from sagemaker.core.resources import Endpoint, EndpointConfig, Model
 
     names = resource_names(endpoint_name)
-    for resource in (Endpoint(endpoint_name=endpoint_name), EndpointConfig(endpoint_config_name=names["config"]),
-                     Model(model_name=names["model"])):
+    for resource in (
+        Endpoint(endpoint_name=endpoint_name),
+        EndpointConfig(endpoint_config_name=names["config"]),
+        Model(model_name=names["model"]),
+    ):
         resource.delete()

@@ -33,11 +33,13 @@ class ScalingConfig(BaseModel):
     rows_per_call: int = Field(default=8, ge=1)  # rows in one invocation (the client's batch size)
 
     @model_validator(mode="after")
-    def _bounds(self) -> "ScalingConfig":
+    def _bounds(self) -> ScalingConfig:
         if self.min_instances > self.max_instances:
             raise ValueError("--min-instances is above --max-instances")
         if self.min_instances == 0 and not self.asynchronous:
-            raise ValueError("only an asynchronous endpoint scales to zero: real time needs --min-instances 1")
+            raise ValueError(
+                "only an asynchronous endpoint scales to zero: real time needs --min-instances 1"
+            )
         return self
 
     @property
@@ -56,37 +58,73 @@ def resource_id(endpoint_name: str) -> str:
 
 
 def names(endpoint_name: str) -> dict[str, str]:
-    return {"target_policy": f"{endpoint_name}-target", "wake_policy": f"{endpoint_name}-wake-from-zero",
-            "wake_alarm": f"{endpoint_name}-backlog-without-capacity"}
+    return {
+        "target_policy": f"{endpoint_name}-target",
+        "wake_policy": f"{endpoint_name}-wake-from-zero",
+        "wake_alarm": f"{endpoint_name}-backlog-without-capacity",
+    }
 
 
 def enable(aas, cloudwatch, endpoint_name: str, config: ScalingConfig) -> dict:
     """Register the variant as a scalable target with its policies (and the async wake-up alarm)."""
     resource, named = resource_id(endpoint_name), names(endpoint_name)
     scalable = {"ServiceNamespace": NAMESPACE, "ResourceId": resource, "ScalableDimension": DIMENSION}
-    aas.register_scalable_target(**scalable, MinCapacity=config.min_instances, MaxCapacity=config.max_instances)
+    aas.register_scalable_target(
+        **scalable, MinCapacity=config.min_instances, MaxCapacity=config.max_instances
+    )
     if config.asynchronous:
-        metric = {"CustomizedMetricSpecification": {
-            "MetricName": "ApproximateBacklogSizePerInstance", "Namespace": "AWS/SageMaker",
-            "Dimensions": [{"Name": "EndpointName", "Value": endpoint_name}], "Statistic": "Average"}}
+        metric = {
+            "CustomizedMetricSpecification": {
+                "MetricName": "ApproximateBacklogSizePerInstance",
+                "Namespace": "AWS/SageMaker",
+                "Dimensions": [{"Name": "EndpointName", "Value": endpoint_name}],
+                "Statistic": "Average",
+            }
+        }
     else:
-        metric = {"PredefinedMetricSpecification": {"PredefinedMetricType": "SageMakerVariantInvocationsPerInstance"}}
-    aas.put_scaling_policy(PolicyName=named["target_policy"], PolicyType="TargetTrackingScaling", **scalable,
-                           TargetTrackingScalingPolicyConfiguration={
-                               "TargetValue": config.target(), **metric,
-                               "ScaleInCooldown": COOLDOWN_SECONDS, "ScaleOutCooldown": COOLDOWN_SECONDS // 5})
+        metric = {
+            "PredefinedMetricSpecification": {
+                "PredefinedMetricType": "SageMakerVariantInvocationsPerInstance"
+            }
+        }
+    aas.put_scaling_policy(
+        PolicyName=named["target_policy"],
+        PolicyType="TargetTrackingScaling",
+        **scalable,
+        TargetTrackingScalingPolicyConfiguration={
+            "TargetValue": config.target(),
+            **metric,
+            "ScaleInCooldown": COOLDOWN_SECONDS,
+            "ScaleOutCooldown": COOLDOWN_SECONDS // 5,
+        },
+    )
     made = {"resource_id": resource, "target": config.target(), "policies": [named["target_policy"]]}
     if config.asynchronous and config.min_instances == 0:
         wake = aas.put_scaling_policy(
-            PolicyName=named["wake_policy"], PolicyType="StepScaling", **scalable,
+            PolicyName=named["wake_policy"],
+            PolicyType="StepScaling",
+            **scalable,
             StepScalingPolicyConfiguration={
-                "AdjustmentType": "ChangeInCapacity", "Cooldown": COOLDOWN_SECONDS, "MetricAggregationType": "Maximum",
-                "StepAdjustments": [{"MetricIntervalLowerBound": 0, "ScalingAdjustment": 1}]})
+                "AdjustmentType": "ChangeInCapacity",
+                "Cooldown": COOLDOWN_SECONDS,
+                "MetricAggregationType": "Maximum",
+                "StepAdjustments": [{"MetricIntervalLowerBound": 0, "ScalingAdjustment": 1}],
+            },
+        )
         cloudwatch.put_metric_alarm(
-            AlarmName=named["wake_alarm"], Namespace="AWS/SageMaker", MetricName="HasBacklogWithoutCapacity",
-            Dimensions=[{"Name": "EndpointName", "Value": endpoint_name}], Statistic="Average", Period=60,
-            EvaluationPeriods=2, DatapointsToAlarm=2, Threshold=1, ComparisonOperator="GreaterThanOrEqualToThreshold",
-            TreatMissingData="missing", AlarmActions=[wake["PolicyARN"]])
+            AlarmName=named["wake_alarm"],
+            Namespace="AWS/SageMaker",
+            MetricName="HasBacklogWithoutCapacity",
+            Dimensions=[{"Name": "EndpointName", "Value": endpoint_name}],
+            Statistic="Average",
+            Period=60,
+            EvaluationPeriods=2,
+            DatapointsToAlarm=2,
+            Threshold=1,
+            ComparisonOperator="GreaterThanOrEqualToThreshold",
+            TreatMissingData="missing",
+            AlarmActions=[wake["PolicyARN"]],
+        )
         made["policies"].append(named["wake_policy"])
         made["alarm"] = named["wake_alarm"]
     return made
@@ -94,12 +132,18 @@ def enable(aas, cloudwatch, endpoint_name: str, config: ScalingConfig) -> dict:
 
 def disable(aas, cloudwatch, endpoint_name: str) -> None:
     """Remove the policies, the alarm and the scalable target, whichever exist."""
-    scalable = {"ServiceNamespace": NAMESPACE, "ResourceId": resource_id(endpoint_name), "ScalableDimension": DIMENSION}
+    scalable = {
+        "ServiceNamespace": NAMESPACE,
+        "ResourceId": resource_id(endpoint_name),
+        "ScalableDimension": DIMENSION,
+    }
     named = names(endpoint_name)
-    for policy in aas.describe_scaling_policies(ServiceNamespace=NAMESPACE,
-                                                ResourceId=scalable["ResourceId"])["ScalingPolicies"]:
+    for policy in aas.describe_scaling_policies(
+        ServiceNamespace=NAMESPACE, ResourceId=scalable["ResourceId"]
+    )["ScalingPolicies"]:
         aas.delete_scaling_policy(PolicyName=policy["PolicyName"], **scalable)
     cloudwatch.delete_alarms(AlarmNames=[named["wake_alarm"]])
-    if aas.describe_scalable_targets(ServiceNamespace=NAMESPACE, ResourceIds=[scalable["ResourceId"]],
-                                     ScalableDimension=DIMENSION)["ScalableTargets"]:
+    if aas.describe_scalable_targets(
+        ServiceNamespace=NAMESPACE, ResourceIds=[scalable["ResourceId"]], ScalableDimension=DIMENSION
+    )["ScalableTargets"]:
         aas.deregister_scalable_target(**scalable)

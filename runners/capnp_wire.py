@@ -137,14 +137,20 @@ class _Reader:
             tag = self._word(segment, start)
             if tag & 3 != 0:
                 raise MalformedMessage("a struct list's tag is not a struct tag")
-            elements, data_words, pointer_words = (tag >> 2) & ((1 << 30) - 1), (tag >> 32) & 0xFFFF, tag >> 48
+            elements, data_words, pointer_words = (
+                (tag >> 2) & ((1 << 30) - 1),
+                (tag >> 32) & 0xFFFF,
+                tag >> 48,
+            )
             if elements * (data_words + pointer_words) != count:
                 raise MalformedMessage("a struct list's tag does not match its word count")
             stride = data_words + pointer_words
             structs = []
             for i in range(elements):
                 first = start + 1 + i * stride
-                pointers = [self.pointer(segment, first + data_words + k, depth + 1) for k in range(pointer_words)]
+                pointers = [
+                    self.pointer(segment, first + data_words + k, depth + 1) for k in range(pointer_words)
+                ]
                 structs.append(["S", self._bytes(segment, first, data_words * _WORD).hex(), pointers])
             return ["C", data_words, pointer_words, structs]
         if element == POINTER_LIST:
@@ -153,7 +159,9 @@ class _Reader:
         nbytes = (count * _ELEMENT_BITS[element] + 7) // 8
         self._claim(segment, start, (nbytes + _WORD - 1) // _WORD)
         if element == BYTE_LIST:
-            return ["B", count, bytes(self._bytes(segment, start, nbytes))] if self.keep_blobs else ["B", count]
+            return (
+                ["B", count, bytes(self._bytes(segment, start, nbytes))] if self.keep_blobs else ["B", count]
+            )
         return ["L", element, count, self._bytes(segment, start, nbytes).hex()]
 
     def check_no_overlap(self) -> None:

@@ -28,9 +28,10 @@ import select
 import signal
 import threading
 import time
+from collections.abc import Callable
 from concurrent.futures import Future, ProcessPoolExecutor
 from concurrent.futures.process import BrokenProcessPool
-from typing import Any, Callable
+from typing import Any
 
 from fhe_bento.runners import metrics
 from fhe_bento.runners.errors import FHEBentoError
@@ -56,6 +57,7 @@ def _fhe():
 
 # --- inside an engine process ----------------------------------------------------------------------
 
+
 class _LoadedModel:
     def __init__(self, spec: ModelSpec) -> None:
         from concrete.ml.deployment import FHEModelServer
@@ -63,7 +65,9 @@ class _LoadedModel:
         self.spec = spec
         self.server = FHEModelServer(str(spec.path))
         self.builtin_key = (
-            _fhe().EvaluationKeys.deserialize(bytes.fromhex(spec.meta.builtin_key)) if spec.meta.builtin_key else None
+            _fhe().EvaluationKeys.deserialize(bytes.fromhex(spec.meta.builtin_key))
+            if spec.meta.builtin_key
+            else None
         )
 
 
@@ -82,11 +86,15 @@ class _EngineState:
             raise FHEBentoError("missing_key_id", "this model needs an evaluation key: send its key id")
         if not self.keys.has(scope, key_id):
             self.cache.discard((scope, key_id))  # deleted or expired: a cached copy must not outlive it
-            raise FHEBentoError("unknown_key", f"key {key_id} is not registered for model {model.spec.name!r}")
+            raise FHEBentoError(
+                "unknown_key", f"key {key_id} is not registered for model {model.spec.name!r}"
+            )
 
         def load() -> tuple[Any, int]:
             # Stored keys passed payload_check and the throwaway verification when they were uploaded.
-            return _fhe().EvaluationKeys.deserialize(self.keys.read(scope, key_id)), model.spec.meta.warm_key_bytes
+            return _fhe().EvaluationKeys.deserialize(
+                self.keys.read(scope, key_id)
+            ), model.spec.meta.warm_key_bytes
 
         key, hit = self.cache.get_or_load((scope, key_id), load)
         if not hit:
@@ -134,7 +142,9 @@ def _classify_run_error(exc: Exception) -> FHEBentoError:
     return FHEBentoError("invalid_ciphertext", "the ciphertext could not be deserialized")
 
 
-def _run_row(model: str, scope: str, key_id: str | None, ciphertext: bytes, deadline: float) -> tuple[bytes, float] | None:
+def _run_row(
+    model: str, scope: str, key_id: str | None, ciphertext: bytes, deadline: float
+) -> tuple[bytes, float] | None:
     """One row, in an engine process: its result and FHE seconds, or None when its request's deadline
     passed before it started."""
     if time.time() > deadline:
@@ -167,16 +177,26 @@ def _deserialize_key(path: str) -> int:
 
 # --- in the runner worker: the supervisor ----------------------------------------------------------
 
+
 def _context() -> multiprocessing.context.BaseContext:
     context = multiprocessing.get_context("forkserver")
-    context.set_forkserver_preload(["concrete.fhe", "concrete.ml.deployment", "fhe_bento.runners.engine",
-                                    "fhe_bento.runners.forkserver_signals"])  # last: concrete installs handlers
+    context.set_forkserver_preload(
+        [
+            "concrete.fhe",
+            "concrete.ml.deployment",
+            "fhe_bento.runners.engine",
+            "fhe_bento.runners.forkserver_signals",
+        ]
+    )  # last: concrete installs handlers
     return context
 
 
 def _unavailable(reason: str) -> FHEBentoError:
-    return FHEBentoError("runner_unavailable", f"the FHE engine {reason}; retry",
-                         headers={"Retry-After": str(RESTART_RETRY_AFTER)})
+    return FHEBentoError(
+        "runner_unavailable",
+        f"the FHE engine {reason}; retry",
+        headers={"Retry-After": str(RESTART_RETRY_AFTER)},
+    )
 
 
 def _is_broken(pool: ProcessPoolExecutor) -> bool:
@@ -194,8 +214,13 @@ def _is_broken(pool: ProcessPoolExecutor) -> bool:
 class Engine:
     """The supervisor of one runner worker's engine processes (see the module docstring)."""
 
-    def __init__(self, processes: int, max_failed_starts: int, give_up: Callable[[str], None],
-                 verify_slots: VerifySlots) -> None:
+    def __init__(
+        self,
+        processes: int,
+        max_failed_starts: int,
+        give_up: Callable[[str], None],
+        verify_slots: VerifySlots,
+    ) -> None:
         self.processes = processes
         self.verify_slots = verify_slots
         self.max_failed_starts = max_failed_starts
@@ -208,8 +233,9 @@ class Engine:
         threading.Thread(target=self._monitor, name="fhe-engine-monitor", daemon=True).start()
 
     def _start(self) -> ProcessPoolExecutor:
-        pool = ProcessPoolExecutor(self.processes, mp_context=_context(), initializer=_start_engine,
-                                   initargs=(os.getpid(),))
+        pool = ProcessPoolExecutor(
+            self.processes, mp_context=_context(), initializer=_start_engine, initargs=(os.getpid(),)
+        )
         pings = [pool.submit(_ping) for _ in range(self.processes)]
         threading.Thread(target=self._await_start, args=(pool, pings), daemon=True).start()
         return pool
@@ -298,8 +324,9 @@ class Engine:
                 return await asyncio.wrap_future(verifier.submit(_deserialize_key, path))
             except BrokenProcessPool:
                 log.warning("the key verifier died on an upload: refused")
-                raise FHEBentoError("invalid_key", "the body is not a serialized concrete evaluation key") from None
+                raise FHEBentoError(
+                    "invalid_key", "the body is not a serialized concrete evaluation key"
+                ) from None
             finally:
                 # Its memory is back before the slot is free for the next one (waited for off the event loop).
                 await asyncio.to_thread(verifier.shutdown, wait=True)
-

@@ -24,8 +24,8 @@ from fhe_bento.runners.engine import Engine
 from fhe_bento.runners.errors import FHEBentoError
 from fhe_bento.runners.heartbeat import beat_forever
 from fhe_bento.runners.key_service import KeyService
-from fhe_bento.runners.memory_plan import plan_memory
 from fhe_bento.runners.lifecycle import exit_nonzero_if_stopped, stop_server
+from fhe_bento.runners.memory_plan import plan_memory
 from fhe_bento.runners.model_repo import ModelSpec, load_specs
 from fhe_bento.runners.payload_check import check_ciphertext
 from fhe_bento.runners.runner_api import KeyPart, KeyUpload, Rows, RunnerReply
@@ -55,22 +55,37 @@ async def _reply(work: Callable[[], Awaitable[Any]], rejected_upload: str | None
 # runner_connection: BentoML's client of this service (in the HTTP service) replaces its connection pool every
 # 100 requests or 300 s by default, closing the connections of calls still in flight: about one call in 35
 # failed with ServerDisconnectedError under load (and was run again). One pool for the worker's life.
-@bentoml.service(name="fhe_runner", workers=settings.workers, traffic={"timeout": settings.request_timeout},
-                 runner_connection={"max_requests": 2**31 - 1, "max_age": float(2**31)})
+@bentoml.service(
+    name="fhe_runner",
+    workers=settings.workers,
+    traffic={"timeout": settings.request_timeout},
+    runner_connection={"max_requests": 2**31 - 1, "max_age": float(2**31)},
+)
 class FHERunner:
     def __init__(self) -> None:
         # Read by the OpenMP runtime when concrete first computes, in the engine processes this starts.
         os.environ["OMP_NUM_THREADS"] = str(settings.omp_threads_per_row())
         self.specs = load_specs(settings)
         memory = plan_memory(settings, self.specs)
-        self.engine = Engine(settings.row_threads, settings.engine_max_failed_starts, give_up=stop_server,
-                             verify_slots=VerifySlots(memory.verifications, memory.queued_verifications))
+        self.engine = Engine(
+            settings.row_threads,
+            settings.engine_max_failed_starts,
+            give_up=stop_server,
+            verify_slots=VerifySlots(memory.verifications, memory.queued_verifications),
+        )
         self.keys = KeyService(settings, verify=self.engine.verify_key)
         self._heartbeat: asyncio.Future | None = None
-        log.info("FHE runner started: models=%s engine processes=%d omp_threads=%s memory=%d MB warm-key bound "
-                 "per engine=%d MB verifications=%d (+%d queued)", sorted(self.specs), settings.row_threads,
-                 os.environ["OMP_NUM_THREADS"], memory.memory // 10**6, memory.key_cache_bytes // 10**6,
-                 memory.verifications, memory.queued_verifications)
+        log.info(
+            "FHE runner started: models=%s engine processes=%d omp_threads=%s memory=%d MB warm-key bound "
+            "per engine=%d MB verifications=%d (+%d queued)",
+            sorted(self.specs),
+            settings.row_threads,
+            os.environ["OMP_NUM_THREADS"],
+            memory.memory // 10**6,
+            memory.key_cache_bytes // 10**6,
+            memory.verifications,
+            memory.queued_verifications,
+        )
 
     @bentoml.on_startup
     async def start_heartbeat(self) -> None:
@@ -104,8 +119,9 @@ class FHERunner:
         for ciphertext in call.ciphertexts:  # all of them before any row runs
             check_ciphertext(ciphertext, meta.ciphertext_bytes, meta.ciphertext_shape, spec.name)
         scope = self.keys.scope(spec, call.tenant)
-        work = asyncio.ensure_future(self.engine.run([(spec.name, scope, call.key_id, ct, call.deadline)
-                                                      for ct in call.ciphertexts]))
+        work = asyncio.ensure_future(
+            self.engine.run([(spec.name, scope, call.key_id, ct, call.deadline) for ct in call.ciphertexts])
+        )
         try:
             while not (await asyncio.wait({work}, timeout=DISCONNECT_POLL_SECONDS))[0]:
                 if ctx is not None and await ctx.request.is_disconnected():
@@ -115,13 +131,16 @@ class FHERunner:
         results = work.result()
         if any(result is None for result in results):
             raise FHEBentoError("request_timeout", "the request's time ran out before all its rows started")
-        return RunnerReply(payload=[r for r, _ in results], info={"row_seconds": sum(s for _, s in results) / len(results)})
+        return RunnerReply(
+            payload=[r for r, _ in results], info={"row_seconds": sum(s for _, s in results) / len(results)}
+        )
 
     @bentoml.api
     async def predict(self, call: Rows, ctx: bentoml.Context = None) -> RunnerReply:
         async def one() -> RunnerReply:
             reply = await self._rows(call, ctx)
             return reply.model_copy(update={"payload": reply.payload[0]})
+
         return await _reply(one)
 
     @bentoml.api
@@ -133,13 +152,18 @@ class FHERunner:
     @bentoml.api
     async def register_key(self, upload: KeyUpload) -> RunnerReply:
         """Check a whole key, deserialize it once in a throwaway process, then store it for the tenant."""
-        return await _reply(lambda: self.keys.register(self._spec(upload.model), upload.tenant, upload.key),
-                            rejected_upload=upload.model)
+        return await _reply(
+            lambda: self.keys.register(self._spec(upload.model), upload.tenant, upload.key),
+            rejected_upload=upload.model,
+        )
 
     @bentoml.api
     async def put_key_part(self, part: KeyPart) -> RunnerReply:
-        return await _reply(lambda: self.keys.put_part(self._spec(part.model), part.tenant, part.key_id, part.index,
-                                                       part.data))
+        return await _reply(
+            lambda: self.keys.put_part(
+                self._spec(part.model), part.tenant, part.key_id, part.index, part.data
+            )
+        )
 
     @bentoml.api
     async def key_parts(self, model: str, tenant: str, key_id: str) -> RunnerReply:
@@ -147,7 +171,9 @@ class FHERunner:
 
     @bentoml.api
     async def complete_key(self, model: str, tenant: str, key_id: str, count: int) -> RunnerReply:
-        return await _reply(lambda: self.keys.complete(self._spec(model), tenant, key_id, count), rejected_upload=model)
+        return await _reply(
+            lambda: self.keys.complete(self._spec(model), tenant, key_id, count), rejected_upload=model
+        )
 
     @bentoml.api
     async def has_key(self, model: str, tenant: str, key_id: str) -> RunnerReply:

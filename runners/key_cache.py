@@ -25,7 +25,9 @@ class KeyCache:
     def __init__(self, capacity_bytes: int) -> None:
         self.capacity_bytes = capacity_bytes
         self._entries: OrderedDict[Hashable, tuple[Any, int]] = OrderedDict()  # least recently used first
-        self._counts: Counter[Hashable] = Counter()  # lookups per key, aged; bounded by AGING_LOOKUPS + entries
+        self._counts: Counter[Hashable] = (
+            Counter()
+        )  # lookups per key, aged; bounded by AGING_LOOKUPS + entries
         self._lookups = 0
         self._bytes = 0
         self._lock = threading.Lock()
@@ -62,7 +64,9 @@ class KeyCache:
             if key in self._entries:
                 return True
             victims = self._victims(nbytes)
-            if victims and self._counts[key] <= ADMISSION_MARGIN + max(self._counts[victim] for victim in victims):
+            if victims and self._counts[key] <= ADMISSION_MARGIN + max(
+                self._counts[victim] for victim in victims
+            ):
                 return False
             for victim in victims:
                 self._bytes -= self._entries.pop(victim)[1]
@@ -74,7 +78,9 @@ class KeyCache:
         """The least asked-for keys (least recently used first among equals) whose room `nbytes` needs."""
         free = self.capacity_bytes - self._bytes
         victims = []
-        for victim in sorted(self._entries, key=self._counts.__getitem__):  # sorted() is stable: LRU order kept
+        for victim in sorted(
+            self._entries, key=self._counts.__getitem__
+        ):  # sorted() is stable: LRU order kept
             if free >= nbytes:
                 break
             victims.append(victim)

@@ -38,7 +38,9 @@ class KeyRegistry:
         # Rewriting "last used" on every request would cost a write per prediction: once per tenth of the TTL
         # is exact enough for expiry.
         self.touch_interval = self.key_ttl / 10
-        self.sweep_interval = min(MAX_SWEEP_INTERVAL, self.upload_ttl / 2, (self.key_ttl or MAX_SWEEP_INTERVAL) / 2)
+        self.sweep_interval = min(
+            MAX_SWEEP_INTERVAL, self.upload_ttl / 2, (self.key_ttl or MAX_SWEEP_INTERVAL) / 2
+        )
         self._touched: dict[tuple[str, str], float] = {}
         self._last_sweep = 0.0
         self._lock = threading.Lock()
@@ -70,8 +72,10 @@ class KeyRegistry:
 
     def listing(self) -> list[dict]:
         """Every stored key of every model and tenant, with its stored info."""
-        return [{"scope": scope, "key_id": key_id, **self._store.info(scope, key_id)}
-                for scope, key_id in self._store.list_keys()]
+        return [
+            {"scope": scope, "key_id": key_id, **self._store.info(scope, key_id)}
+            for scope, key_id in self._store.list_keys()
+        ]
 
     def parts(self, scope: str, key_id: str) -> dict[int, int]:
         return self._store.list_parts(scope, key_id)
@@ -105,14 +109,19 @@ class KeyRegistry:
         of that key needs more."""
         return max(1, -(-key_bytes // self.part_bytes))
 
-    def put_part(self, scope: str, key_id: str, index: int, data: bytes, *, model: str, key_bytes: int) -> None:
+    def put_part(
+        self, scope: str, key_id: str, index: int, data: bytes, *, model: str, key_bytes: int
+    ) -> None:
         """Hold one part of a chunked upload of a key of `model`, whose keys are `key_bytes` long: the index
         within that key's parts, the upload's parts within its size, everything within the store quota and,
         for a new upload, within the bounds on open uploads."""
         most = self.max_parts(key_bytes)
         if not 0 <= index < most:
-            raise FHEBentoError("invalid_part", f"a key of model {model!r} is {key_bytes} bytes, at most {most} parts of "
-                              f"FHE_BENTO_MAX_PART_BYTES ({self.part_bytes}): the part index is in 0..{most - 1}")
+            raise FHEBentoError(
+                "invalid_part",
+                f"a key of model {model!r} is {key_bytes} bytes, at most {most} parts of "
+                f"FHE_BENTO_MAX_PART_BYTES ({self.part_bytes}): the part index is in 0..{most - 1}",
+            )
         self.sweep()
         uploads, _ = self._live_uploads()
         upload = uploads.get((scope, key_id))
@@ -121,20 +130,29 @@ class KeyRegistry:
         replaced = upload.parts.get(index, 0) if upload else 0  # a part sent again replaces itself
         held = (upload.bytes if upload else 0) - replaced + len(data)
         if held > key_bytes:
-            raise FHEBentoError("payload_too_large", f"the parts of key {key_id} would add up to {held} bytes; "
-                            f"a key of model {model!r} is {key_bytes}")
+            raise FHEBentoError(
+                "payload_too_large",
+                f"the parts of key {key_id} would add up to {held} bytes; "
+                f"a key of model {model!r} is {key_bytes}",
+            )
         self._check_quota(scope, model, uploads, len(data) - replaced)
         self._store.put_part(scope, key_id, index, data)
 
-    def _check_quota(self, scope: str, model: str, uploads: dict[tuple[str, str], Upload], adding: int) -> int:
+    def _check_quota(
+        self, scope: str, model: str, uploads: dict[tuple[str, str], Upload], adding: int
+    ) -> int:
         """Refuse `adding` more bytes unless they fit FHE_BENTO_MAX_STORE_BYTES beside the scope's keys and
         unfinished uploads; returns the bytes of its keys."""
         keys = self._store.scope_bytes(scope)
         parts = sum(upload.bytes for (upload_scope, _), upload in uploads.items() if upload_scope == scope)
         if keys + parts + adding > self.max_scope_bytes:
-            raise FHEBentoError("key_store_full", (
-                f"model {model!r} holds {keys} bytes of keys and {parts} bytes of unfinished uploads: {adding} more "
-                f"do not fit in FHE_BENTO_MAX_STORE_BYTES ({self.max_scope_bytes})"))
+            raise FHEBentoError(
+                "key_store_full",
+                (
+                    f"model {model!r} holds {keys} bytes of keys and {parts} bytes of unfinished uploads: {adding} more "
+                    f"do not fit in FHE_BENTO_MAX_STORE_BYTES ({self.max_scope_bytes})"
+                ),
+            )
         return keys
 
     def _check_open(self, scope: str, model: str, uploads: dict[tuple[str, str], Upload]) -> None:
@@ -147,9 +165,13 @@ class KeyRegistry:
             bound = f"the server holds {len(uploads)} unfinished key uploads (FHE_BENTO_MAX_OPEN_UPLOADS)"
         else:
             return
-        raise FHEBentoError("too_many_uploads", (
-            f"{bound}: complete one, or retry later; an unfinished upload expires {self.upload_ttl} s after its "
-            f"last part (FHE_BENTO_UPLOAD_TTL_SECONDS)"))
+        raise FHEBentoError(
+            "too_many_uploads",
+            (
+                f"{bound}: complete one, or retry later; an unfinished upload expires {self.upload_ttl} s after its "
+                f"last part (FHE_BENTO_UPLOAD_TTL_SECONDS)"
+            ),
+        )
 
     def _live_uploads(self) -> tuple[dict[tuple[str, str], Upload], int]:
         """The unfinished uploads, once those idle past the upload TTL are dropped (so that they free their

@@ -48,7 +48,9 @@ class KeyService:
     async def register(self, spec: ModelSpec, tenant: str, key: bytes) -> dict:
         """Check, verify and store a whole key; its id is its SHA-256. Returns the answer with `created`."""
         if len(key) > self.max_key_bytes:
-            raise FHEBentoError("payload_too_large", f"a key is at most {self.max_key_bytes} bytes (FHE_BENTO_MAX_KEY_BYTES)")
+            raise FHEBentoError(
+                "payload_too_large", f"a key is at most {self.max_key_bytes} bytes (FHE_BENTO_MAX_KEY_BYTES)"
+            )
         key_id = hashlib.sha256(key).hexdigest()
         scope = self.scope(spec, tenant)
         if await asyncio.to_thread(self.registry.has, scope, key_id):
@@ -61,7 +63,9 @@ class KeyService:
         finally:
             path.unlink(missing_ok=True)
 
-    async def _store_verified(self, spec: ModelSpec, tenant: str, scope: str, key_id: str, path: Path) -> dict:
+    async def _store_verified(
+        self, spec: ModelSpec, tenant: str, scope: str, key_id: str, path: Path
+    ) -> dict:
         size = await self._verify(str(path))
         info = {"model": spec.name, "bytes": size, "owner": tenant}
         created = await asyncio.to_thread(self.registry.put, scope, key_id, path, info)
@@ -83,7 +87,9 @@ class KeyService:
     async def delete_in_scope(self, scope: str, key_id: str) -> None:
         """Delete a key found with `listing` (admin)."""
         if not KEY_ID.match(scope):
-            raise FHEBentoError("invalid_scope", "a scope is the 64-character hex id that the key listing shows")
+            raise FHEBentoError(
+                "invalid_scope", "a scope is the 64-character hex id that the key listing shows"
+            )
         await self._delete(scope, check_key_id(key_id), f"in scope {scope}")
 
     async def _delete(self, scope: str, key_id: str, where: str) -> None:
@@ -97,8 +103,15 @@ class KeyService:
     # --- chunked uploads ------------------------------------------------------------------------------
 
     async def put_part(self, spec: ModelSpec, tenant: str, key_id: str, index: int, data: bytes) -> dict:
-        await asyncio.to_thread(self.registry.put_part, self.scope(spec, tenant), check_key_id(key_id), index, data,
-                                model=spec.name, key_bytes=spec.meta.eval_key_bytes)
+        await asyncio.to_thread(
+            self.registry.put_part,
+            self.scope(spec, tenant),
+            check_key_id(key_id),
+            index,
+            data,
+            model=spec.name,
+            key_bytes=spec.meta.eval_key_bytes,
+        )
         metrics.PART_BYTES.labels(model=spec.name).inc(len(data))
         return {"key_id": key_id, "part": index, "bytes": len(data)}
 
@@ -117,8 +130,12 @@ class KeyService:
         if isinstance(assembled, int):
             return self._exists(spec, key_id, assembled)
         try:
-            check_key(await asyncio.to_thread(assembled.read_bytes), spec.meta.eval_key_bytes, spec.meta.key_shape,
-                      spec.name)
+            check_key(
+                await asyncio.to_thread(assembled.read_bytes),
+                spec.meta.eval_key_bytes,
+                spec.meta.key_shape,
+                spec.name,
+            )
             return await self._store_verified(spec, tenant, scope, key_id, assembled)
         finally:
             assembled.unlink(missing_ok=True)
@@ -138,11 +155,15 @@ class KeyService:
                 for chunk in registry.assemble_parts(scope, key_id, count):
                     size += len(chunk)
                     if size > self.max_key_bytes:
-                        raise FHEBentoError("payload_too_large", f"the parts add up to more than {self.max_key_bytes} bytes")
+                        raise FHEBentoError(
+                            "payload_too_large", f"the parts add up to more than {self.max_key_bytes} bytes"
+                        )
                     digest.update(chunk)
                     fh.write(chunk)
             if digest.hexdigest() != key_id:
-                raise FHEBentoError("digest_mismatch", f"the {count} parts do not hash to key id {key_id}; resend them")
+                raise FHEBentoError(
+                    "digest_mismatch", f"the {count} parts do not hash to key id {key_id}; resend them"
+                )
         except FHEBentoError as exc:
             path.unlink(missing_ok=True)
             if exc.code == "missing_parts" and registry.has(scope, key_id):

@@ -171,7 +171,9 @@ class FileKeyStore:
                 continue
             # A part being written (.tmp-*) counts for the upload's age, not yet for its bytes.
             last = max((st.st_mtime for st in stats.values()), default=last)
-            parts = {int(name[: -len(".part")]): st.st_size for name, st in stats.items() if name.endswith(".part")}
+            parts = {
+                int(name[: -len(".part")]): st.st_size for name, st in stats.items() if name.endswith(".part")
+            }
             uploads[(folder.parent.parent.name, folder.name)] = Upload(parts, last)
         return uploads
 

@@ -22,9 +22,9 @@ from pathlib import Path
 
 import psutil
 
+from fhe_bento.protocol.names import MiB
 from fhe_bento.runners.model_repo import ModelSpec
 from fhe_bento.runners.settings import Settings
-from fhe_bento.protocol.names import MiB
 
 # Measured (README, "Memory"): 1.5 GB resident for the whole server with the demo models loaded and no
 # key; rounded up for the allocator's slack.
@@ -60,9 +60,11 @@ class MemoryPlan:
     def peak_bytes(self, workers: int, engines_per_worker: int) -> int:
         """The bound on the instance's resident memory (the module docstring's formula)."""
         uploads = self.verifications + self.queued_verifications
-        return BASE_RESIDENT_BYTES + workers * (engines_per_worker * self.key_cache_bytes
-                                                + self.verifications * self.verify_cost
-                                                + uploads * 2 * self.key_bytes)
+        return BASE_RESIDENT_BYTES + workers * (
+            engines_per_worker * self.key_cache_bytes
+            + self.verifications * self.verify_cost
+            + uploads * 2 * self.key_bytes
+        )
 
 
 def plan_memory(settings: Settings, specs: dict[str, ModelSpec], memory: int | None = None) -> MemoryPlan:
@@ -72,13 +74,23 @@ def plan_memory(settings: Settings, specs: dict[str, ModelSpec], memory: int | N
     verify_cost = max((meta.warm_key_bytes + 2 * meta.eval_key_bytes for meta in keyed), default=0)
     above_base = max(0, memory - BASE_RESIDENT_BYTES)
     workers = settings.workers
-    verifications = settings.max_verifications or max(1, min(
-        (os.cpu_count() or 1) // workers, int(VERIFY_SHARE * above_base / workers // max(verify_cost, 1))))
+    verifications = settings.max_verifications or max(
+        1,
+        min(
+            (os.cpu_count() or 1) // workers, int(VERIFY_SHARE * above_base / workers // max(verify_cost, 1))
+        ),
+    )
     queued = settings.max_queued_verifications or QUEUED_PER_RUNNING * verifications
     if settings.key_cache_bytes is not None:
         cache = settings.key_cache_bytes
     else:
         uploads = workers * (verifications * verify_cost + (verifications + queued) * 2 * key_bytes)
         cache = max(0, int(USABLE_SHARE * above_base) - uploads) // (workers * settings.row_threads)
-    return MemoryPlan(memory=memory, verify_cost=verify_cost, key_bytes=key_bytes, verifications=verifications,
-                      queued_verifications=queued, key_cache_bytes=cache)
+    return MemoryPlan(
+        memory=memory,
+        verify_cost=verify_cost,
+        key_bytes=key_bytes,
+        verifications=verifications,
+        queued_verifications=queued,
+        key_cache_bytes=cache,
+    )

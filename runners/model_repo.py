@@ -133,11 +133,11 @@ def load_folder(folder: Path, name: str, model_version: str | None = None) -> Mo
     try:
         check_keyset_params(meta.key_shape, folder / "client.zip")
     except (ValueError, IndexError, TypeError, KeyError) as exc:
-        raise ModelLoadError(f"model {name!r}: the recorded key shape does not fit client.specs.json: {exc}") from None
+        raise ModelLoadError(
+            f"model {name!r}: the recorded key shape does not fit client.specs.json: {exc}"
+        ) from None
     check_compatible(name, folder, meta)
-    return ModelSpec(
-        name=name, version=model_version or meta.client_sha256[:12], path=folder, meta=meta
-    )
+    return ModelSpec(name=name, version=model_version or meta.client_sha256[:12], path=folder, meta=meta)
 
 
 def _from_bentoml_store(tag: str) -> ModelSpec:

@@ -31,8 +31,11 @@ def _check(data: bytes | memoryview, size: int, shape: Shape, what: str, model: 
     except MalformedMessage as exc:
         raise FHEBentoError(invalid, f"the body is not a serialized concrete {noun}: {exc}") from None
     if len(data) != size:
-        raise FHEBentoError(mismatch, f"this {noun} was not made for model {model!r}: it has {len(data)} bytes, "
-                                      f"the model's have {size}")
+        raise FHEBentoError(
+            mismatch,
+            f"this {noun} was not made for model {model!r}: it has {len(data)} bytes, "
+            f"the model's have {size}",
+        )
     if difference := first_difference(got, shape):
         raise FHEBentoError(mismatch, f"this {noun} was not made for model {model!r} ({difference})")
 
@@ -52,16 +55,36 @@ def check_key(data: bytes | memoryview, size: int, shape: Shape, model: str) -> 
 # by Cap'n Proto's layout rules: name -> (struct format, byte offset).
 _KEY_INFO = {"id": ("I", 0), "inputId": ("I", 4), "outputId": ("I", 8), "compression": ("H", 12)}
 _PARAMS = {
-    "lweBootstrapKeys": {"levelCount": ("I", 0), "baseLog": ("I", 4), "glweDimension": ("I", 8),
-                         "polynomialSize": ("I", 12), "variance": ("d", 16), "integerPrecision": ("I", 24),
-                         "keyType": ("H", 28), "inputLweDimension": ("I", 32)},
-    "lweKeyswitchKeys": {"levelCount": ("I", 0), "baseLog": ("I", 4), "variance": ("d", 8),
-                         "integerPrecision": ("I", 16), "keyType": ("H", 20), "inputLweDimension": ("I", 24),
-                         "outputLweDimension": ("I", 28)},
-    "packingKeyswitchKeys": {"levelCount": ("I", 0), "baseLog": ("I", 4), "glweDimension": ("I", 8),
-                             "polynomialSize": ("I", 12), "inputLweDimension": ("I", 16),
-                             "innerLweDimension": ("I", 20), "variance": ("d", 24), "integerPrecision": ("I", 32),
-                             "keyType": ("H", 36)},
+    "lweBootstrapKeys": {
+        "levelCount": ("I", 0),
+        "baseLog": ("I", 4),
+        "glweDimension": ("I", 8),
+        "polynomialSize": ("I", 12),
+        "variance": ("d", 16),
+        "integerPrecision": ("I", 24),
+        "keyType": ("H", 28),
+        "inputLweDimension": ("I", 32),
+    },
+    "lweKeyswitchKeys": {
+        "levelCount": ("I", 0),
+        "baseLog": ("I", 4),
+        "variance": ("d", 8),
+        "integerPrecision": ("I", 16),
+        "keyType": ("H", 20),
+        "inputLweDimension": ("I", 24),
+        "outputLweDimension": ("I", 28),
+    },
+    "packingKeyswitchKeys": {
+        "levelCount": ("I", 0),
+        "baseLog": ("I", 4),
+        "glweDimension": ("I", 8),
+        "polynomialSize": ("I", 12),
+        "inputLweDimension": ("I", 16),
+        "innerLweDimension": ("I", 20),
+        "variance": ("d", 24),
+        "integerPrecision": ("I", 32),
+        "keyType": ("H", 36),
+    },
 }
 _ENUMS = {"compression": ("none", "seed", "paillier"), "keyType": ("binary", "ternary")}
 _MODULI = ("native", "powerOfTwo", "integer")  # the union of struct Modulus, by discriminant
@@ -90,8 +113,13 @@ def keyset_params(key_shape: Shape) -> dict[str, list[dict]]:
             info = _unwrap(key[2][0])
             params = _unwrap(info[2][0])
             modulus = _unwrap(params[2][0])
-            keys.append({**_fields(info[1], _KEY_INFO), "params": _fields(params[1], _PARAMS[kind]),
-                         "modulus": _MODULI[struct.unpack_from("<H", bytes.fromhex(modulus[1]))[0]]})
+            keys.append(
+                {
+                    **_fields(info[1], _KEY_INFO),
+                    "params": _fields(params[1], _PARAMS[kind]),
+                    "modulus": _MODULI[struct.unpack_from("<H", bytes.fromhex(modulus[1]))[0]],
+                }
+            )
         kinds[kind] = keys
     return kinds
 
@@ -111,9 +139,17 @@ def check_keyset_params(key_shape: Shape, client_zip: Path) -> None:
             got = {name: key[name] for name in _KEY_INFO}
             for name in _PARAMS[kind]:
                 expected[name], got[name] = spec["params"][name], key["params"][name]
-            expected["modulus"], got["modulus"] = next(iter(spec["params"]["modulus"]["modulus"])), key["modulus"]
+            expected["modulus"], got["modulus"] = (
+                next(iter(spec["params"]["modulus"]["modulus"])),
+                key["modulus"],
+            )
             for name, value in expected.items():
-                same = math.isclose(got[name], value, rel_tol=1e-12) if name == "variance" else got[name] == value
+                same = (
+                    math.isclose(got[name], value, rel_tol=1e-12)
+                    if name == "variance"
+                    else got[name] == value
+                )
                 if not same:
-                    raise ValueError(f"{kind}[{key['id']}].{name} is {got[name]!r}, the keyset says {value!r}")
-
+                    raise ValueError(
+                        f"{kind}[{key['id']}].{name} is {got[name]!r}, the keyset says {value!r}"
+                    )

@@ -45,10 +45,10 @@ class RunnerReply(WireModel):
     headers: dict[str, str] = {}  # of the error answer (Retry-After)
 
     @classmethod
-    def failed(cls, exc: FHEBentoError) -> "RunnerReply":
+    def failed(cls, exc: FHEBentoError) -> RunnerReply:
         return cls(error=ErrorBody(code=exc.code, message=exc.message), headers=exc.headers)
 
-    def unwrap(self) -> "RunnerReply":
+    def unwrap(self) -> RunnerReply:
         if self.error is not None:
             raise FHEBentoError(self.error.code, self.error.message, self.headers)
         return self

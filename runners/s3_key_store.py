@@ -80,8 +80,9 @@ class S3KeyStore:
     def delete(self, scope: str, key_id: str) -> bool:
         key = self._key(scope, key_id)
         existed = self._head(key) is not None
-        self.s3.delete_objects(Bucket=self.bucket, Delete={"Objects": [
-            {"Key": key}, {"Key": self._key(scope, key_id, ".used")}]})
+        self.s3.delete_objects(
+            Bucket=self.bucket, Delete={"Objects": [{"Key": key}, {"Key": self._key(scope, key_id, ".used")}]}
+        )
         return existed
 
     def scope_bytes(self, scope: str) -> int:
@@ -101,10 +102,15 @@ class S3KeyStore:
                 yield scope, name[: -len(".key")]
 
     def put_part(self, scope: str, key_id: str, index: int, data: bytes) -> None:
-        self.s3.put_object(Bucket=self.bucket, Key=f"{self._uploads(scope, key_id)}{index:06d}.part", Body=data)
+        self.s3.put_object(
+            Bucket=self.bucket, Key=f"{self._uploads(scope, key_id)}{index:06d}.part", Body=data
+        )
 
     def list_parts(self, scope: str, key_id: str) -> dict[int, int]:
-        return {int(o["Key"].rsplit("/", 1)[1].split(".")[0]): o["Size"] for o in self._list(self._uploads(scope, key_id))}
+        return {
+            int(o["Key"].rsplit("/", 1)[1].split(".")[0]): o["Size"]
+            for o in self._list(self._uploads(scope, key_id))
+        }
 
     def assemble_parts(self, scope: str, key_id: str, count: int) -> Iterator[bytes]:
         held = self.list_parts(scope, key_id)
@@ -127,11 +133,12 @@ class S3KeyStore:
             scope, key_id, name = obj["Key"].split("/")[-3:]
             held = uploads.get((scope, key_id), Upload({}, 0.0))
             held.parts[int(name.split(".")[0])] = obj["Size"]
-            uploads[(scope, key_id)] = held._replace(last_part=max(held.last_part, obj["LastModified"].timestamp()))
+            uploads[(scope, key_id)] = held._replace(
+                last_part=max(held.last_part, obj["LastModified"].timestamp())
+            )
         return uploads
 
     def _delete_all(self, objects: list[dict]) -> None:
         for start in range(0, len(objects), 1000):
             batch = [{"Key": o["Key"]} for o in objects[start : start + 1000]]
             self.s3.delete_objects(Bucket=self.bucket, Delete={"Objects": batch})
-

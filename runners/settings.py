@@ -40,31 +40,43 @@ class Settings(BaseSettings):
         default="", description="Key store URL; empty means file://$BENTOML_HOME/fhe-bento/keys."
     )
     key_cache_bytes: int | None = Field(
-        default=None, ge=0,
+        default=None,
+        ge=0,
         description="Resident bytes of warm keys each engine process may hold (each key costs its model's "
         "warm_key_bytes); unset: derived from the instance's memory (runners/memory_plan.py); 0 keeps none.",
     )
     max_verifications: int = Field(
-        default=0, ge=0,
+        default=0,
+        ge=0,
         description="Uploaded keys deserialized at once per runner worker; 0: derived from cores and memory.",
     )
     max_queued_verifications: int = Field(
-        default=0, ge=0,
+        default=0,
+        ge=0,
         description="Uploads waiting for a verification per runner worker, past which: 503; 0: twice the above.",
     )
     max_key_bytes: int = Field(default=256 * MiB, gt=0)
     max_part_bytes: int = Field(
-        default=PART_BYTES, gt=0,
+        default=PART_BYTES,
+        gt=0,
         description="Largest part of a chunked key upload; a model's key of K bytes has at most ceil(K / this) parts.",
     )
     max_store_bytes: int = Field(
-        default=20 * 1024 * MiB, gt=0, description="Bytes of keys and unfinished uploads stored per model scope."
+        default=20 * 1024 * MiB,
+        gt=0,
+        description="Bytes of keys and unfinished uploads stored per model scope.",
     )
     key_ttl_seconds: int = Field(default=0, ge=0, description="Delete keys unused this long; 0 keeps them.")
-    upload_ttl_seconds: int = Field(default=86400, gt=0, description="Drop unfinished chunked uploads idle this long.")
-    max_open_uploads: int = Field(default=64, gt=0, description="Unfinished chunked uploads in the whole store.")
+    upload_ttl_seconds: int = Field(
+        default=86400, gt=0, description="Drop unfinished chunked uploads idle this long."
+    )
+    max_open_uploads: int = Field(
+        default=64, gt=0, description="Unfinished chunked uploads in the whole store."
+    )
     max_open_uploads_per_scope: int = Field(
-        default=4, gt=0, description="Unfinished chunked uploads per model scope (per tenant when tokens are on)."
+        default=4,
+        gt=0,
+        description="Unfinished chunked uploads per model scope (per tenant when tokens are on).",
     )
     max_ciphertext_bytes: int = Field(default=1 * MiB, gt=0)
     max_batch_bytes: int = Field(default=64 * MiB, gt=0)
@@ -74,13 +86,18 @@ class Settings(BaseSettings):
         default=1, gt=0, description="Engine processes per runner worker, each evaluating one row at a time."
     )
     runner_url: str = Field(
-        default="", description="URL of an FHE runner served elsewhere; empty starts one with the HTTP service."
+        default="",
+        description="URL of an FHE runner served elsewhere; empty starts one with the HTTP service.",
     )
     runner_down_seconds: int = Field(
-        default=30, gt=0, description="Seconds the HTTP service waits for its own runner once it stops answering; then the server stops."
+        default=30,
+        gt=0,
+        description="Seconds the HTTP service waits for its own runner once it stops answering; then the server stops.",
     )
     engine_max_failed_starts: int = Field(
-        default=3, gt=0, description="Engine starts in a row that may die before they are ready; then the server stops."
+        default=3,
+        gt=0,
+        description="Engine starts in a row that may die before they are ready; then the server stops.",
     )
     omp_threads: int = Field(
         default=0, ge=0, description="OpenMP threads per row; 0: cores / (workers x row_threads)."
@@ -96,13 +113,16 @@ class Settings(BaseSettings):
         default=16 * 1024, gt=0, description="Bytes of request line and headers together; past it: 431."
     )
     predict_tokens: SecretStr = Field(
-        default=SecretStr(""), description="Comma-separated bearer tokens that may predict and manage their own keys."
+        default=SecretStr(""),
+        description="Comma-separated bearer tokens that may predict and manage their own keys.",
     )
     admin_tokens: SecretStr = Field(
-        default=SecretStr(""), description="Comma-separated bearer tokens that may also list and delete every key."
+        default=SecretStr(""),
+        description="Comma-separated bearer tokens that may also list and delete every key.",
     )
     session_seconds: int = Field(
-        default=1200, ge=0,
+        default=1200,
+        ge=0,
         description="Lifetime of a SageMaker stateful session (key affinity); 0 opens none.",
     )
     staging_dir: Path | None = Field(

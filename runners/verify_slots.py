@@ -33,8 +33,12 @@ class VerifySlots:
         if self._slots.locked() and self._waiting >= self.queued:
             metrics.VERIFICATIONS_REFUSED.inc()
             wait = self._retry_after()
-            raise FHEBentoError("overloaded", f"{self.running} key verifications are running and {self._waiting} "
-                                f"waiting; retry in {wait} s", headers={"Retry-After": str(wait)})
+            raise FHEBentoError(
+                "overloaded",
+                f"{self.running} key verifications are running and {self._waiting} "
+                f"waiting; retry in {wait} s",
+                headers={"Retry-After": str(wait)},
+            )
         self._waiting += 1
         metrics.VERIFICATIONS.labels(state="queued").inc()
         try:

@@ -30,7 +30,8 @@ from fhe_bento.service.admission import Admission
 from fhe_bento.service.compat import router as compat_router
 from fhe_bento.service.limits import RequestLimits
 from fhe_bento.service.operations import Operations
-from fhe_bento.service.routes import admin_router, router as native_router
+from fhe_bento.service.routes import admin_router
+from fhe_bento.service.routes import router as native_router
 from fhe_bento.service.runner_connection import drop_idle_connections_first
 from fhe_bento.service.runner_health import RunnerHealth, heartbeat_probe, readyz_probe
 from fhe_bento.service.sagemaker import router as sagemaker_router
@@ -41,7 +42,9 @@ settings = get_settings()
 exit_nonzero_if_stopped()
 
 app = FastAPI(title="fhe-bento", version="1", docs_url=None, redoc_url=None)
-app.add_middleware(RequestLimits, max_header_bytes=settings.max_header_bytes, timeout=settings.request_timeout)
+app.add_middleware(
+    RequestLimits, max_header_bytes=settings.max_header_bytes, timeout=settings.request_timeout
+)
 
 
 @app.exception_handler(FHEBentoError)
@@ -56,7 +59,9 @@ async def _http_error(request: Request, exc: StarletteHTTPException) -> Response
     # Starlette's own answers in the service's error shape. (A path that no route serves never gets here:
     # BentoML's router answers it with its plain-text 404.)
     if exc.status_code == 405:
-        return await _fhe_error(request, FHEBentoError("method_not_allowed", f"{request.method} is not allowed here"))
+        return await _fhe_error(
+            request, FHEBentoError("method_not_allowed", f"{request.method} is not allowed here")
+        )
     return await _fhe_error(request, FHEBentoError("invalid_request", str(exc.detail)))
 
 
@@ -64,7 +69,9 @@ async def _http_error(request: Request, exc: StarletteHTTPException) -> Response
 async def _validation_error(request: Request, exc: RequestValidationError) -> Response:
     first = exc.errors()[0] if exc.errors() else {}
     where = ".".join(str(part) for part in first.get("loc", ()))
-    return await _fhe_error(request, FHEBentoError("invalid_request", f"{where}: {first.get('msg', 'invalid')}"))
+    return await _fhe_error(
+        request, FHEBentoError("invalid_request", f"{where}: {first.get('msg', 'invalid')}")
+    )
 
 
 # BentoML's own deadline comes a little later than RequestLimits', so that the JSON 504 gets out first.
@@ -79,16 +86,30 @@ class FHEBento:
         specs = load_specs(settings)
         default = default_model(settings, specs)
         if removed := settings.clear_staging():
-            log.info("removed %d spool files left in %s by an earlier process", removed, settings.staging_path())
-        admission = Admission(settings.max_queue_rows, settings.request_timeout, parallelism=os.cpu_count() or 1,
-                              batch_parallelism=settings.row_threads)
+            log.info(
+                "removed %d spool files left in %s by an earlier process", removed, settings.staging_path()
+            )
+        admission = Admission(
+            settings.max_queue_rows,
+            settings.request_timeout,
+            parallelism=os.cpu_count() or 1,
+            batch_parallelism=settings.row_threads,
+        )
         # A runner served elsewhere is not this server's to replace: /ping turns 503 while it is down, nothing stops.
-        probe = readyz_probe(settings.runner_url) if settings.runner_url else heartbeat_probe(settings.workers)
-        self.health = RunnerHealth(probe, settings.runner_down_seconds, stop_when_down=not settings.runner_url)
+        probe = (
+            readyz_probe(settings.runner_url) if settings.runner_url else heartbeat_probe(settings.workers)
+        )
+        self.health = RunnerHealth(
+            probe, settings.runner_down_seconds, stop_when_down=not settings.runner_url
+        )
         drop_idle_connections_first(self.runner)
         self.ops = Operations(self.runner, specs, default, settings, admission, self.health)
-        log.info("serving models %s (default %s)%s", sorted(specs), default.name,
-                 f" with the runner at {settings.runner_url}" if settings.runner_url else "")
+        log.info(
+            "serving models %s (default %s)%s",
+            sorted(specs),
+            default.name,
+            f" with the runner at {settings.runner_url}" if settings.runner_url else "",
+        )
 
 
 app.include_router(sagemaker_router)

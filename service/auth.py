@@ -50,7 +50,9 @@ def _refused(code: str, message: str) -> FHEBentoError:
 
 class TokenAuth:
     def __init__(self, predict_tokens: list[str], admin_tokens: list[str]) -> None:
-        self.tokens = [(_digest(t), False) for t in predict_tokens] + [(_digest(t), True) for t in admin_tokens]
+        self.tokens = [(_digest(t), False) for t in predict_tokens] + [
+            (_digest(t), True) for t in admin_tokens
+        ]
 
     @property
     def enabled(self) -> bool:
@@ -107,7 +109,9 @@ def parse_token_settings(predict_tokens: str, admin_tokens: str) -> TokenAuth:
 @lru_cache(maxsize=1)
 def token_auth() -> TokenAuth:
     settings = get_settings()
-    return parse_token_settings(settings.predict_tokens.get_secret_value(), settings.admin_tokens.get_secret_value())
+    return parse_token_settings(
+        settings.predict_tokens.get_secret_value(), settings.admin_tokens.get_secret_value()
+    )
 
 
 def predict_caller(request: Request) -> Caller:

@@ -16,9 +16,9 @@ from pathlib import Path
 
 from starlette.requests import ClientDisconnect, Request
 
-from fhe_bento.runners.errors import FHEBentoError
 from fhe_bento.protocol import transform, wire
 from fhe_bento.protocol.names import OCTET_STREAM
+from fhe_bento.runners.errors import FHEBentoError
 from fhe_bento.runners.settings import Settings, get_settings
 
 
@@ -29,7 +29,9 @@ def media_type(request: Request) -> str:
 def require_content_type(request: Request, *allowed: str) -> None:
     sent = media_type(request)
     if sent not in allowed:
-        raise FHEBentoError("unsupported_media_type", f"send Content-Type {' or '.join(allowed)}, not {sent or 'nothing'}")
+        raise FHEBentoError(
+            "unsupported_media_type", f"send Content-Type {' or '.join(allowed)}, not {sent or 'nothing'}"
+        )
 
 
 def declared_length(request: Request, limit: int) -> None:
@@ -69,7 +71,9 @@ async def _counted(chunks: AsyncIterator[bytes], limit: int) -> AsyncIterator[by
                 raise FHEBentoError("payload_too_large", f"the body is over the limit of {limit} bytes")
             yield chunk
     except ClientDisconnect:
-        raise FHEBentoError("incomplete_body", "the client closed the connection before the body ended") from None
+        raise FHEBentoError(
+            "incomplete_body", "the client closed the connection before the body ended"
+        ) from None
 
 
 async def read_limited(request: Request, limit: int) -> bytes:
@@ -118,5 +122,8 @@ KEY_PART = Body((OCTET_STREAM,), lambda s: s.max_part_bytes)
 CIPHERTEXT = Body((OCTET_STREAM,), lambda s: s.max_ciphertext_bytes)
 BATCH = Body((wire.CONTENT_TYPE, OCTET_STREAM), lambda s: s.max_batch_bytes)
 TRANSFORM = Body((transform.CONTENT_TYPE,), lambda s: s.max_batch_bytes)
-ENVELOPE = Body((wire.ENVELOPE_CONTENT_TYPE, OCTET_STREAM),
-                lambda s: s.max_key_bytes + s.max_batch_bytes + wire.MAX_ENVELOPE_HEADER + 16, spool=True)
+ENVELOPE = Body(
+    (wire.ENVELOPE_CONTENT_TYPE, OCTET_STREAM),
+    lambda s: s.max_key_bytes + s.max_batch_bytes + wire.MAX_ENVELOPE_HEADER + 16,
+    spool=True,
+)

@@ -42,8 +42,10 @@ class RequestLimits:
         size = len(scope.get("raw_path") or b"") + len(scope.get("query_string") or b"")
         size += sum(len(name) + len(value) + 4 for name, value in scope["headers"])
         if size > self.max_header_bytes:
-            error = FHEBentoError("headers_too_large",
-                                  f"the request line and headers are {size} bytes; the limit is {self.max_header_bytes}")
+            error = FHEBentoError(
+                "headers_too_large",
+                f"the request line and headers are {size} bytes; the limit is {self.max_header_bytes}",
+            )
             await JSONResponse(error.body(), status_code=error.status)(scope, receive, send)
             return
 
@@ -86,7 +88,12 @@ class RequestLimits:
             # log records nginx's 499, "client closed request".
             await Response(status_code=CLIENT_CLOSED_REQUEST)(scope, receive, send)
         except TimeoutError:
-            log.warning("request over FHE_BENTO_REQUEST_TIMEOUT (%ss): %s %s", self.timeout, scope["method"], scope["path"])
+            log.warning(
+                "request over FHE_BENTO_REQUEST_TIMEOUT (%ss): %s %s",
+                self.timeout,
+                scope["method"],
+                scope["path"],
+            )
             if started:  # the answer is half sent: all that is left is to cut the connection
                 raise
             error = FHEBentoError("request_timeout", f"the request took over {self.timeout} s")

@@ -35,8 +35,11 @@ ROW_ERRORS = frozenset({"invalid_ciphertext", "ciphertext_mismatch"})
 
 
 def _runner_unavailable() -> FHEBentoError:
-    return FHEBentoError("runner_unavailable", "the FHE runner did not answer; retry",
-                         headers={"Retry-After": str(RUNNER_RETRY_AFTER)})
+    return FHEBentoError(
+        "runner_unavailable",
+        "the FHE runner did not answer; retry",
+        headers={"Retry-After": str(RUNNER_RETRY_AFTER)},
+    )
 
 
 def _forget(future: asyncio.Future) -> None:
@@ -53,8 +56,15 @@ def decode_rows(body: bytes, max_rows: int) -> list[bytes]:
 
 
 class Operations:
-    def __init__(self, runner: Any, specs: dict[str, ModelSpec], default: ModelSpec, settings: Settings,
-                 admission: Admission, health: RunnerHealth) -> None:
+    def __init__(
+        self,
+        runner: Any,
+        specs: dict[str, ModelSpec],
+        default: ModelSpec,
+        settings: Settings,
+        admission: Admission,
+        health: RunnerHealth,
+    ) -> None:
         """`runner`: the FHE runner's client (`bentoml.depends`), or an `FHERunner` itself in process."""
         self.runner = runner
         self.health = health
@@ -102,11 +112,13 @@ class Operations:
         down = asyncio.ensure_future(self.health.wait_down())
         remaining = request_deadline(self.settings.request_timeout) - time.time()
         try:
-            await asyncio.wait({pending, down}, timeout=max(0.0, remaining), return_when=asyncio.FIRST_COMPLETED)
+            await asyncio.wait(
+                {pending, down}, timeout=max(0.0, remaining), return_when=asyncio.FIRST_COMPLETED
+            )
         finally:
             down.cancel()
             if not pending.done():  # also when this request is cancelled (its client went away): the runner
-                pending.cancel()    # sees its caller leave and drops the rows not started
+                pending.cancel()  # sees its caller leave and drops the rows not started
                 pending.add_done_callback(_forget)
         if pending.done() and not pending.cancelled():
             return pending.result()
@@ -119,13 +131,21 @@ class Operations:
     async def predict(self, spec: ModelSpec, caller: Caller, key_id: str | None, ciphertext: bytes) -> bytes:
         return (await self._rows("predict", spec, caller, key_id, [ciphertext])).payload
 
-    async def predict_batch(self, spec: ModelSpec, caller: Caller, key_id: str | None, rows: list[bytes]) -> list[bytes]:
+    async def predict_batch(
+        self, spec: ModelSpec, caller: Caller, key_id: str | None, rows: list[bytes]
+    ) -> list[bytes]:
         return (await self._rows("predict_batch", spec, caller, key_id, rows)).payload
 
-    async def _rows(self, method: str, spec: ModelSpec, caller: Caller, key_id: str | None,
-                    rows: list[bytes]) -> RunnerReply:
-        call = Rows(model=spec.name, tenant=caller.tenant, key_id=key_id, ciphertexts=rows,
-                    deadline=request_deadline(self.settings.request_timeout))
+    async def _rows(
+        self, method: str, spec: ModelSpec, caller: Caller, key_id: str | None, rows: list[bytes]
+    ) -> RunnerReply:
+        call = Rows(
+            model=spec.name,
+            tenant=caller.tenant,
+            key_id=key_id,
+            ciphertexts=rows,
+            deadline=request_deadline(self.settings.request_timeout),
+        )
         async with self.admission.admit(spec, len(rows)):
             reply = await self.call(method, call=call)
         self.admission.observe(spec.name, reply.info["row_seconds"])
@@ -137,7 +157,9 @@ class Operations:
         settings = self.settings
         with path.open("rb") as fh:
             try:
-                header, offset = wire.read_envelope_header(fh.read(len(wire.ENVELOPE_MAGIC) + 4 + wire.MAX_ENVELOPE_HEADER))
+                header, offset = wire.read_envelope_header(
+                    fh.read(len(wire.ENVELOPE_MAGIC) + 4 + wire.MAX_ENVELOPE_HEADER)
+                )
             except wire.FramingError as exc:
                 raise FHEBentoError("invalid_envelope", str(exc)) from None
             spec = self.spec(header.model or model)
@@ -153,7 +175,9 @@ class Operations:
             rows_body = fh.read(settings.max_batch_bytes + 1)
         if len(rows_body) > settings.max_batch_bytes:
             raise FHEBentoError("payload_too_large", "the envelope's batch is over FHE_BENTO_MAX_BATCH_BYTES")
-        results = await self.predict_batch(spec, caller, key_id, decode_rows(rows_body, settings.max_batch_rows))
+        results = await self.predict_batch(
+            spec, caller, key_id, decode_rows(rows_body, settings.max_batch_rows)
+        )
         return wire.encode_batch(results)
 
     async def transform(self, caller: Caller, body: bytes) -> bytes:
@@ -169,7 +193,11 @@ class Operations:
                 record = transform.decode_record(line)
                 spec = self.spec(record.model)
             except (transform.RecordError, FHEBentoError) as exc:
-                code, message = (exc.code, exc.message) if isinstance(exc, FHEBentoError) else ("invalid_record", str(exc))
+                code, message = (
+                    (exc.code, exc.message)
+                    if isinstance(exc, FHEBentoError)
+                    else ("invalid_record", str(exc))
+                )
                 answers.append(transform.error_line(code, message))
                 continue
             if not runs or runs[-1][:2] != (spec, record.key_id):
@@ -180,16 +208,23 @@ class Operations:
         if not answers:
             raise FHEBentoError("empty_body", "the body holds no JSON Lines record")
         for spec, key_id, indexes, rows in runs:
-            size = max(1, min(self.admission.rows_that_fit(spec), self.settings.max_batch_rows,
-                              self.settings.max_queue_rows))
+            size = max(
+                1,
+                min(
+                    self.admission.rows_that_fit(spec),
+                    self.settings.max_batch_rows,
+                    self.settings.max_queue_rows,
+                ),
+            )
             for start in range(0, len(rows), size):
-                results = await self._transform_rows(spec, caller, key_id, rows[start:start + size])
-                for index, answer in zip(indexes[start:start + size], results):
+                results = await self._transform_rows(spec, caller, key_id, rows[start : start + size])
+                for index, answer in zip(indexes[start : start + size], results):
                     answers[index] = answer
         return b"".join(answer + b"\n" for answer in answers)
 
-    async def _transform_rows(self, spec: ModelSpec, caller: Caller, key_id: str | None,
-                              rows: list[bytes]) -> list[bytes]:
+    async def _transform_rows(
+        self, spec: ModelSpec, caller: Caller, key_id: str | None, rows: list[bytes]
+    ) -> list[bytes]:
         try:
             return [transform.result_line(r) for r in await self.predict_batch(spec, caller, key_id, rows)]
         except FHEBentoError as exc:
@@ -203,18 +238,28 @@ class Operations:
 
     async def register_key(self, spec: ModelSpec, caller: Caller, key: bytes) -> tuple[dict, int]:
         """Returns (answer, status): 201 when the key is new, 200 when it was registered already."""
-        reply = await self.call("register_key", upload=KeyUpload(model=spec.name, tenant=caller.tenant, key=key))
+        reply = await self.call(
+            "register_key", upload=KeyUpload(model=spec.name, tenant=caller.tenant, key=key)
+        )
         return _key_answer(reply.info)
 
-    async def put_key_part(self, spec: ModelSpec, caller: Caller, key_id: str, index: int, data: bytes) -> dict:
-        part = KeyPart(model=spec.name, tenant=caller.tenant, key_id=check_key_id(key_id), index=index, data=data)
+    async def put_key_part(
+        self, spec: ModelSpec, caller: Caller, key_id: str, index: int, data: bytes
+    ) -> dict:
+        part = KeyPart(
+            model=spec.name, tenant=caller.tenant, key_id=check_key_id(key_id), index=index, data=data
+        )
         return (await self.call("put_key_part", part=part)).info
 
     async def key_parts(self, spec: ModelSpec, caller: Caller, key_id: str) -> dict:
         return (await self.call("key_parts", **self._key(spec, caller, key_id))).info
 
-    async def complete_key(self, spec: ModelSpec, caller: Caller, key_id: str, count: int) -> tuple[dict, int]:
-        return _key_answer((await self.call("complete_key", count=count, **self._key(spec, caller, key_id))).info)
+    async def complete_key(
+        self, spec: ModelSpec, caller: Caller, key_id: str, count: int
+    ) -> tuple[dict, int]:
+        return _key_answer(
+            (await self.call("complete_key", count=count, **self._key(spec, caller, key_id))).info
+        )
 
     async def has_key(self, spec: ModelSpec, caller: Caller, key_id: str) -> bool:
         return bool((await self.call("has_key", **self._key(spec, caller, key_id))).info)

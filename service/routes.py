@@ -44,7 +44,9 @@ async def get_client_zip(name: str, caller: Caller = PREDICT, ops: Operations = 
 
 
 @router.post("/{name}/keys")
-async def upload_key(name: str, request: Request, caller: Caller = PREDICT, ops: Operations = OPS) -> Response:
+async def upload_key(
+    name: str, request: Request, caller: Caller = PREDICT, ops: Operations = OPS
+) -> Response:
     spec = ops.spec(name)
     answer, status = await ops.register_key(spec, caller, await bodies.KEY.read(request))
     return JSONResponse(answer, status_code=status)
@@ -64,8 +66,9 @@ async def delete_key(name: str, key_id: str, caller: Caller = PREDICT, ops: Oper
 
 
 @router.put("/{name}/keys/{key_id}/parts/{index}")
-async def put_key_part(name: str, key_id: str, index: int, request: Request, caller: Caller = PREDICT,
-                       ops: Operations = OPS) -> dict:
+async def put_key_part(
+    name: str, key_id: str, index: int, request: Request, caller: Caller = PREDICT, ops: Operations = OPS
+) -> dict:
     spec = ops.spec(name)
     return await ops.put_key_part(spec, caller, key_id, index, await bodies.KEY_PART.read(request))
 
@@ -76,7 +79,9 @@ async def key_parts(name: str, key_id: str, caller: Caller = PREDICT, ops: Opera
 
 
 @router.post("/{name}/keys/{key_id}/complete")
-async def complete_key(name: str, key_id: str, parts: int, caller: Caller = PREDICT, ops: Operations = OPS) -> Response:
+async def complete_key(
+    name: str, key_id: str, parts: int, caller: Caller = PREDICT, ops: Operations = OPS
+) -> Response:
     answer, status = await ops.complete_key(ops.spec(name), caller, key_id, parts)
     return JSONResponse(answer, status_code=status)
 
@@ -85,11 +90,15 @@ async def complete_key(name: str, key_id: str, parts: int, caller: Caller = PRED
 async def predict(name: str, request: Request, caller: Caller = PREDICT, ops: Operations = OPS) -> Response:
     spec = ops.spec(name)
     ciphertext = await bodies.CIPHERTEXT.read(request)
-    return Response(await ops.predict(spec, caller, key_id_header(request), ciphertext), media_type=OCTET_STREAM)
+    return Response(
+        await ops.predict(spec, caller, key_id_header(request), ciphertext), media_type=OCTET_STREAM
+    )
 
 
 @router.post("/{name}/predict_batch")
-async def predict_batch(name: str, request: Request, caller: Caller = PREDICT, ops: Operations = OPS) -> Response:
+async def predict_batch(
+    name: str, request: Request, caller: Caller = PREDICT, ops: Operations = OPS
+) -> Response:
     spec = ops.spec(name)
     rows = decode_rows(await bodies.BATCH.read(request), ops.settings.max_batch_rows)
     results = await ops.predict_batch(spec, caller, key_id_header(request), rows)

@@ -31,8 +31,10 @@ WATCH_SECONDS = 0.25
 
 def heartbeat_probe(expected_workers: int) -> Probe:
     """The co-located runner's state from its heartbeat files."""
+
     async def probe() -> bool | None:
         return runner_state(expected_workers)
+
     return probe
 
 
@@ -46,6 +48,7 @@ def readyz_probe(runner_url: str) -> Probe:
             return (await client.get("/readyz")).status_code == 200
         except httpx.HTTPError:
             return None
+
     return probe
 
 
@@ -90,7 +93,9 @@ class RunnerHealth:
                 self._down.set()
                 down_since = down_since or time.monotonic()
                 if self.stop_when_down and time.monotonic() - down_since > self.down_seconds:
-                    stop_server(f"the FHE runner has not answered for {self.down_seconds} s", kill_runners=True)
+                    stop_server(
+                        f"the FHE runner has not answered for {self.down_seconds} s", kill_runners=True
+                    )
                     return
             await asyncio.sleep(WATCH_SECONDS)
 

@@ -24,14 +24,15 @@ from fhe_bento.protocol.names import ATTRIBUTES_HEADER, MAX_ATTRIBUTES, OCTET_ST
 from fhe_bento.protocol.sessions import SESSION_HEADER
 from fhe_bento.runners.errors import FHEBentoError
 from fhe_bento.service import bodies
-from fhe_bento.service.bodies import media_type
 from fhe_bento.service.auth import Caller, predict_caller
+from fhe_bento.service.bodies import media_type
 from fhe_bento.service.operations import Operations, current_operations, decode_rows
 from fhe_bento.service.responses import client_zip_response
 from fhe_bento.service.runner_health import RunnerHealth, current_health
 from fhe_bento.service.sessions import session_for
 
 router = APIRouter()
+
 
 class Attributes(BaseModel):
     model_config = ConfigDict(extra="ignore")
@@ -52,7 +53,9 @@ class Attributes(BaseModel):
 
 def parse_attributes(text: str) -> Attributes:
     if len(text) > MAX_ATTRIBUTES:
-        raise FHEBentoError("invalid_attributes", f"custom attributes are at most {MAX_ATTRIBUTES} characters")
+        raise FHEBentoError(
+            "invalid_attributes", f"custom attributes are at most {MAX_ATTRIBUTES} characters"
+        )
     fields = {}
     for item in filter(None, (part.strip() for part in text.split(";"))):
         name, sep, value = item.partition("=")
@@ -63,7 +66,9 @@ def parse_attributes(text: str) -> Attributes:
         return Attributes.model_validate(fields)
     except ValidationError as exc:
         error = exc.errors()[0]
-        raise FHEBentoError("invalid_attributes", f"{'.'.join(map(str, error['loc']))}: {error['msg']}") from None
+        raise FHEBentoError(
+            "invalid_attributes", f"{'.'.join(map(str, error['loc']))}: {error['msg']}"
+        ) from None
 
 
 def require(value, name: str):
@@ -83,8 +88,13 @@ async def ping(health: RunnerHealth = Depends(current_health)) -> Response:
 async def execution_parameters(ops: Operations = Depends(current_operations)) -> JSONResponse:
     """What SageMaker Batch Transform should send, unless the job says otherwise: one request per row
     computed at once, a few hundred records each (at most 1 MB)."""
-    return JSONResponse({"MaxConcurrentTransforms": ops.settings.workers * ops.settings.row_threads,
-                         "BatchStrategy": "MULTI_RECORD", "MaxPayloadInMB": 1})
+    return JSONResponse(
+        {
+            "MaxConcurrentTransforms": ops.settings.workers * ops.settings.row_threads,
+            "BatchStrategy": "MULTI_RECORD",
+            "MaxPayloadInMB": 1,
+        }
+    )
 
 
 @dataclass(frozen=True)
@@ -106,7 +116,9 @@ async def _get_client(ops: Operations, caller: Caller, attrs: Attributes, body: 
 
 async def _has_key(ops: Operations, caller: Caller, attrs: Attributes, body: None) -> Response:
     key_id = require(attrs.key, "key")
-    return JSONResponse({"key_id": key_id, "registered": await ops.has_key(ops.spec(attrs.model), caller, key_id)})
+    return JSONResponse(
+        {"key_id": key_id, "registered": await ops.has_key(ops.spec(attrs.model), caller, key_id)}
+    )
 
 
 async def _key_parts(ops: Operations, caller: Caller, attrs: Attributes, body: None) -> Response:
@@ -114,8 +126,9 @@ async def _key_parts(ops: Operations, caller: Caller, attrs: Attributes, body: N
 
 
 async def _complete_key(ops: Operations, caller: Caller, attrs: Attributes, body: None) -> Response:
-    answer, status = await ops.complete_key(ops.spec(attrs.model), caller, require(attrs.key, "key"),
-                                            require(attrs.parts, "parts"))
+    answer, status = await ops.complete_key(
+        ops.spec(attrs.model), caller, require(attrs.key, "key"), require(attrs.parts, "parts")
+    )
     return JSONResponse(answer, status_code=status)
 
 
@@ -130,7 +143,9 @@ async def _put_key_part(ops: Operations, caller: Caller, attrs: Attributes, data
 
 
 async def _predict(ops: Operations, caller: Caller, attrs: Attributes, ciphertext: bytes) -> Response:
-    return Response(await ops.predict(ops.spec(attrs.model), caller, attrs.key, ciphertext), media_type=OCTET_STREAM)
+    return Response(
+        await ops.predict(ops.spec(attrs.model), caller, attrs.key, ciphertext), media_type=OCTET_STREAM
+    )
 
 
 async def _predict_batch(ops: Operations, caller: Caller, attrs: Attributes, body: bytes) -> Response:
@@ -145,7 +160,9 @@ async def _transform(ops: Operations, caller: Caller, attrs: Attributes, body: b
 
 async def _envelope(ops: Operations, caller: Caller, attrs: Attributes, path: Path) -> Response:
     try:
-        return Response(await ops.envelope(caller, path, attrs.model, attrs.key), media_type=wire.CONTENT_TYPE)
+        return Response(
+            await ops.envelope(caller, path, attrs.model, attrs.key), media_type=wire.CONTENT_TYPE
+        )
     finally:
         path.unlink(missing_ok=True)
 
@@ -166,12 +183,15 @@ INVOCATIONS: dict[str, Invocation] = {
 
 
 @router.post("/invocations")
-async def invocations(request: Request, caller: Caller = Depends(predict_caller),
-                      ops: Operations = Depends(current_operations)) -> Response:
+async def invocations(
+    request: Request, caller: Caller = Depends(predict_caller), ops: Operations = Depends(current_operations)
+) -> Response:
     attrs = parse_attributes(request.headers.get(ATTRIBUTES_HEADER, ""))
     # Batch Transform and async inference send no attributes: JSON Lines say what they are by their
     # content type, an envelope by its first bytes.
-    invocation = INVOCATIONS[attrs.op or ("transform" if media_type(request) == transform.CONTENT_TYPE else "envelope")]
+    invocation = INVOCATIONS[
+        attrs.op or ("transform" if media_type(request) == transform.CONTENT_TYPE else "envelope")
+    ]
     session = session_for(request.headers.get(SESSION_HEADER), attrs.key, ops.settings.session_seconds)
     if invocation.body is None:
         response = await invocation.run(ops, caller, attrs, None)

@@ -39,8 +39,10 @@ def session_for(requested: str | None, key_id: str | None, lifetime_seconds: int
             return None
         expires = int(time.time()) + lifetime_seconds
         SESSIONS.labels(outcome="opened").inc()
-        return Session(f"{key_id[:_KEY_PREFIX]}.{expires}.{secrets.token_hex(8)}",
-                       datetime.fromtimestamp(expires, timezone.utc))
+        return Session(
+            f"{key_id[:_KEY_PREFIX]}.{expires}.{secrets.token_hex(8)}",
+            datetime.fromtimestamp(expires, timezone.utc),
+        )
     match = _SESSION_ID.fullmatch(requested)
     if not match:
         raise _invalid("unknown session id")

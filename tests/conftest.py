@@ -51,7 +51,7 @@ def imported_spec(name: str):
 REAL_XGB_CIPHERTEXT = "a real XGB ciphertext"  # a test parameter that `real_body` replaces
 
 
-def real_body(body, demo: "Demo", key_dir: Path) -> bytes:
+def real_body(body, demo: Demo, key_dir: Path) -> bytes:
     """`body`, or for REAL_XGB_CIPHERTEXT a ciphertext of the XGB demo model under a throwaway key: a
     well-formed row reaches the checks that come after the ciphertext's own (the key lookup)."""
     if body != REAL_XGB_CIPHERTEXT:
@@ -86,7 +86,10 @@ def assert_documented_rejection(response) -> str:
 BACKGROUND = {
     "image": BackgroundCommand("build-image", [str(ROOT / "scripts" / "build-image")], _SESSION_DIR),
     "client_python": BackgroundCommand(
-        "client-venv", [sys.executable, "-m", "harness.client_venv", str(_SESSION_DIR / "client-venv")], _SESSION_DIR),
+        "client-venv",
+        [sys.executable, "-m", "harness.client_venv", str(_SESSION_DIR / "client-venv")],
+        _SESSION_DIR,
+    ),
 }
 
 

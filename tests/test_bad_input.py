@@ -9,9 +9,9 @@ from collections.abc import Iterator
 
 import httpx
 import pytest
+from conftest import LOGREG, XGB, assert_error
 
 from fhe_bento.client import FHEClient
-from conftest import LOGREG, XGB, assert_error
 from fhe_bento.protocol import wire
 
 OCTET = {"Content-Type": "application/octet-stream"}
@@ -32,7 +32,6 @@ def material(server, demo, client_cache):
         "logreg": logreg,
         "row": row,
     }
-
 
 
 @pytest.fixture(autouse=True)
@@ -86,7 +85,9 @@ def test_unknown_and_malformed_key_ids(server, material):
 
 
 def upload_key(server, body, model: str = XGB, **headers: str) -> httpx.Response:
-    return httpx.post(f"{server.url}/v1/models/{model}/keys", content=body, headers={**OCTET, **headers}, timeout=120)
+    return httpx.post(
+        f"{server.url}/v1/models/{model}/keys", content=body, headers={**OCTET, **headers}, timeout=120
+    )
 
 
 def test_bad_keys_are_refused_and_not_stored(server, material, server_workdir):
@@ -123,21 +124,31 @@ def test_oversized_bodies(server, material):
 
 def test_wrong_content_type(server, material):
     response = httpx.post(
-        f"{server.url}/v1/models/{XGB}/predict", content=material["xgb_ct"],
+        f"{server.url}/v1/models/{XGB}/predict",
+        content=material["xgb_ct"],
         headers={"Content-Type": "application/json", "X-FHE-Key-Id": material["xgb_key_id"]},
     )
     assert_error(response, 415, "unsupported_media_type")
-    assert_error(upload_key(server, material["xgb_key"], **{"Content-Type": "text/plain"}), 415,
-                 "unsupported_media_type")
+    assert_error(
+        upload_key(server, material["xgb_key"], **{"Content-Type": "text/plain"}),
+        415,
+        "unsupported_media_type",
+    )
 
 
 @pytest.mark.parametrize(
     "body",
-    [b"garbage", wire.MAGIC, wire.MAGIC + b"\x00\x00\x00\x02\x00\x00\x00\x05abc", wire.MAGIC + b"\xff\xff\xff\xff"],
+    [
+        b"garbage",
+        wire.MAGIC,
+        wire.MAGIC + b"\x00\x00\x00\x02\x00\x00\x00\x05abc",
+        wire.MAGIC + b"\xff\xff\xff\xff",
+    ],
 )
 def test_bad_batch_framing(server, material, body):
     response = httpx.post(
-        f"{server.url}/v1/models/{LOGREG}/predict_batch", content=body,
+        f"{server.url}/v1/models/{LOGREG}/predict_batch",
+        content=body,
         headers={"Content-Type": wire.CONTENT_TYPE},
     )
     assert_error(response, 400, "invalid_batch")
@@ -146,7 +157,9 @@ def test_bad_batch_framing(server, material, body):
 def test_batch_with_one_bad_row_is_refused_whole(server, material):
     body = wire.encode_batch([material["logreg_ct"], b"\x01garbage"])
     response = httpx.post(
-        f"{server.url}/v1/models/{LOGREG}/predict_batch", content=body, headers={"Content-Type": wire.CONTENT_TYPE}
+        f"{server.url}/v1/models/{LOGREG}/predict_batch",
+        content=body,
+        headers={"Content-Type": wire.CONTENT_TYPE},
     )
     assert_error(response, 400, "invalid_ciphertext")
 
@@ -162,8 +175,11 @@ def test_delete_key_then_client_reuploads_transparently(server, demo, client_cac
 
 
 def test_oversized_headers_get_431(server, material):
-    response = httpx.post(f"{server.url}/v1/models/{LOGREG}/predict", content=material["logreg_ct"],
-                          headers={**OCTET, "X-Padding": "p" * 20000})
+    response = httpx.post(
+        f"{server.url}/v1/models/{LOGREG}/predict",
+        content=material["logreg_ct"],
+        headers={**OCTET, "X-Padding": "p" * 20000},
+    )
     assert_error(response, 431, "headers_too_large")
     assert httpx.get(f"{server.url}/ping").status_code == 200
 
@@ -172,8 +188,13 @@ def test_a_stalled_body_gets_408_and_leaves_nothing_behind(server, server_workdi
     """Headers promise 1 MB of key; 10 bytes come, then nothing for longer than FHE_BENTO_BODY_IDLE_SECONDS."""
     staging = server_workdir / "staging"
     before = set(staging.iterdir())
-    status, body = _raw_request(server, f"/v1/models/{XGB}/keys", "Content-Length: 1000000\r\n", b"0123456789",
-                                content_type="application/octet-stream")
+    status, body = _raw_request(
+        server,
+        f"/v1/models/{XGB}/keys",
+        "Content-Length: 1000000\r\n",
+        b"0123456789",
+        content_type="application/octet-stream",
+    )
     assert status.startswith(b"HTTP/1.1 408") and body["error"]["code"] == "body_timeout"
     assert set(staging.iterdir()) == before  # the partial spool file was removed
 
@@ -183,22 +204,29 @@ MULTIPART = {"Content-Type": f"multipart/form-data; boundary={BOUNDARY}"}
 
 
 def _file_part(field: str) -> bytes:
-    return (f'--{BOUNDARY}\r\nContent-Disposition: form-data; name="{field}"; filename="f.bin"\r\n'
-            "Content-Type: application/octet-stream\r\n\r\n").encode()
+    return (
+        f'--{BOUNDARY}\r\nContent-Disposition: form-data; name="{field}"; filename="f.bin"\r\n'
+        "Content-Type: application/octet-stream\r\n\r\n"
+    ).encode()
 
 
 def _chunked(data: bytes, size: int = 64 * 1024) -> bytes:
-    frames = [b"%x\r\n%s\r\n" % (len(data[i:i + size]), data[i:i + size]) for i in range(0, len(data), size)]
+    frames = [
+        b"%x\r\n%s\r\n" % (len(data[i : i + size]), data[i : i + size]) for i in range(0, len(data), size)
+    ]
     return b"".join(frames) + b"0\r\n\r\n"
 
 
-def _raw_request(server, path: str, headers: str, body: bytes,
-                 content_type: str = MULTIPART["Content-Type"]) -> tuple[bytes, dict]:
+def _raw_request(
+    server, path: str, headers: str, body: bytes, content_type: str = MULTIPART["Content-Type"]
+) -> tuple[bytes, dict]:
     """Send a request head and (part of) a body on a raw socket; returns the answer's status line and JSON
     body. Reads until the JSON body ends or the server closes; the socket timeout bounds the wait."""
     with socket.create_connection(("127.0.0.1", server.port), timeout=60) as conn:
-        conn.sendall(f"POST {path} HTTP/1.1\r\nHost: x\r\nContent-Type: {content_type}\r\n"
-                     f"{headers}\r\n".encode() + body)
+        conn.sendall(
+            f"POST {path} HTTP/1.1\r\nHost: x\r\nContent-Type: {content_type}\r\n{headers}\r\n".encode()
+            + body
+        )
         answer = b""
         while b"\r\n\r\n" not in answer or not answer.rstrip().endswith(b"}"):
             chunk = conn.recv(65536)
@@ -212,10 +240,15 @@ def _raw_request(server, path: str, headers: str, body: bytes,
 def test_a_chunked_form_that_lies_about_its_length_gets_413(server, material):
     """`Content-Length: 200` with `Transfer-Encoding: chunked`: the server frames the body as chunked, and
     the ciphertext limit still holds while the form streams in."""
-    form = (f'--{BOUNDARY}\r\nContent-Disposition: form-data; name="uid"\r\n\r\n{material["xgb_key_id"]}\r\n'.encode()
-            + _file_part("model_input") + b"\x00" * (1024 * 1024 + 128 * 1024) + f"\r\n--{BOUNDARY}--\r\n".encode())
-    status, body = _raw_request(server, "/compute", "Content-Length: 200\r\nTransfer-Encoding: chunked\r\n",
-                                _chunked(form))
+    form = (
+        f'--{BOUNDARY}\r\nContent-Disposition: form-data; name="uid"\r\n\r\n{material["xgb_key_id"]}\r\n'.encode()
+        + _file_part("model_input")
+        + b"\x00" * (1024 * 1024 + 128 * 1024)
+        + f"\r\n--{BOUNDARY}--\r\n".encode()
+    )
+    status, body = _raw_request(
+        server, "/compute", "Content-Length: 200\r\nTransfer-Encoding: chunked\r\n", _chunked(form)
+    )
     assert status.startswith(b"HTTP/1.1 413") and body["error"]["code"] == "payload_too_large"
 
 
@@ -237,10 +270,13 @@ def test_a_form_with_no_content_length_over_the_key_limit_gets_413(server, serve
     assert set(staging.iterdir()) == before
 
 
-@pytest.mark.parametrize(("path", "framing"), [
-    ("/compute", "Content-Length: 100000\r\n"),
-    ("/add_key", "Transfer-Encoding: chunked\r\n"),
-])
+@pytest.mark.parametrize(
+    ("path", "framing"),
+    [
+        ("/compute", "Content-Length: 100000\r\n"),
+        ("/add_key", "Transfer-Encoding: chunked\r\n"),
+    ],
+)
 def test_a_stalled_form_gets_408(server, path, framing):
     """The head and the start of a form, then nothing for longer than FHE_BENTO_BODY_IDLE_SECONDS (5 s)."""
     start = _file_part("model_input" if path == "/compute" else "key") + b"0123456789"

@@ -7,14 +7,18 @@ from __future__ import annotations
 
 import httpx
 import pytest
-
 from conftest import LOGREG, XGB
+
 from fhe_bento.client import FHEClient
 from fhe_bento.client.sagemaker_transport import LocalInvoker, SageMakerTransport
 from fhe_bento.protocol import transform
 from harness.container import URL, running, wait_for_ping
 
-BATCH_ENV = {"SAGEMAKER_BATCH": "true", "SAGEMAKER_MAX_PAYLOAD_IN_MB": "1", "SAGEMAKER_BATCH_STRATEGY": "MultiRecord"}
+BATCH_ENV = {
+    "SAGEMAKER_BATCH": "true",
+    "SAGEMAKER_MAX_PAYLOAD_IN_MB": "1",
+    "SAGEMAKER_BATCH_STRATEGY": "MultiRecord",
+}
 
 
 @pytest.fixture(scope="module")
@@ -36,15 +40,21 @@ def test_multi_record_body_answers_every_line_in_order(batch_container, demo, tm
     key_id = xgb.ensure_key()
     x = demo.x_test[:2]
     xgb_rows, logreg_rows = xgb.encrypt(x), logreg.encrypt(x)
-    body = b"\n".join([
-        transform.encode_record(xgb_rows[0], key_id, XGB),
-        transform.encode_record(logreg_rows[0], None, LOGREG),
-        b'{"model": "' + XGB.encode() + b'", "ciphertext": 12}',  # the bad line
-        transform.encode_record(xgb_rows[1], key_id, XGB),
-        transform.encode_record(logreg_rows[1], None, LOGREG),
-    ]) + b"\n"
-    answer = httpx.post(f"{URL}/invocations", content=body, headers={"Content-Type": transform.CONTENT_TYPE},
-                        timeout=600)
+    body = (
+        b"\n".join(
+            [
+                transform.encode_record(xgb_rows[0], key_id, XGB),
+                transform.encode_record(logreg_rows[0], None, LOGREG),
+                b'{"model": "' + XGB.encode() + b'", "ciphertext": 12}',  # the bad line
+                transform.encode_record(xgb_rows[1], key_id, XGB),
+                transform.encode_record(logreg_rows[1], None, LOGREG),
+            ]
+        )
+        + b"\n"
+    )
+    answer = httpx.post(
+        f"{URL}/invocations", content=body, headers={"Content-Type": transform.CONTENT_TYPE}, timeout=600
+    )
     assert answer.status_code == 200, answer.text
     assert answer.headers["content-type"].startswith(transform.CONTENT_TYPE)
     answers = [transform.decode_answer(line) for line in transform.lines(answer.content)]

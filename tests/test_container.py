@@ -10,12 +10,13 @@ from pathlib import Path
 import boto3
 import httpx
 import pytest
+from conftest import LOGREG, REAL_XGB_CIPHERTEXT, XGB, real_body
 
 from fhe_bento.client import FHEClient
 from fhe_bento.client.sagemaker_transport import LocalInvoker, SageMakerTransport
 from fhe_bento.protocol.names import PART_BYTES
-from conftest import LOGREG, REAL_XGB_CIPHERTEXT, XGB, real_body
 from harness.container import RUN, URL, invoke, running, wait_for_ping
+
 
 @pytest.fixture(scope="module")
 def container(image, model_dir):
@@ -32,9 +33,18 @@ def test_ping_is_200_with_empty_body_once_loaded(container):
 
 def test_image_has_no_compilers_or_git(image):
     probe = subprocess.run(
-        [*RUN, "--rm", "--entrypoint", "sh", image, "-c",
-         "for tool in gcc g++ cc c++ make git ld; do command -v $tool || true; done"],
-        capture_output=True, text=True, check=True,
+        [
+            *RUN,
+            "--rm",
+            "--entrypoint",
+            "sh",
+            image,
+            "-c",
+            "for tool in gcc g++ cc c++ make git ld; do command -v $tool || true; done",
+        ],
+        capture_output=True,
+        text=True,
+        check=True,
     )
     assert [Path(p).name for p in probe.stdout.split()] == ["ld"]  # concrete links circuits at load
 
@@ -59,15 +69,30 @@ def test_the_served_container_holds_no_private_key(container):
     """After clients uploaded keys and predicted (tests above), nothing in the container is a private key
     file, and the only host folder it sees is the read-only model folder."""
     probe = subprocess.run(
-        ["podman", "exec", container, "sh", "-c",
-         "find / \\( -path /proc -o -path /sys \\) -prune -o -name 'secretKey*' -print; echo MOUNTS; cat /proc/mounts"],
-        capture_output=True, text=True, check=True,
+        [
+            "podman",
+            "exec",
+            container,
+            "sh",
+            "-c",
+            "find / \\( -path /proc -o -path /sys \\) -prune -o -name 'secretKey*' -print; echo MOUNTS; cat /proc/mounts",
+        ],
+        capture_output=True,
+        text=True,
+        check=True,
     )
     found, mounts = probe.stdout.split("MOUNTS\n")
     assert found.strip() == ""
-    host_mounts = [line.split()[1] for line in mounts.splitlines() if line.split()[1].startswith(("/opt", "/home", "/root", "/tmp", "/work"))]
-    assert host_mounts == ["/opt/ml/model"] and " /opt/ml/model " in mounts and "ro," in next(
-        line for line in mounts.splitlines() if line.split()[1] == "/opt/ml/model")
+    host_mounts = [
+        line.split()[1]
+        for line in mounts.splitlines()
+        if line.split()[1].startswith(("/opt", "/home", "/root", "/tmp", "/work"))
+    ]
+    assert (
+        host_mounts == ["/opt/ml/model"]
+        and " /opt/ml/model " in mounts
+        and "ro," in next(line for line in mounts.splitlines() if line.split()[1] == "/opt/ml/model")
+    )
 
 
 @pytest.mark.parametrize(
@@ -94,8 +119,14 @@ def test_async_envelope_answered_by_the_container(container, demo, tmp_path, mot
     wait_for_ping()
     s3 = boto3.client("s3")
     s3.create_bucket(Bucket="fhe-bento-async")
-    client = FHEClient.sagemaker("fhe-async", mode="async", input_prefix="s3://fhe-bento-async/in",
-                                 models=model_dir_of(container), cache_dir=tmp_path, progress=False)
+    client = FHEClient.sagemaker(
+        "fhe-async",
+        mode="async",
+        input_prefix="s3://fhe-bento-async/in",
+        models=model_dir_of(container),
+        cache_dir=tmp_path,
+        progress=False,
+    )
     remote = client.model(XGB)
     key_id = remote.ensure_key()  # async: held back and sent inline in the envelope
     rows = demo.x_test[90:92]
@@ -106,17 +137,24 @@ def test_async_envelope_answered_by_the_container(container, demo, tmp_path, mot
     assert len(envelope) > len(remote.evaluation_key())  # the key travelled inline
     answer = invoke(f"op=envelope; model={XGB}", envelope, "application/vnd.fhe-bento.envelope")
     assert answer.status_code == 200, answer.text
-    out_bucket, out_key = job.output_location[len("s3://"):].split("/", 1)
+    out_bucket, out_key = job.output_location[len("s3://") :].split("/", 1)
     s3.put_object(Bucket=out_bucket, Key=out_key, Body=answer.content)
 
-    labels = [int(remote.fhe.deserialize_decrypt_dequantize(r).argmax()) for r in job.result(poll=0.1, progress=False)]
+    labels = [
+        int(remote.fhe.deserialize_decrypt_dequantize(r).argmax())
+        for r in job.result(poll=0.1, progress=False)
+    ]
     assert labels == list(demo.clear_predict(XGB, rows))
     assert invoke(f"op=has_key; model={XGB}; key={key_id}").json()["registered"] is True
 
 
 def model_dir_of(container: str) -> Path:
-    mounts = subprocess.run(["podman", "inspect", "--format", "{{range .Mounts}}{{.Source}}{{end}}", container],
-                            capture_output=True, text=True, check=True).stdout.strip()
+    mounts = subprocess.run(
+        ["podman", "inspect", "--format", "{{range .Mounts}}{{.Source}}{{end}}", container],
+        capture_output=True,
+        text=True,
+        check=True,
+    ).stdout.strip()
     return Path(mounts)
 
 
@@ -125,6 +163,10 @@ def test_sigterm_stops_the_container_cleanly(container):
     the server shut down by itself on SIGTERM, inside the 30 s."""
     wait_for_ping()
     subprocess.run(["podman", "stop", "-t", "30", container], check=True, capture_output=True)
-    state = subprocess.run(["podman", "inspect", "--format", "{{.State.Status}} {{.State.ExitCode}}", container],
-                           capture_output=True, text=True, check=True).stdout.split()
+    state = subprocess.run(
+        ["podman", "inspect", "--format", "{{.State.Status}} {{.State.ExitCode}}", container],
+        capture_output=True,
+        text=True,
+        check=True,
+    ).stdout.split()
     assert state == ["exited", "0"]

@@ -16,10 +16,10 @@ import httpx
 import numpy as np
 import pytest
 import requests
+from conftest import LOGREG, XGB
 
 from fhe_bento.client import FHEClient
 from fhe_bento.protocol import wire
-from conftest import LOGREG, XGB
 
 ROWS = {XGB: 4, LOGREG: 40}
 
@@ -50,7 +50,9 @@ def test_single_row_predict_route_matches_clear(name, demo, server, fhe_client):
         headers["X-FHE-Key-Id"] = key_id
     for row in demo.x_test[10:12]:
         (ciphertext,) = remote.encrypt(row.reshape(1, -1))
-        response = httpx.post(f"{server.url}/v1/models/{name}/predict", content=ciphertext, headers=headers, timeout=120)
+        response = httpx.post(
+            f"{server.url}/v1/models/{name}/predict", content=ciphertext, headers=headers, timeout=120
+        )
         assert response.status_code == 200, response.text
         assert response.headers["content-type"] == "application/octet-stream"
         proba = remote.fhe.deserialize_decrypt_dequantize(response.content)
@@ -66,7 +68,11 @@ def test_model_listing_and_client_zip(server, demo):
     assert one == models[XGB]
     zipped = httpx.get(f"{server.url}/v1/models/{XGB}/client.zip")
     assert zipped.headers["content-type"] == "application/zip"
-    assert hashlib.sha256(zipped.content).hexdigest() == zipped.headers["x-fhe-client-sha256"] == one["client_sha256"]
+    assert (
+        hashlib.sha256(zipped.content).hexdigest()
+        == zipped.headers["x-fhe-client-sha256"]
+        == one["client_sha256"]
+    )
 
 
 def test_unmodified_zama_client_through_compatible_routes(server, demo, tmp_path):
@@ -117,12 +123,17 @@ def test_key_is_uploaded_once_and_survives_a_restart(server, demo, client_cache)
 def test_ping_answers_while_fhe_runs_on_every_worker(server, demo, client_cache):
     remote = FHEClient(server.url, cache_dir=client_cache, progress=False).model(XGB)
     key_id = remote.ensure_key()
-    batches = [demo.x_test[40:44], demo.x_test[44:48]]  # one batch of seconds per runner worker (the server runs two)
+    batches = [
+        demo.x_test[40:44],
+        demo.x_test[44:48],
+    ]  # one batch of seconds per runner worker (the server runs two)
 
     def predict(rows: np.ndarray) -> list[bytes]:
         response = httpx.post(
-            f"{server.url}/v1/models/{XGB}/predict_batch", content=wire.encode_batch(remote.encrypt(rows)),
-            timeout=300, headers={"Content-Type": wire.CONTENT_TYPE, "X-FHE-Key-Id": key_id},
+            f"{server.url}/v1/models/{XGB}/predict_batch",
+            content=wire.encode_batch(remote.encrypt(rows)),
+            timeout=300,
+            headers={"Content-Type": wire.CONTENT_TYPE, "X-FHE-Key-Id": key_id},
         )
         assert response.status_code == 200
         return wire.decode_batch(response.content, len(rows))
@@ -159,17 +170,35 @@ def test_cli_predicts_a_csv_file(server, demo, tmp_path):
     data = tmp_path / "rows.csv"
     header = ",".join(f"feature_{i}" for i in range(rows.shape[1]))
     np.savetxt(data, rows, delimiter=",", header=header, comments="")
-    cli = [str(Path(sys.executable).parent / "fhe-bento"), "predict", "--url", server.url, "--model", LOGREG,
-           "--batch-size", "5"]
+    cli = [
+        str(Path(sys.executable).parent / "fhe-bento"),
+        "predict",
+        "--url",
+        server.url,
+        "--model",
+        LOGREG,
+        "--batch-size",
+        "5",
+    ]
     env = {**os.environ, "FHE_BENTO_CLIENT_CACHE": str(tmp_path / "cache")}
-    labels = subprocess.run([*cli, str(data), "-o", str(tmp_path / "out.csv")], env=env, capture_output=True,
-                            text=True, timeout=300)
+    labels = subprocess.run(
+        [*cli, str(data), "-o", str(tmp_path / "out.csv")],
+        env=env,
+        capture_output=True,
+        text=True,
+        timeout=300,
+    )
     assert labels.returncode == 0, labels.stderr
-    assert [int(v) for v in (tmp_path / "out.csv").read_text().split()] == list(demo.clear_predict(LOGREG, rows))
+    assert [int(v) for v in (tmp_path / "out.csv").read_text().split()] == list(
+        demo.clear_predict(LOGREG, rows)
+    )
     proba = subprocess.run([*cli, "--proba", str(data)], env=env, capture_output=True, text=True, timeout=300)
     assert proba.returncode == 0, proba.stderr
-    np.testing.assert_allclose(np.loadtxt(proba.stdout.splitlines(), delimiter=","),
-                               demo.models[LOGREG].predict_proba(rows, fhe="disable"), atol=1e-6)
+    np.testing.assert_allclose(
+        np.loadtxt(proba.stdout.splitlines(), delimiter=","),
+        demo.models[LOGREG].predict_proba(rows, fhe="disable"),
+        atol=1e-6,
+    )
 
 
 def test_the_served_process_holds_no_private_key(server, demo, client_cache):

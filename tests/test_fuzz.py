@@ -9,13 +9,13 @@ from __future__ import annotations
 
 import httpx
 import pytest
+from conftest import LOGREG, XGB, assert_documented_rejection
 from hypothesis import HealthCheck, given, settings
 from hypothesis import strategies as st
 
-from conftest import LOGREG, XGB, assert_documented_rejection
-from fhe_bento.runners.errors import FHEBentoError
 from fhe_bento.protocol import wire
 from fhe_bento.protocol.names import ATTRIBUTES_HEADER
+from fhe_bento.runners.errors import FHEBentoError
 from fhe_bento.service.sagemaker import Attributes, parse_attributes
 
 KEY_ID = "ab" * 32
@@ -31,7 +31,7 @@ def mutated(draw, valid: st.SearchStrategy[bytes]) -> bytes:
         if action == "flip" and data:
             data[draw(st.integers(0, len(data) - 1))] = draw(st.integers(0, 255))
         elif action == "cut":
-            del data[draw(st.integers(0, len(data))):]
+            del data[draw(st.integers(0, len(data))) :]
         else:
             data += draw(st.binary(max_size=16))
     return bytes(data)
@@ -41,20 +41,44 @@ rows = st.lists(st.binary(max_size=40), min_size=0, max_size=6)
 batches = st.one_of(st.binary(max_size=80), mutated(rows.map(wire.encode_batch)))
 envelopes = st.one_of(
     st.binary(max_size=80),
-    mutated(st.builds(wire.encode_envelope, rows, st.one_of(st.none(), st.text(max_size=12)),
-                      st.one_of(st.none(), st.text(max_size=70)), st.binary(max_size=20))),
+    mutated(
+        st.builds(
+            wire.encode_envelope,
+            rows,
+            st.one_of(st.none(), st.text(max_size=12)),
+            st.one_of(st.none(), st.text(max_size=70)),
+            st.binary(max_size=20),
+        )
+    ),
 )
 attribute_names = st.sampled_from(["op", "model", "key", "part", "parts", "other", "", " op "])
 attribute_values = st.one_of(
-    st.sampled_from(["predict", "predict_batch", "put_key", "put_key_part", "key_parts", "complete_key", "has_key",
-                     "envelope", "get_client", LOGREG, KEY_ID, "0", "-1", "1e9"]),
+    st.sampled_from(
+        [
+            "predict",
+            "predict_batch",
+            "put_key",
+            "put_key_part",
+            "key_parts",
+            "complete_key",
+            "has_key",
+            "envelope",
+            "get_client",
+            LOGREG,
+            KEY_ID,
+            "0",
+            "-1",
+            "1e9",
+        ]
+    ),
     st.text(alphabet=st.characters(min_codepoint=32, max_codepoint=126), max_size=30),
 )
 # Printable ASCII: what an HTTP header can carry at all.
 attribute_texts = st.one_of(
     st.text(alphabet=st.characters(min_codepoint=32, max_codepoint=126), max_size=120),
-    st.lists(st.tuples(attribute_names, st.sampled_from(["=", "", "=="]), attribute_values), max_size=6)
-    .map(lambda items: ";".join(name + sep + value for name, sep, value in items)),
+    st.lists(st.tuples(attribute_names, st.sampled_from(["=", "", "=="]), attribute_values), max_size=6).map(
+        lambda items: ";".join(name + sep + value for name, sep, value in items)
+    ),
 )
 
 
@@ -94,10 +118,13 @@ def http(server):
 
 
 @HTTP
-@given(body=batches, content_type=st.sampled_from([wire.CONTENT_TYPE, "application/octet-stream", "text/plain"]))
+@given(
+    body=batches, content_type=st.sampled_from([wire.CONTENT_TYPE, "application/octet-stream", "text/plain"])
+)
 def test_predict_batch_route_rejects_fuzz_with_documented_codes(http, body, content_type):
-    response = http.post(f"/v1/models/{LOGREG}/predict_batch", content=body,
-                         headers={"Content-Type": content_type})
+    response = http.post(
+        f"/v1/models/{LOGREG}/predict_batch", content=body, headers={"Content-Type": content_type}
+    )
     if response.status_code != 200:  # a fuzzed batch of garbage rows is never a valid set of ciphertexts
         assert_documented_rejection(response)
 
@@ -105,9 +132,15 @@ def test_predict_batch_route_rejects_fuzz_with_documented_codes(http, body, cont
 @HTTP
 @given(body=st.one_of(envelopes, batches), attributes=attribute_texts)
 def test_invocations_reject_fuzz_with_documented_codes(http, body, attributes):
-    response = http.post("/invocations", content=body, headers={
-        # HTTP drops the whitespace around a header value anyway (and h11 refuses to send it).
-        "Content-Type": "application/octet-stream", ATTRIBUTES_HEADER: attributes.strip()})
+    response = http.post(
+        "/invocations",
+        content=body,
+        headers={
+            # HTTP drops the whitespace around a header value anyway (and h11 refuses to send it).
+            "Content-Type": "application/octet-stream",
+            ATTRIBUTES_HEADER: attributes.strip(),
+        },
+    )
     if response.status_code != 200:  # e.g. op=list_models answers whatever the body
         assert_documented_rejection(response)
 
@@ -116,19 +149,30 @@ def test_invocations_reject_fuzz_with_documented_codes(http, body, attributes):
 @given(
     # Path segments that still reach these routes (an empty or dotted segment is another path, which
     # BentoML's router answers).
-    key_id=st.one_of(st.just(KEY_ID), st.text(alphabet="0123456789abcdefABCDEF-_xyz", min_size=1, max_size=70)),
-    index=st.one_of(st.integers(-5, 2000).map(str), st.text(alphabet="0123456789-+ex", min_size=1, max_size=8)),
+    key_id=st.one_of(
+        st.just(KEY_ID), st.text(alphabet="0123456789abcdefABCDEF-_xyz", min_size=1, max_size=70)
+    ),
+    index=st.one_of(
+        st.integers(-5, 2000).map(str), st.text(alphabet="0123456789-+ex", min_size=1, max_size=8)
+    ),
     body=st.binary(max_size=64),
-    headers=st.fixed_dictionaries({}, optional={
-        "Content-Type": st.sampled_from(["application/octet-stream", "text/plain", "", "application/octet-stream; x"]),
-    }),
+    headers=st.fixed_dictionaries(
+        {},
+        optional={
+            "Content-Type": st.sampled_from(
+                ["application/octet-stream", "text/plain", "", "application/octet-stream; x"]
+            ),
+        },
+    ),
 )
 def test_upload_part_routes_reject_fuzz_with_documented_codes(http, key_id, index, body, headers):
     response = http.put(f"/v1/models/{XGB}/keys/{key_id}/parts/{index}", content=body, headers=headers)
     if response.status_code != 200:
         assert_documented_rejection(response)
-    for check in (http.get(f"/v1/models/{XGB}/keys/{key_id}/parts"),
-                  http.post(f"/v1/models/{XGB}/keys/{key_id}/complete", params={"parts": index})):
+    for check in (
+        http.get(f"/v1/models/{XGB}/keys/{key_id}/parts"),
+        http.post(f"/v1/models/{XGB}/keys/{key_id}/complete", params={"parts": index}),
+    ):
         if check.status_code != 200:
             assert_documented_rejection(check)
 
@@ -136,7 +180,9 @@ def test_upload_part_routes_reject_fuzz_with_documented_codes(http, key_id, inde
 def _form(boundary: str, fields: list[tuple[str, str | None, bytes]]) -> bytes:
     parts = []
     for name, filename, value in fields:
-        disposition = f'form-data; name="{name}"' + (f'; filename="{filename}"' if filename is not None else "")
+        disposition = f'form-data; name="{name}"' + (
+            f'; filename="{filename}"' if filename is not None else ""
+        )
         parts.append(f"--{boundary}\r\nContent-Disposition: {disposition}\r\n\r\n".encode() + value + b"\r\n")
     return b"".join(parts) + f"--{boundary}--\r\n".encode()
 
@@ -144,16 +190,30 @@ def _form(boundary: str, fields: list[tuple[str, str | None, bytes]]) -> bytes:
 forms = st.builds(
     _form,
     st.just("fuzzboundary"),
-    st.lists(st.tuples(st.sampled_from(["key", "model_input", "uid", "x"]),
-                       st.one_of(st.none(), st.just("f.bin")),
-                       st.one_of(st.binary(max_size=40), st.just(KEY_ID.encode()))), max_size=3),
+    st.lists(
+        st.tuples(
+            st.sampled_from(["key", "model_input", "uid", "x"]),
+            st.one_of(st.none(), st.just("f.bin")),
+            st.one_of(st.binary(max_size=40), st.just(KEY_ID.encode())),
+        ),
+        max_size=3,
+    ),
 )
 
 
 @HTTP
-@given(route=st.sampled_from(["/add_key", "/compute"]), body=st.one_of(mutated(forms), st.binary(max_size=60)),
-       content_type=st.sampled_from(["multipart/form-data; boundary=fuzzboundary", "multipart/form-data",
-                                     "multipart/form-data; boundary=", "application/x-www-form-urlencoded"]))
+@given(
+    route=st.sampled_from(["/add_key", "/compute"]),
+    body=st.one_of(mutated(forms), st.binary(max_size=60)),
+    content_type=st.sampled_from(
+        [
+            "multipart/form-data; boundary=fuzzboundary",
+            "multipart/form-data",
+            "multipart/form-data; boundary=",
+            "application/x-www-form-urlencoded",
+        ]
+    ),
+)
 def test_zama_multipart_routes_reject_fuzz_with_documented_codes(http, route, body, content_type):
     response = http.post(route, content=body, headers={"Content-Type": content_type})
     assert_documented_rejection(response)  # never a 200: no fuzzed key is a real key, no uid is registered

@@ -15,21 +15,27 @@ import threading
 
 import httpx
 import pytest
+from conftest import LOGREG, XGB, assert_documented_rejection, imported_spec
 from hypothesis import HealthCheck, given, settings
 from hypothesis import strategies as st
 
 from fhe_bento.client import FHEClient
-from conftest import LOGREG, XGB, assert_documented_rejection, imported_spec
-from harness.capnp_attacks import FAMILIES, mutate, payloads, split_blobs, unfar, write_message
 from fhe_bento.runners.capnp_wire import MalformedMessage, first_difference, read_shape
 from fhe_bento.runners.errors import FHEBentoError
 from fhe_bento.runners.model_repo import ModelSpec
 from fhe_bento.runners.payload_check import check_ciphertext, check_key
+from harness.capnp_attacks import FAMILIES, mutate, payloads, split_blobs, unfar, write_message
 
 OCTET = {"Content-Type": "application/octet-stream"}
-IN_PROCESS = settings(max_examples=200, deadline=None, derandomize=True, suppress_health_check=[HealthCheck.too_slow])
-SERVED = settings(max_examples=100, deadline=None, derandomize=True, suppress_health_check=[HealthCheck.too_slow,
-                                                                         HealthCheck.function_scoped_fixture])
+IN_PROCESS = settings(
+    max_examples=200, deadline=None, derandomize=True, suppress_health_check=[HealthCheck.too_slow]
+)
+SERVED = settings(
+    max_examples=100,
+    deadline=None,
+    derandomize=True,
+    suppress_health_check=[HealthCheck.too_slow, HealthCheck.function_scoped_fixture],
+)
 
 
 @pytest.fixture(scope="module")
@@ -38,9 +44,15 @@ def real(server, demo, client_cache):
     client = FHEClient(server.url, cache_dir=client_cache, progress=False)
     xgb, logreg = client.model(XGB), client.model(LOGREG)
     row = demo.x_test[:1]
-    return {"xgb": xgb, "logreg": logreg, "xgb_key": xgb.evaluation_key(), "xgb_key_id": xgb.ensure_key(),
-            "xgb_ct": xgb.encrypt(row)[0], "logreg_ct": logreg.encrypt(row)[0],
-            "specs": {XGB: imported_spec(XGB), LOGREG: imported_spec(LOGREG)}}
+    return {
+        "xgb": xgb,
+        "logreg": logreg,
+        "xgb_key": xgb.evaluation_key(),
+        "xgb_key_id": xgb.ensure_key(),
+        "xgb_ct": xgb.encrypt(row)[0],
+        "logreg_ct": logreg.encrypt(row)[0],
+        "specs": {XGB: imported_spec(XGB), LOGREG: imported_spec(LOGREG)},
+    }
 
 
 def check(spec: ModelSpec, data: bytes, what: str) -> None:
@@ -60,10 +72,14 @@ def refusal(spec: ModelSpec, data: bytes, what: str) -> FHEBentoError:
 
 # --- the attacks of issue 10, in process ---------------------------------------------------------------
 
+
 @pytest.mark.parametrize("parts", [2, 4])
 def test_a_payload_split_into_several_blobs_is_refused(real, parts):
-    for name, what, data in [(LOGREG, "ciphertext", real["logreg_ct"]), (XGB, "ciphertext", real["xgb_ct"]),
-                             (XGB, "key", real["xgb_key"])]:
+    for name, what, data in [
+        (LOGREG, "ciphertext", real["logreg_ct"]),
+        (XGB, "ciphertext", real["xgb_ct"]),
+        (XGB, "key", real["xgb_key"]),
+    ]:
         error = refusal(real["specs"][name], split_blobs(data, parts), what)
         assert error.status == 422, error.message
 
@@ -129,7 +145,13 @@ def test_rewriting_a_message_keeps_its_content(real):
     from concrete import fhe
 
     rewritten = write_message(read_shape(real["xgb_ct"], keep_blobs=True))
-    assert first_difference(read_shape(rewritten, keep_blobs=True)[1], _flatten_far(read_shape(real["xgb_ct"], keep_blobs=True)[1])) is None
+    assert (
+        first_difference(
+            read_shape(rewritten, keep_blobs=True)[1],
+            _flatten_far(read_shape(real["xgb_ct"], keep_blobs=True)[1]),
+        )
+        is None
+    )
     assert fhe.Value.deserialize(rewritten).serialize() == fhe.Value.deserialize(real["xgb_ct"]).serialize()
 
 
@@ -141,6 +163,7 @@ def _flatten_far(node):
 
 
 # --- structured fuzzing -----------------------------------------------------------------------------------
+
 
 @st.composite
 def mutation(draw, data: bytes, allow_content: bool = True):
@@ -161,7 +184,10 @@ def test_fuzzed_ciphertexts_are_refused_unless_only_their_payload_changed(real, 
         assert not content_only
         assert (exc.status, exc.code) in {(400, "invalid_ciphertext"), (422, "ciphertext_mismatch")}
     else:
-        assert content_only or first_difference(read_shape(message), real["specs"][name].meta.ciphertext_shape) is None
+        assert (
+            content_only
+            or first_difference(read_shape(message), real["specs"][name].meta.ciphertext_shape) is None
+        )
 
 
 @given(data=st.data())
@@ -173,10 +199,13 @@ def test_fuzzed_keys_are_refused_unless_only_their_payload_changed(real, data):
     except FHEBentoError:
         assert not content_only
     else:
-        assert content_only or first_difference(read_shape(message), real["specs"][XGB].meta.key_shape) is None
+        assert (
+            content_only or first_difference(read_shape(message), real["specs"][XGB].meta.key_shape) is None
+        )
 
 
 # --- the same fuzzer against a served runner ------------------------------------------------------------
+
 
 class HonestClients:
     """Honest predictions in a loop while the fuzzer runs: every one must decrypt to the clear prediction."""
@@ -196,7 +225,7 @@ class HonestClients:
             self.answers.append(model.predict(row)[0] == self.demo.clear_predict(model.name, row)[0])
             index += 1
 
-    def __enter__(self) -> "HonestClients":
+    def __enter__(self) -> HonestClients:
         self.thread.start()
         return self
 
@@ -228,16 +257,23 @@ def served_answer(response: httpx.Response, content_only: bool) -> None:
 def test_fuzzed_ciphertexts_never_take_the_served_engine_down(server, real, honest, data):
     name = data.draw(st.sampled_from([XGB, LOGREG]))
     # A content-only mutation of an XGB row would compute for seconds: those are covered in process.
-    message, content_only = data.draw(mutation(real["xgb_ct" if name == XGB else "logreg_ct"],
-                                               allow_content=name == LOGREG))
+    message, content_only = data.draw(
+        mutation(real["xgb_ct" if name == XGB else "logreg_ct"], allow_content=name == LOGREG)
+    )
     headers = {**OCTET, "X-FHE-Key-Id": real["xgb_key_id"]}
-    response = httpx.post(f"{server.url}/v1/models/{name}/predict", content=message, headers=headers, timeout=120)
+    response = httpx.post(
+        f"{server.url}/v1/models/{name}/predict", content=message, headers=headers, timeout=120
+    )
     served_answer(response, content_only)
 
 
 @given(data=st.data())
-@settings(max_examples=10, deadline=None, derandomize=True, suppress_health_check=[HealthCheck.too_slow,
-                                                                 HealthCheck.function_scoped_fixture])
+@settings(
+    max_examples=10,
+    deadline=None,
+    derandomize=True,
+    suppress_health_check=[HealthCheck.too_slow, HealthCheck.function_scoped_fixture],
+)
 def test_fuzzed_keys_never_take_the_served_engine_down(server, real, honest, data):
     message, content_only = data.draw(mutation(real["xgb_key"], allow_content=False))
     response = httpx.post(f"{server.url}/v1/models/{XGB}/keys", content=message, headers=OCTET, timeout=300)

@@ -11,11 +11,11 @@ import hashlib
 import time
 
 import pytest
+from conftest import LOGREG, XGB, assert_error
 from fastapi.testclient import TestClient
 
 from fhe_bento.client import FHEClient, RemoteModel
 from fhe_bento.client.http_transport import HTTPTransport
-from conftest import LOGREG, XGB, assert_error
 from fhe_bento.protocol import wire
 from fhe_bento.protocol.names import ATTRIBUTES_HEADER, KEY_ID_HEADER, OCTET_STREAM, PART_BYTES
 
@@ -42,9 +42,14 @@ def http(demo):
         return runner.engine.ready()
 
     health = RunnerHealth(engine_ready, settings.runner_down_seconds, stop_when_down=False)
-    ops = Operations(runner, specs, default_model(settings, specs), settings,
-                     Admission(settings.max_queue_rows, settings.request_timeout, parallelism=2, batch_parallelism=1),
-                     health)
+    ops = Operations(
+        runner,
+        specs,
+        default_model(settings, specs),
+        settings,
+        Admission(settings.max_queue_rows, settings.request_timeout, parallelism=2, batch_parallelism=1),
+        health,
+    )
     app.dependency_overrides[current_operations] = lambda: ops
     app.dependency_overrides[current_health] = lambda: health
     try:
@@ -61,8 +66,12 @@ def http(demo):
 
 
 def _client(http, cache_dir) -> FHEClient:
-    return FHEClient(transport=HTTPTransport("http://testserver", client=http), cache_dir=cache_dir, progress=False,
-                     concurrency=1)
+    return FHEClient(
+        transport=HTTPTransport("http://testserver", client=http),
+        cache_dir=cache_dir,
+        progress=False,
+        concurrency=1,
+    )
 
 
 @pytest.fixture(scope="module")
@@ -77,8 +86,11 @@ def test_keyless_model_predicts_through_native_route_and_invocations(http, demo,
     rows = logreg.encrypt(x)
     native = http.post(f"/v1/models/{LOGREG}/predict", content=rows[0], headers=OCTET)
     assert native.status_code == 200, native.text
-    batch = http.post("/invocations", content=wire.encode_batch(rows), headers={
-        "Content-Type": wire.CONTENT_TYPE, ATTRIBUTES_HEADER: f"op=predict_batch; model={LOGREG}"})
+    batch = http.post(
+        "/invocations",
+        content=wire.encode_batch(rows),
+        headers={"Content-Type": wire.CONTENT_TYPE, ATTRIBUTES_HEADER: f"op=predict_batch; model={LOGREG}"},
+    )
     assert batch.status_code == 200, batch.text
     answers = [native.content, wire.decode_batch(batch.content, 2)[1]]
     got = [logreg.labels(logreg.decrypt(answer).reshape(1, -1))[0] for answer in answers]
@@ -87,15 +99,26 @@ def test_keyless_model_predicts_through_native_route_and_invocations(http, demo,
 
 def test_invocations_read_each_body_as_its_native_route_does(http):
     # predict takes one ciphertext (octet-stream), as POST .../predict does: the batch type is refused.
-    refused = http.post("/invocations", content=b"x", headers={
-        "Content-Type": wire.CONTENT_TYPE, ATTRIBUTES_HEADER: f"op=predict; model={LOGREG}"})
+    refused = http.post(
+        "/invocations",
+        content=b"x",
+        headers={"Content-Type": wire.CONTENT_TYPE, ATTRIBUTES_HEADER: f"op=predict; model={LOGREG}"},
+    )
     assert_error(refused, 415, "unsupported_media_type")
-    assert_error(http.post("/invocations", content=b"x", headers={**OCTET, ATTRIBUTES_HEADER: "op=nope"}),
-                 400, "invalid_attributes")
-    big = http.post("/invocations", content=b"x" * (PART_BYTES + 1), headers={
-        **OCTET, ATTRIBUTES_HEADER: f"op=put_key_part; model={XGB}; key={'0' * 64}; part=0"})
+    assert_error(
+        http.post("/invocations", content=b"x", headers={**OCTET, ATTRIBUTES_HEADER: "op=nope"}),
+        400,
+        "invalid_attributes",
+    )
+    big = http.post(
+        "/invocations",
+        content=b"x" * (PART_BYTES + 1),
+        headers={**OCTET, ATTRIBUTES_HEADER: f"op=put_key_part; model={XGB}; key={'0' * 64}; part=0"},
+    )
     assert_error(big, 413, "payload_too_large")
-    unknown = http.post("/invocations", content=b"x", headers={**OCTET, ATTRIBUTES_HEADER: "op=predict; model=nope"})
+    unknown = http.post(
+        "/invocations", content=b"x", headers={**OCTET, ATTRIBUTES_HEADER: "op=predict; model=nope"}
+    )
     assert_error(unknown, 404, "unknown_model")
 
 
@@ -107,7 +130,9 @@ def test_whole_upload_predict_and_delete(http, demo, owner):
     assert http.post(f"/v1/models/{XGB}/keys", content=key, headers=OCTET).status_code == 200
     assert [k["key_id"] for k in http.get("/v1/keys").json()] == [key_id]
     x = demo.x_test[:1]
-    answer = http.post(f"/v1/models/{XGB}/predict", content=owner.encrypt(x)[0], headers={**OCTET, KEY_ID_HEADER: key_id})
+    answer = http.post(
+        f"/v1/models/{XGB}/predict", content=owner.encrypt(x)[0], headers={**OCTET, KEY_ID_HEADER: key_id}
+    )
     assert answer.status_code == 200, answer.text
     assert owner.labels(owner.decrypt(answer.content).reshape(1, -1))[0] == demo.clear_predict(XGB, x)[0]
     assert http.delete(f"/v1/models/{XGB}/keys/{key_id}").status_code == 204
@@ -119,7 +144,7 @@ def test_whole_upload_predict_and_delete(http, demo, owner):
 def test_part_upload_branches(http, owner):
     key = owner.evaluation_key()
     key_id = hashlib.sha256(key).hexdigest()
-    parts = [key[i:i + PART_BYTES] for i in range(0, len(key), PART_BYTES)]
+    parts = [key[i : i + PART_BYTES] for i in range(0, len(key), PART_BYTES)]
     base = f"/v1/models/{XGB}/keys/{key_id}"
     for index in reversed(range(1, len(parts))):  # any order; part 0 missing for now
         assert http.put(f"{base}/parts/{index}", content=parts[index], headers=OCTET).status_code == 200
@@ -143,7 +168,7 @@ def test_parts_that_do_not_hash_to_their_key_id_are_dropped(http, owner):
     key = owner.evaluation_key()
     wrong = hashlib.sha256(b"another key").hexdigest()
     base = f"/v1/models/{XGB}/keys/{wrong}"
-    parts = [key[i:i + PART_BYTES] for i in range(0, len(key), PART_BYTES)]
+    parts = [key[i : i + PART_BYTES] for i in range(0, len(key), PART_BYTES)]
     for index, part in enumerate(parts):
         assert http.put(f"{base}/parts/{index}", content=part, headers=OCTET).status_code == 200
     assert_error(http.post(f"{base}/complete", params={"parts": len(parts)}), 400, "digest_mismatch")
@@ -159,21 +184,32 @@ def test_batch_transform_answers_every_record_in_order(http, demo, tmp_path):
     logreg = _client(http, tmp_path).model(LOGREG)
     x = demo.x_test[:3]
     rows = logreg.encrypt(x)
-    body = b"\n".join([
-        transform.encode_record(rows[0], None, LOGREG),
-        b'{"ciphertext": "not base64 at all!"}',
-        transform.encode_record(rows[1], None, LOGREG),
-        transform.encode_record(b"\x00" * 32, None, LOGREG),  # not a ciphertext of the model
-        transform.encode_record(rows[2], None, "no-such-model"),
-        transform.encode_record(rows[2], None, LOGREG),
-    ]) + b"\n"
+    body = (
+        b"\n".join(
+            [
+                transform.encode_record(rows[0], None, LOGREG),
+                b'{"ciphertext": "not base64 at all!"}',
+                transform.encode_record(rows[1], None, LOGREG),
+                transform.encode_record(b"\x00" * 32, None, LOGREG),  # not a ciphertext of the model
+                transform.encode_record(rows[2], None, "no-such-model"),
+                transform.encode_record(rows[2], None, LOGREG),
+            ]
+        )
+        + b"\n"
+    )
     answer = http.post("/invocations", content=body, headers={"Content-Type": transform.CONTENT_TYPE})
     assert answer.status_code == 200, answer.text
     answers = [transform.decode_answer(line) for line in transform.lines(answer.content)]
     assert len(answers) == 6
-    assert [a["code"] for a in answers if isinstance(a, dict)] == ["invalid_record", "invalid_ciphertext", "unknown_model"]
+    assert [a["code"] for a in answers if isinstance(a, dict)] == [
+        "invalid_record",
+        "invalid_ciphertext",
+        "unknown_model",
+    ]
     results = [answers[i] for i in (0, 2, 5)]
-    assert [logreg.labels(logreg.decrypt(r).reshape(1, -1))[0] for r in results] == list(demo.clear_predict(LOGREG, x))
+    assert [logreg.labels(logreg.decrypt(r).reshape(1, -1))[0] for r in results] == list(
+        demo.clear_predict(LOGREG, x)
+    )
 
 
 def test_a_stateful_session_is_opened_for_one_key_and_checked(http, owner):
@@ -193,8 +229,12 @@ def test_a_stateful_session_is_opened_for_one_key_and_checked(http, owner):
     carried = has_key(session.id)
     assert carried.status_code == 200 and SESSION_HEADER not in carried.headers
     prefix, expires, nonce = session.id.split(".")
-    for refused in (has_key(session.id, other), has_key(f"{prefix}.{int(time.time()) - 1}.{nonce}"),
-                    has_key("forged"), has_key(NEW_SESSION, key=None)):
+    for refused in (
+        has_key(session.id, other),
+        has_key(f"{prefix}.{int(time.time()) - 1}.{nonce}"),
+        has_key("forged"),
+        has_key(NEW_SESSION, key=None),
+    ):
         assert_error(refused, 400, "invalid_session")
 
 
@@ -210,7 +250,9 @@ def test_a_client_whose_session_is_refused_opens_a_new_one(http, demo, owner):
     transport = SageMakerTransport(invoker)
     model = FHEClient(transport=transport, cache_dir=owner.folder.parent, progress=False).model(XGB)
     key_id = model.ensure_key()
-    ended = Session(f"{key_id[:16]}.{int(time.time()) - 5}.{'0' * 16}", datetime.now(timezone.utc) + timedelta(hours=1))
+    ended = Session(
+        f"{key_id[:16]}.{int(time.time()) - 5}.{'0' * 16}", datetime.now(timezone.utc) + timedelta(hours=1)
+    )
     transport.sessions[key_id] = ended  # the client thinks it open; the server knows it ended
     x = demo.x_test[:1]
     assert model.predict(x)[0] == demo.clear_predict(XGB, x)[0]

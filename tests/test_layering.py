@@ -24,8 +24,13 @@ def test_import_contracts_hold(tmp_path):
         shutil.copytree(ROOT / folder, installed / folder)
     shutil.copytree(ROOT / "harness", tmp_path / "harness")
     lint = Path(sys.executable).parent / "lint-imports"
-    result = subprocess.run([str(lint), "--no-cache", "--config", str(ROOT / "pyproject.toml")], cwd=tmp_path,
-                            env={**os.environ, "PYTHONPATH": str(tmp_path)}, capture_output=True, text=True)
+    result = subprocess.run(
+        [str(lint), "--no-cache", "--config", str(ROOT / "pyproject.toml")],
+        cwd=tmp_path,
+        env={**os.environ, "PYTHONPATH": str(tmp_path)},
+        capture_output=True,
+        text=True,
+    )
     assert result.returncode == 0, result.stdout + result.stderr
     assert "5 kept, 0 broken" in result.stdout, result.stdout
     analyzed = int(re.search(r"Analyzed (\d+) files", result.stdout).group(1))

@@ -11,6 +11,7 @@ from concurrent.futures import ThreadPoolExecutor
 
 import httpx
 from conftest import LOGREG, XGB, imported_spec
+
 from fhe_bento.client import FHEClient
 from harness.burst import burst
 from harness.devserver import Server
@@ -22,7 +23,9 @@ HOP_FAILURE = re.compile(r"runner call \w+ failed")
 def test_ping_stays_200_within_a_second_through_a_burst(server, demo, tmp_path):
     """50 connections for 20 s, half HEADs of unknown keys and half logreg predictions, on a server with
     two runner workers: every /ping is 200 within 1 s, and the server is still up after."""
-    ciphertext = FHEClient(server.url, cache_dir=tmp_path, progress=False).model(LOGREG).encrypt(demo.x_test[:1])[0]
+    ciphertext = (
+        FHEClient(server.url, cache_dir=tmp_path, progress=False).model(LOGREG).encrypt(demo.x_test[:1])[0]
+    )
     log_start = len(server.log())
     with multiprocessing.get_context("spawn").Pool(1) as pool:
         load = pool.apply_async(burst, (server.url, 20.0, 50, XGB, LOGREG, ciphertext))
@@ -51,8 +54,9 @@ def test_the_runner_hop_loses_and_repeats_no_call_across_idle_periods(server, de
     computed = server.metric("fhe_bento_rows_total", model=LOGREG, outcome="ok")
 
     def predict(_: int) -> int:
-        return httpx.post(f"{server.url}/v1/models/{LOGREG}/predict", content=ciphertext, headers=OCTET,
-                          timeout=60).status_code
+        return httpx.post(
+            f"{server.url}/v1/models/{LOGREG}/predict", content=ciphertext, headers=OCTET, timeout=60
+        ).status_code
 
     statuses = []
     with ThreadPoolExecutor(4) as pool:
@@ -73,15 +77,21 @@ def test_concurrent_key_uploads_stay_within_the_documented_memory_bound(demo, tm
     from fhe_bento.runners.memory_plan import plan_memory
     from fhe_bento.runners.settings import Settings
 
-    env = {"FHE_BENTO_MAX_VERIFICATIONS": "1", "FHE_BENTO_MAX_QUEUED_VERIFICATIONS": "1",
-           "FHE_BENTO_MAX_OPEN_UPLOADS_PER_SCOPE": "8",
-           "FHE_BENTO_KEY_STORE": (tmp_path / "keys").as_uri()}
+    env = {
+        "FHE_BENTO_MAX_VERIFICATIONS": "1",
+        "FHE_BENTO_MAX_QUEUED_VERIFICATIONS": "1",
+        "FHE_BENTO_MAX_OPEN_UPLOADS_PER_SCOPE": "8",
+        "FHE_BENTO_KEY_STORE": (tmp_path / "keys").as_uri(),
+    }
     spec = imported_spec(XGB)
     plan = plan_memory(Settings(max_verifications=1, max_queued_verifications=1), {XGB: spec})
     server = Server(tmp_path / "server", env)
     server.start()
     try:
-        models = [FHEClient(server.url, cache_dir=tmp_path / f"owner{i}", progress=False).model(XGB) for i in range(6)]
+        models = [
+            FHEClient(server.url, cache_dir=tmp_path / f"owner{i}", progress=False).model(XGB)
+            for i in range(6)
+        ]
         for model in models:
             model.evaluation_key()  # keys made before the uploads, so they start together
         before = server.resident_bytes()
@@ -99,11 +109,15 @@ def test_concurrent_key_uploads_stay_within_the_documented_memory_bound(demo, tm
         sampling.set()
         sampler.join()
         growth = max(peak) - before
-        held = len(models) * 2 * spec.meta.eval_key_bytes  # every upload's body, in the service and the runner
+        held = (
+            len(models) * 2 * spec.meta.eval_key_bytes
+        )  # every upload's body, in the service and the runner
         bound = plan.verifications * plan.verify_cost + held
         margin = 100 * 10**6
-        print(f"growth {growth / 1e6:.0f} MB, bound {bound / 1e6:.0f} MB (+{margin / 1e6:.0f}); one verification "
-              f"{plan.verify_cost / 1e6:.0f} MB")
+        print(
+            f"growth {growth / 1e6:.0f} MB, bound {bound / 1e6:.0f} MB (+{margin / 1e6:.0f}); one verification "
+            f"{plan.verify_cost / 1e6:.0f} MB"
+        )
         assert growth <= bound + margin
         assert len(set(key_ids)) == len(models)
         for key_id in key_ids:
@@ -111,4 +125,3 @@ def test_concurrent_key_uploads_stay_within_the_documented_memory_bound(demo, tm
         assert server.metric("fhe_bento_key_verifications_refused_total") > 0  # the queue bound was reached
     finally:
         server.stop()
-

@@ -19,13 +19,14 @@ from pathlib import Path
 import httpx
 import psutil
 import pytest
+from conftest import LOGREG, assert_error, imported_spec  # rows must take seconds here
+from conftest import REALISTIC_XGB as XGB
 
 from fhe_bento.client import FHEClient
-from conftest import LOGREG, REALISTIC_XGB as XGB, assert_error, imported_spec  # rows must take seconds here
-from harness.devserver import Server
+from fhe_bento.protocol import wire
 from fhe_bento.runners.heartbeat import STALE_SECONDS
 from fhe_bento.runners.lifecycle import STOPPED_STATUS
-from fhe_bento.protocol import wire
+from harness.devserver import Server
 
 OCTET = {"Content-Type": "application/octet-stream"}
 pytestmark = pytest.mark.usefixtures("realistic_xgb")
@@ -67,9 +68,16 @@ def test_an_engine_killed_mid_row_is_replaced_and_the_row_is_retryable(image_lik
     (engine,) = image_like.engines()
     cpu_before = sum(engine.cpu_times()[:2])
     answers = []
-    sender = threading.Thread(target=lambda: answers.append(httpx.post(
-        f"{image_like.url}/v1/models/{XGB}/predict", content=xgb.encrypt(row)[0],
-        headers={**OCTET, "X-FHE-Key-Id": key_id}, timeout=600)))
+    sender = threading.Thread(
+        target=lambda: answers.append(
+            httpx.post(
+                f"{image_like.url}/v1/models/{XGB}/predict",
+                content=xgb.encrypt(row)[0],
+                headers={**OCTET, "X-FHE-Key-Id": key_id},
+                timeout=600,
+            )
+        )
+    )
     sender.start()
     wait_for(lambda: sum(engine.cpu_times()[:2]) > cpu_before + 1.0, "the engine computing the row")
     killed_at = time.monotonic()
@@ -105,8 +113,12 @@ def test_ping_is_503_while_the_engine_restarts(image_like, demo, tmp_path):
     wait_for(lambda: ping(image_like) == 503, "/ping 503 after the engine died")
     # While /ping says 503, a prediction is refused with the retryable code, or (if the engine came back
     # in between) answered correctly: never a 5xx of another kind, never a wrong answer.
-    response = httpx.post(f"{image_like.url}/v1/models/{LOGREG}/predict", content=logreg.encrypt(row)[0],
-                          headers=OCTET, timeout=60)
+    response = httpx.post(
+        f"{image_like.url}/v1/models/{LOGREG}/predict",
+        content=logreg.encrypt(row)[0],
+        headers=OCTET,
+        timeout=60,
+    )
     if response.status_code != 200:
         assert response.status_code == 503 and response.json()["error"]["code"] == "runner_unavailable"
     wait_for(lambda: ping(image_like) == 200, "/ping back to 200")
@@ -121,14 +133,23 @@ def test_rows_of_a_request_whose_client_went_away_are_dropped(image_like, demo, 
     computed = image_like.metric("fhe_bento_rows_total", model=XGB, outcome="ok")
     dropped = image_like.metric("fhe_bento_rows_total", model=XGB, outcome="dropped")
     with pytest.raises(httpx.ReadTimeout):  # the client gives up during the first row (each takes seconds)
-        httpx.post(f"{image_like.url}/v1/models/{XGB}/predict_batch", content=batch, timeout=httpx.Timeout(60, read=3),
-                   headers={"Content-Type": wire.CONTENT_TYPE, "X-FHE-Key-Id": key_id})
-    wait_for(lambda: image_like.metric("fhe_bento_rows_total", model=XGB, outcome="dropped") > dropped, "rows dropped")
+        httpx.post(
+            f"{image_like.url}/v1/models/{XGB}/predict_batch",
+            content=batch,
+            timeout=httpx.Timeout(60, read=3),
+            headers={"Content-Type": wire.CONTENT_TYPE, "X-FHE-Key-Id": key_id},
+        )
+    wait_for(
+        lambda: image_like.metric("fhe_bento_rows_total", model=XGB, outcome="dropped") > dropped,
+        "rows dropped",
+    )
     # The abandoned request ends at once (the access log's 499): BentoML's timeout middleware, which waits for
     # a first message, held a request that sent none until its 605 s deadline, and the server's stop with it.
     abandoned = re.compile(rf"path=/v1/models/{XGB}/predict_batch,[^)]*\) \(status=499,")
     wait_for(lambda: abandoned.search(image_like.log()), "the abandoned request's access log line", limit=120)
-    wait_for(lambda: ping(image_like) == 200 and image_like.metric("fhe_bento_queue_rows", model=XGB) == 0, "idle")
+    wait_for(
+        lambda: ping(image_like) == 200 and image_like.metric("fhe_bento_queue_rows", model=XGB) == 0, "idle"
+    )
     # The engine evaluates rows in order, so this row comes after whatever of the batch had already started.
     assert xgb.predict(demo.x_test[:1])[0] == demo.clear_predict(XGB, demo.x_test[:1])[0]
     computed = image_like.metric("fhe_bento_rows_total", model=XGB, outcome="ok") - computed - 1
@@ -145,8 +166,12 @@ def test_a_batch_that_cannot_finish_in_time_is_refused_up_front(image_like, demo
     key_id = xgb.ensure_key()
     computed = image_like.metric("fhe_bento_rows_total", model=XGB, outcome="ok")
     rows = xgb.encrypt(demo.x_test.repeat(3, axis=0)[:256])
-    response = httpx.post(f"{image_like.url}/v1/models/{XGB}/predict_batch", content=wire.encode_batch(rows),
-                          headers={"Content-Type": wire.CONTENT_TYPE, "X-FHE-Key-Id": key_id}, timeout=60)
+    response = httpx.post(
+        f"{image_like.url}/v1/models/{XGB}/predict_batch",
+        content=wire.encode_batch(rows),
+        headers={"Content-Type": wire.CONTENT_TYPE, "X-FHE-Key-Id": key_id},
+        timeout=60,
+    )
     assert_error(response, 413, "batch_too_long")
     fit = int(re.search(r"(\d+) rows fit", response.json()["error"]["message"]).group(1))
     assert 0 < fit < 256
@@ -156,16 +181,28 @@ def test_a_batch_that_cannot_finish_in_time_is_refused_up_front(image_like, demo
 # SIGKILL: BentoML's arbiter quits when a watcher has no process left (status 1), unless the HTTP
 # service's watch stops the server first (status 3): either way a failure status. SIGSTOP: a runner that
 # hangs is found only by that watch (status 3).
-@pytest.mark.parametrize(("kill", "statuses"), [(signal.SIGKILL, {1, STOPPED_STATUS}), (signal.SIGSTOP, {STOPPED_STATUS})])
+@pytest.mark.parametrize(
+    ("kill", "statuses"), [(signal.SIGKILL, {1, STOPPED_STATUS}), (signal.SIGSTOP, {STOPPED_STATUS})]
+)
 def test_a_dead_or_hung_runner_worker_stops_the_server_with_a_failure_status(demo, tmp_path, kill, statuses):
-    server = Server(tmp_path / "server", {**CONTAINERIZED, "FHE_BENTO_RUNNER_DOWN_SECONDS": "5",
-                                          "FHE_BENTO_KEY_STORE": (tmp_path / "keys").as_uri()})
+    server = Server(
+        tmp_path / "server",
+        {
+            **CONTAINERIZED,
+            "FHE_BENTO_RUNNER_DOWN_SECONDS": "5",
+            "FHE_BENTO_KEY_STORE": (tmp_path / "keys").as_uri(),
+        },
+    )
     server.start()
     proc = server.proc
     try:
         engine_pids = [e.pid for e in server.engines()]
         assert engine_pids
-        row = FHEClient(server.url, cache_dir=tmp_path / "owner", progress=False).model(LOGREG).encrypt(demo.x_test[:1])[0]
+        row = (
+            FHEClient(server.url, cache_dir=tmp_path / "owner", progress=False)
+            .model(LOGREG)
+            .encrypt(demo.x_test[:1])[0]
+        )
         worker = server.runner_worker()
         worker.send_signal(kill)
         killed_at = time.monotonic()
@@ -174,14 +211,19 @@ def test_a_dead_or_hung_runner_worker_stops_the_server_with_a_failure_status(dem
             time.sleep(0.2)
             started = time.monotonic()
             try:
-                answer = httpx.post(f"{server.url}/v1/models/{LOGREG}/predict", content=row, headers=OCTET, timeout=30)
+                answer = httpx.post(
+                    f"{server.url}/v1/models/{LOGREG}/predict", content=row, headers=OCTET, timeout=30
+                )
                 assert_error(answer, 503, "runner_unavailable")
                 assert time.monotonic() - started < 2.0
             except httpx.TransportError:
                 pass
         pings = []  # (seconds since the kill, status)
-        wait_for(lambda: pings.append((time.monotonic() - killed_at, ping(server))) or proc.poll() is not None,
-                 "the server to exit", every=0.2)
+        wait_for(
+            lambda: pings.append((time.monotonic() - killed_at, ping(server))) or proc.poll() is not None,
+            "the server to exit",
+            every=0.2,
+        )
         # A dead worker is seen at once (the first ping may have been answered before); a hung one once its
         # heartbeat is stale.
         seen_within = 0.5 if kill == signal.SIGKILL else STALE_SECONDS + 1.0
@@ -189,7 +231,9 @@ def test_a_dead_or_hung_runner_worker_stops_the_server_with_a_failure_status(dem
         assert proc.returncode in statuses
         if kill == signal.SIGSTOP:
             assert "the FHE runner has not answered" in server.log()
-        wait_for(lambda: not [pid for pid in engine_pids if psutil.pid_exists(pid)], "the engines to exit with it")
+        wait_for(
+            lambda: not [pid for pid in engine_pids if psutil.pid_exists(pid)], "the engines to exit with it"
+        )
         print(f"server exited {time.monotonic() - killed_at:.1f} s after its runner worker got {kill.name}")
     finally:
         if proc.poll() is None:
@@ -199,12 +243,21 @@ def test_a_dead_or_hung_runner_worker_stops_the_server_with_a_failure_status(dem
 def test_warm_keys_stay_within_the_resident_bound(demo, tmp_path):
     warm = imported_spec(XGB).meta.warm_key_bytes
     bound = int(2.5 * warm)  # two warm keys fit
-    server = Server(tmp_path / "server", {**CONTAINERIZED, "FHE_BENTO_KEY_CACHE_BYTES": str(bound),
-                                          "FHE_BENTO_KEY_STORE": (tmp_path / "keys").as_uri()})
+    server = Server(
+        tmp_path / "server",
+        {
+            **CONTAINERIZED,
+            "FHE_BENTO_KEY_CACHE_BYTES": str(bound),
+            "FHE_BENTO_KEY_STORE": (tmp_path / "keys").as_uri(),
+        },
+    )
     server.start()
     try:
         row = demo.x_test[:1]
-        owners = [FHEClient(server.url, cache_dir=tmp_path / f"owner{i}", progress=False).model(XGB) for i in range(4)]
+        owners = [
+            FHEClient(server.url, cache_dir=tmp_path / f"owner{i}", progress=False).model(XGB)
+            for i in range(4)
+        ]
         for owner in owners:
             owner.ensure_key()
         logreg = FHEClient(server.url, cache_dir=tmp_path / "logreg", progress=False).model(LOGREG)
@@ -218,7 +271,9 @@ def test_warm_keys_stay_within_the_resident_bound(demo, tmp_path):
         # Four keys of `warm` bytes each went through a cache bounded to 2.5 x warm (unbounded, it would have
         # grown by about 4 x warm).
         assert max(growth) <= bound + 0.25 * warm, ([g / 1e6 for g in growth], warm / 1e6)
-        print(f"warm key {warm / 1e6:.0f} MB, bound {bound / 1e6:.0f} MB, growth MB: {[round(g / 1e6) for g in growth]}")
+        print(
+            f"warm key {warm / 1e6:.0f} MB, bound {bound / 1e6:.0f} MB, growth MB: {[round(g / 1e6) for g in growth]}"
+        )
         # A server full of warm keys stops on SIGTERM alone, and its engine ends as stopped, not as crashed.
         assert server.stop() == 0
         assert "FHE engine process died" not in server.log()

@@ -6,9 +6,9 @@ from __future__ import annotations
 
 import httpx
 import pytest
+from conftest import LOGREG, XGB
 
 from fhe_bento.client import FHEClient
-from conftest import LOGREG, XGB
 from harness import loadfault
 from harness.devserver import Server
 
@@ -18,7 +18,10 @@ ROUNDS = 4
 @pytest.fixture(scope="module")
 def replicas(demo, tmp_path_factory):
     root = tmp_path_factory.mktemp("reliability")
-    env = {"FHE_BENTO_MODELS": f"{XGB}:latest,{LOGREG}:latest", "FHE_BENTO_KEY_STORE": (root / "keys").as_uri()}
+    env = {
+        "FHE_BENTO_MODELS": f"{XGB}:latest,{LOGREG}:latest",
+        "FHE_BENTO_KEY_STORE": (root / "keys").as_uri(),
+    }
     servers = [Server(root / name, env) for name in ("a", "b")]
     for server in servers:
         server.start()
@@ -37,8 +40,14 @@ def test_load_with_a_replica_killed_loses_nothing(replicas, demo, tmp_path):
 
     assert not [answer for answer in outcome.answers if answer.startswith("5")], outcome.answers
     # Every invalid request got its documented code, once per round and client.
-    for answer in ("400 invalid_ciphertext", "400 invalid_key", "415 unsupported_media_type", "404 unknown_key",
-                   "400 invalid_batch", "404 unknown_model"):
+    for answer in (
+        "400 invalid_ciphertext",
+        "400 invalid_key",
+        "415 unsupported_media_type",
+        "404 unknown_key",
+        "400 invalid_batch",
+        "404 unknown_model",
+    ):
         assert outcome.answers[answer] == ROUNDS * len(owners), (answer, outcome.answers)
     assert replicas[1].log().count("Starting production") == 2  # the victim really died and came back
 
@@ -49,9 +58,16 @@ def test_load_with_a_replica_killed_loses_nothing(replicas, demo, tmp_path):
         assert (XGB, key_id) in outcome.accepted_keys
         for server in replicas:
             assert httpx.head(f"{server.url}/v1/models/{XGB}/keys/{key_id}").status_code == 200
-        answer = httpx.post(f"{replicas[1].url}/v1/models/{XGB}/predict", content=owner.keyed.encrypt(x[5:6])[0],
-                            headers={"Content-Type": "application/octet-stream", "X-FHE-Key-Id": key_id}, timeout=600)
-        assert owner.keyed.labels(owner.keyed.decrypt(answer.content)[None, :])[0] == demo.clear_predict(XGB, x[5:6])[0]
+        answer = httpx.post(
+            f"{replicas[1].url}/v1/models/{XGB}/predict",
+            content=owner.keyed.encrypt(x[5:6])[0],
+            headers={"Content-Type": "application/octet-stream", "X-FHE-Key-Id": key_id},
+            timeout=600,
+        )
+        assert (
+            owner.keyed.labels(owner.keyed.decrypt(answer.content)[None, :])[0]
+            == demo.clear_predict(XGB, x[5:6])[0]
+        )
 
     # Every 200 prediction decrypts to the model's own clear prediction of its row.
     assert len(outcome.predictions) >= len(owners) * ROUNDS * 3

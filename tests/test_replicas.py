@@ -10,11 +10,11 @@ from concurrent.futures import ThreadPoolExecutor
 import boto3
 import httpx
 import pytest
+from conftest import LOGREG, XGB, imported_spec
 
 from fhe_bento.client import FHEClient
 from fhe_bento.client.http_transport import HTTPTransport
 from fhe_bento.protocol.names import PART_BYTES
-from conftest import LOGREG, XGB, imported_spec
 from harness.devserver import Server
 
 BUCKET = "fhe-bento-keys"
@@ -23,12 +23,15 @@ OCTET = {"Content-Type": "application/octet-stream"}
 
 def start_replica(workdir, store: str, **env: str) -> Server:
     workdir.mkdir(parents=True, exist_ok=True)
-    server = Server(workdir, {
-        "FHE_BENTO_MODELS": f"{XGB}:latest,{LOGREG}:latest",
-        "FHE_BENTO_KEY_STORE": store,
-        "FHE_BENTO_STAGING_DIR": str(workdir / "staging"),
-        **env,
-    })
+    server = Server(
+        workdir,
+        {
+            "FHE_BENTO_MODELS": f"{XGB}:latest,{LOGREG}:latest",
+            "FHE_BENTO_KEY_STORE": store,
+            "FHE_BENTO_STAGING_DIR": str(workdir / "staging"),
+            **env,
+        },
+    )
     server.start()
     return server
 
@@ -48,8 +51,9 @@ def parts_of(key: bytes) -> list[bytes]:
 
 
 def put_part(server: Server, key_id: str, index: int, data) -> httpx.Response:
-    return httpx.put(f"{server.url}/v1/models/{XGB}/keys/{key_id}/parts/{index}", content=data, headers=OCTET,
-                     timeout=60)
+    return httpx.put(
+        f"{server.url}/v1/models/{XGB}/keys/{key_id}/parts/{index}", content=data, headers=OCTET, timeout=60
+    )
 
 
 def key_objects(key_id: str) -> list[dict]:
@@ -66,10 +70,12 @@ def test_parts_alternating_between_replicas_make_a_key_usable_on_both(replicas, 
         assert put_part(replicas[index % 2], key_id, index, parts[index]).status_code == 200
     for server in replicas:
         assert httpx.get(f"{server.url}/v1/models/{XGB}/keys/{key_id}/parts").json()["parts"] == list(
-            range(len(parts)))
+            range(len(parts))
+        )
         assert httpx.head(f"{server.url}/v1/models/{XGB}/keys/{key_id}").status_code == 404  # not yet a key
-    done = httpx.post(f"{replicas[1].url}/v1/models/{XGB}/keys/{key_id}/complete", params={"parts": len(parts)},
-                      timeout=120)
+    done = httpx.post(
+        f"{replicas[1].url}/v1/models/{XGB}/keys/{key_id}/complete", params={"parts": len(parts)}, timeout=120
+    )
     assert done.status_code == 201 and done.json() == {"key_id": key_id, "bytes": len(key)}
 
     (obj,) = key_objects(key_id)
@@ -99,8 +105,9 @@ def test_sigkill_mid_upload_leaves_no_partial_key_and_resume_sends_only_the_rest
         time.sleep(3)
         yield parts[half][1024:]
 
-    in_flight = threading.Thread(target=lambda: pytest.raises(httpx.HTTPError, put_part, victim, key_id, half,
-                                                              slow_part()))
+    in_flight = threading.Thread(
+        target=lambda: pytest.raises(httpx.HTTPError, put_part, victim, key_id, half, slow_part())
+    )
     in_flight.start()
     time.sleep(1.0)
     victim.kill()
@@ -144,7 +151,9 @@ def test_corrupted_part_is_refused_at_completion(replicas, tmp_path):
     parts[2] = parts[2][:-1] + bytes([parts[2][-1] ^ 1])
     for index, part in enumerate(parts):
         put_part(replicas[index % 2], key_id, index, part)
-    done = httpx.post(f"{replicas[0].url}/v1/models/{XGB}/keys/{key_id}/complete", params={"parts": len(parts)})
+    done = httpx.post(
+        f"{replicas[0].url}/v1/models/{XGB}/keys/{key_id}/complete", params={"parts": len(parts)}
+    )
     assert done.status_code == 400 and done.json()["error"]["code"] == "digest_mismatch"
     assert not key_objects(key_id)
     assert httpx.get(f"{replicas[1].url}/v1/models/{XGB}/keys/{key_id}/parts").json()["parts"] == []
@@ -154,9 +163,13 @@ def test_corrupted_part_is_refused_at_completion(replicas, tmp_path):
 def limited(demo, moto_url, tmp_path_factory):
     """One replica with a 6 s TTL for unused keys and abandoned uploads, and room for one XGB key."""
     boto3.client("s3").create_bucket(Bucket=BUCKET)
-    server = start_replica(tmp_path_factory.mktemp("limited"), f"s3://{BUCKET}/limited",
-                           FHE_BENTO_KEY_TTL_SECONDS="6", FHE_BENTO_UPLOAD_TTL_SECONDS="6",
-                           FHE_BENTO_MAX_STORE_BYTES=str(int(1.5 * imported_spec(XGB).meta.eval_key_bytes)))
+    server = start_replica(
+        tmp_path_factory.mktemp("limited"),
+        f"s3://{BUCKET}/limited",
+        FHE_BENTO_KEY_TTL_SECONDS="6",
+        FHE_BENTO_UPLOAD_TTL_SECONDS="6",
+        FHE_BENTO_MAX_STORE_BYTES=str(int(1.5 * imported_spec(XGB).meta.eval_key_bytes)),
+    )
     yield server
     server.stop()
 
@@ -171,8 +184,12 @@ def test_limits_ttl_and_one_transparent_reupload(limited, demo, tmp_path):
     full = HTTPTransport(url).http.post(f"/v1/models/{XGB}/keys", content=other_key, headers=OCTET)
     assert full.status_code == 413 and full.json()["error"]["code"] == "key_store_full"
     stray = hashlib.sha256(b"abandoned upload").hexdigest()
-    assert httpx.put(f"{url}/v1/models/{XGB}/keys/{stray}/parts/0", content=b"x" * 100, headers=OCTET
-                     ).status_code == 200
+    assert (
+        httpx.put(
+            f"{url}/v1/models/{XGB}/keys/{stray}/parts/0", content=b"x" * 100, headers=OCTET
+        ).status_code
+        == 200
+    )
 
     time.sleep(7)  # past the TTL: the key was not used, the upload was abandoned
     assert httpx.head(f"{url}/v1/models/{XGB}/keys/{key_id}").status_code == 404

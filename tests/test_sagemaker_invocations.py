@@ -7,12 +7,12 @@ import json
 
 import httpx
 import pytest
+from conftest import LOGREG, REAL_XGB_CIPHERTEXT, XGB, real_body
 
 from fhe_bento.client import FHEClient, FHEServiceError
 from fhe_bento.client.sagemaker_transport import LocalInvoker, SageMakerTransport
-from fhe_bento.protocol.names import ATTRIBUTES_HEADER
-from conftest import LOGREG, REAL_XGB_CIPHERTEXT, XGB, real_body
 from fhe_bento.protocol import wire
+from fhe_bento.protocol.names import ATTRIBUTES_HEADER
 
 
 @pytest.fixture(scope="module")
@@ -24,8 +24,12 @@ def fresh_xgb(server, tmp_path_factory):
 
 
 def invoke(server, attributes: str, body: bytes = b"{}", content_type: str = "application/octet-stream"):
-    return httpx.post(f"{server.url}/invocations", content=body, timeout=300,
-                      headers={"Content-Type": content_type, ATTRIBUTES_HEADER: attributes})
+    return httpx.post(
+        f"{server.url}/invocations",
+        content=body,
+        timeout=300,
+        headers={"Content-Type": content_type, ATTRIBUTES_HEADER: attributes},
+    )
 
 
 def test_list_models_and_client_zip(server):
@@ -49,14 +53,21 @@ def test_key_in_parts_is_resumable_and_verified(server, fresh_xgb, demo):
         chunk = key[index * part : (index + 1) * part]
         if index == 1:
             chunk = bytes([chunk[0] ^ 0xFF]) + chunk[1:]
-        assert invoke(server, f"op=put_key_part; model={XGB}; key={key_id}; part={index}", chunk).status_code == 200
+        assert (
+            invoke(server, f"op=put_key_part; model={XGB}; key={key_id}; part={index}", chunk).status_code
+            == 200
+        )
     bad = invoke(server, f"op=complete_key; model={XGB}; key={key_id}; parts={count}")
     assert bad.status_code == 400 and bad.json()["error"]["code"] == "digest_mismatch"
     assert json.loads(invoke(server, f"op=key_parts; model={XGB}; key={key_id}").content)["parts"] == []
 
     # Half the parts arrive, then the client resumes: it sends only what is missing.
     for index in range(0, count, 2):
-        invoke(server, f"op=put_key_part; model={XGB}; key={key_id}; part={index}", key[index * part : (index + 1) * part])
+        invoke(
+            server,
+            f"op=put_key_part; model={XGB}; key={key_id}; part={index}",
+            key[index * part : (index + 1) * part],
+        )
     early = invoke(server, f"op=complete_key; model={XGB}; key={key_id}; parts={count}")
     assert early.status_code == 400 and early.json()["error"]["code"] == "missing_parts"
     assert not transport.has_key(XGB, key_id)  # no partial key is ever visible

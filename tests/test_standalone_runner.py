@@ -14,11 +14,11 @@ import boto3
 import httpx
 import psutil
 import pytest
+from conftest import XGB
 
 from fhe_bento.client import FHEClient
-from conftest import XGB
-from harness.devserver import MotoServer, Server
 from fhe_bento.protocol.names import OCTET_STREAM, PART_BYTES
+from harness.devserver import MotoServer, Server
 
 BUCKET = "fhe-bento-standalone"
 OCTET = {"Content-Type": OCTET_STREAM}
@@ -28,17 +28,32 @@ OCTET = {"Content-Type": OCTET_STREAM}
 def split(demo, tmp_path_factory):
     root = tmp_path_factory.mktemp("standalone")
     moto = MotoServer()
-    boto3.client("s3", endpoint_url=moto.url, region_name="us-east-1", aws_access_key_id="testing",
-                 aws_secret_access_key="testing").create_bucket(Bucket=BUCKET)
+    boto3.client(
+        "s3",
+        endpoint_url=moto.url,
+        region_name="us-east-1",
+        aws_access_key_id="testing",
+        aws_secret_access_key="testing",
+    ).create_bucket(Bucket=BUCKET)
     common = {**moto.env(), "FHE_BENTO_MODELS": f"{XGB}:latest", "FHE_BENTO_KEY_STORE": f"s3://{BUCKET}/keys"}
-    runner = Server(root / "runner", {**common, "FHE_BENTO_STAGING_DIR": str(root / "runner" / "staging")},
-                    target="fhe_bento.runners.fhe_runner:FHERunner", ready_path="/readyz")
+    runner = Server(
+        root / "runner",
+        {**common, "FHE_BENTO_STAGING_DIR": str(root / "runner" / "staging")},
+        target="fhe_bento.runners.fhe_runner:FHERunner",
+        ready_path="/readyz",
+    )
     servers = []
     try:
         runner.start()
         for name in ("a", "b"):
-            server = Server(root / name, {**common, "FHE_BENTO_STAGING_DIR": str(root / name / "staging"),
-                                          "FHE_BENTO_RUNNER_URL": runner.url})
+            server = Server(
+                root / name,
+                {
+                    **common,
+                    "FHE_BENTO_STAGING_DIR": str(root / name / "staging"),
+                    "FHE_BENTO_RUNNER_URL": runner.url,
+                },
+            )
             server.start()
             servers.append(server)
         yield runner, *servers
@@ -49,8 +64,11 @@ def split(demo, tmp_path_factory):
 
 
 def _runner_workers(server: Server) -> list:
-    return [p for p in psutil.Process(server.proc.pid).children(recursive=True)
-            if "fhe_runner" in " ".join(p.cmdline())]
+    return [
+        p
+        for p in psutil.Process(server.proc.pid).children(recursive=True)
+        if "fhe_runner" in " ".join(p.cmdline())
+    ]
 
 
 def test_http_services_start_no_runner_of_their_own(split):
@@ -67,7 +85,9 @@ def test_whole_and_part_uploads_predict_and_delete_through_a_remote_runner(split
 
     # A whole upload through A; predictions with that key through B.
     first = FHEClient(b.url, cache_dir=tmp_path / "first", progress=False).model(XGB)
-    whole = httpx.post(f"{a.url}/v1/models/{XGB}/keys", content=first.evaluation_key(), headers=OCTET, timeout=300)
+    whole = httpx.post(
+        f"{a.url}/v1/models/{XGB}/keys", content=first.evaluation_key(), headers=OCTET, timeout=300
+    )
     assert whole.status_code == 201, whole.text
     first_id = whole.json()["key_id"]
     assert first.ensure_key() == first_id  # B sees the key A registered: nothing is uploaded again
@@ -81,12 +101,18 @@ def test_whole_and_part_uploads_predict_and_delete_through_a_remote_runner(split
     assert count > 2
     for index in range(count):
         server = (a, b)[index % 2]
-        part = httpx.put(f"{server.url}/v1/models/{XGB}/keys/{second_id}/parts/{index}",
-                         content=key[index * PART_BYTES:(index + 1) * PART_BYTES], headers=OCTET, timeout=60)
+        part = httpx.put(
+            f"{server.url}/v1/models/{XGB}/keys/{second_id}/parts/{index}",
+            content=key[index * PART_BYTES : (index + 1) * PART_BYTES],
+            headers=OCTET,
+            timeout=60,
+        )
         assert part.status_code == 200, part.text
     held = httpx.get(f"{b.url}/v1/models/{XGB}/keys/{second_id}/parts").json()
     assert held["parts"] == list(range(count)) and held["bytes"] == len(key)
-    done = httpx.post(f"{a.url}/v1/models/{XGB}/keys/{second_id}/complete", params={"parts": count}, timeout=300)
+    done = httpx.post(
+        f"{a.url}/v1/models/{XGB}/keys/{second_id}/complete", params={"parts": count}, timeout=300
+    )
     assert done.status_code == 201, done.text
     assert second.ensure_key() == second_id
     assert list(second.predict(x)) == list(clear)  # the client sends its rows as one batch

@@ -10,10 +10,10 @@ from pathlib import Path
 
 import pytest
 
+from fhe_bento.protocol import wire
 from fhe_bento.runners.errors import FHEBentoError
 from fhe_bento.runners.key_cache import AGING_LOOKUPS, KeyCache
 from fhe_bento.runners.key_store import FileKeyStore
-from fhe_bento.protocol import wire
 
 ROOT = Path(__file__).resolve().parents[1]
 SCOPE = "a" * 64
@@ -131,7 +131,9 @@ def test_server_code_never_touches_decryption(package):
                 names = [node.attr]
             elif isinstance(node, ast.Name):
                 names = [node.id]
-            offenders += [f"{path.name}:{node.lineno} {n}" for n in names if n in DECRYPTING_NAMES | {"client package"}]
+            offenders += [
+                f"{path.name}:{node.lineno} {n}" for n in names if n in DECRYPTING_NAMES | {"client package"}
+            ]
     assert not offenders
 
 
@@ -147,7 +149,9 @@ def test_registry_expires_unused_keys_and_abandoned_uploads(tmp_path):
     source = tmp_path / "k"
     source.write_bytes(b"0123456789")
     old, fresh = hashlib.sha256(b"old").hexdigest(), hashlib.sha256(b"fresh").hexdigest()
-    assert registry.put(SCOPE, old, source, {"model": "m"}) and registry.put(SCOPE, fresh, source, {"model": "m"})
+    assert registry.put(SCOPE, old, source, {"model": "m"}) and registry.put(
+        SCOPE, fresh, source, {"model": "m"}
+    )
     with pytest.raises(FHEBentoError) as full:  # 20 bytes per model: a third 10-byte key does not fit
         registry.put(SCOPE, hashlib.sha256(b"third").hexdigest(), source, {"model": "m"})
     assert full.value.status == 413 and full.value.code == "key_store_full"
@@ -229,7 +233,9 @@ def test_unfinished_uploads_count_toward_the_store_quota(tmp_path):
     assert (full.value.status, full.value.code) == (413, "key_store_full")
     assert "10 bytes of keys and 30 bytes of unfinished uploads" in full.value.message
     registry.put_part(SCOPE, _id("a"), 1, b"q" * 10, model="m", key_bytes=25)  # a resent part replaces itself
-    registry.put_part(OTHER_SCOPE, _id("a"), 0, b"p" * 10, model="m", key_bytes=25)  # another scope has its own
+    registry.put_part(
+        OTHER_SCOPE, _id("a"), 0, b"p" * 10, model="m", key_bytes=25
+    )  # another scope has its own
 
     # Completing "a": its own 20 bytes of parts become the key and are not counted twice.
     source.write_bytes(b"a" * 20)
@@ -259,8 +265,9 @@ def test_part_index_and_upload_bytes_are_bounded_by_the_model_key(tmp_path):
 
 
 def test_open_uploads_are_bounded_per_scope_and_in_total_but_resume(tmp_path):
-    store, registry = _registry(tmp_path / "store", max_open_uploads=3, max_open_uploads_per_scope=2,
-                              max_part_bytes=10)
+    store, registry = _registry(
+        tmp_path / "store", max_open_uploads=3, max_open_uploads_per_scope=2, max_part_bytes=10
+    )
 
     def put(scope: str, key: str, index: int = 0) -> None:
         registry.put_part(scope, _id(key), index, b"p", model="m", key_bytes=100)
@@ -325,12 +332,16 @@ def test_s3_store_counts_and_bounds_uploads_like_the_file_store(moto_url, tmp_pa
 
     boto3.client("s3").create_bucket(Bucket="fhe-bento-units")
     store = S3KeyStore("fhe-bento-units", f"units-{tmp_path.name}")
-    registry = KeyRegistry(store, Settings(max_store_bytes=40, max_part_bytes=10, max_open_uploads_per_scope=2))
+    registry = KeyRegistry(
+        store, Settings(max_store_bytes=40, max_part_bytes=10, max_open_uploads_per_scope=2)
+    )
     for key, index in (("a", 0), ("a", 1), ("b", 0)):
         registry.put_part(SCOPE, _id(key), index, b"p" * 10, model="m", key_bytes=25)
     uploads = store.open_uploads()
     assert {name: held.parts for name, held in uploads.items()} == {
-        (SCOPE, _id("a")): {0: 10, 1: 10}, (SCOPE, _id("b")): {0: 10}}
+        (SCOPE, _id("a")): {0: 10, 1: 10},
+        (SCOPE, _id("b")): {0: 10},
+    }
     assert all(held.last_part > 0 for held in uploads.values())
     with pytest.raises(FHEBentoError) as many:
         registry.put_part(SCOPE, _id("c"), 0, b"p", model="m", key_bytes=25)
@@ -375,7 +386,9 @@ def test_token_settings_accepted_forms():
     auth = parse_token_settings(" tok-p1 , tok-p2 ", "tok-admin")
     assert not auth.caller("Bearer tok-p2", need_admin=False).admin
     assert auth.caller("Bearer tok-admin", need_admin=True).admin
-    assert parse_token_settings("", "tok-admin").caller("Bearer tok-admin", need_admin=True).admin  # admin only
+    assert (
+        parse_token_settings("", "tok-admin").caller("Bearer tok-admin", need_admin=True).admin
+    )  # admin only
 
 
 def test_bad_token_settings_stop_the_service_at_import():
@@ -384,8 +397,13 @@ def test_bad_token_settings_stop_the_service_at_import():
     import sys
 
     env = {**os.environ, "FHE_BENTO_PREDICT_TOKENS": "tok-p1,,tok-p2", "FHE_BENTO_ADMIN_TOKENS": "tok-admin"}
-    done = subprocess.run([sys.executable, "-c", "import fhe_bento.service.auth"], cwd=ROOT, env=env, capture_output=True,
-                          text=True)
+    done = subprocess.run(
+        [sys.executable, "-c", "import fhe_bento.service.auth"],
+        cwd=ROOT,
+        env=env,
+        capture_output=True,
+        text=True,
+    )
     assert done.returncode != 0 and "TokenSettingsError: FHE_BENTO_PREDICT_TOKENS" in done.stderr
     assert "tok-" not in done.stderr
 
@@ -398,8 +416,13 @@ class _DevFolderTransport:
         self.zip = (dev_dir / "client.zip").read_bytes()
 
     def info(self, name: str) -> dict:
-        return {"name": name, "client_sha256": hashlib.sha256(self.zip).hexdigest(), "needs_key": False,
-                "n_features": 30, "n_outputs": 2}
+        return {
+            "name": name,
+            "client_sha256": hashlib.sha256(self.zip).hexdigest(),
+            "needs_key": False,
+            "n_features": 30,
+            "n_outputs": 2,
+        }
 
     def get_model(self, name: str) -> dict:
         return self.info(name)
@@ -410,14 +433,17 @@ class _DevFolderTransport:
 
 def test_decrypting_without_the_private_key_is_refused_not_garbage(demo, tmp_path):
     """An answer decrypted in a process with an empty key cache would otherwise get fresh keys, and noise."""
-    from fhe_bento.client import FHEClient, FHEServiceError
     from conftest import LOGREG
 
-    owner = FHEClient(transport=_DevFolderTransport(demo.dev_dirs[LOGREG]), cache_dir=tmp_path / "owner",
-                      progress=False).model(LOGREG)
+    from fhe_bento.client import FHEClient, FHEServiceError
+
+    owner = FHEClient(
+        transport=_DevFolderTransport(demo.dev_dirs[LOGREG]), cache_dir=tmp_path / "owner", progress=False
+    ).model(LOGREG)
     row = owner.encrypt(demo.x_test[:1])[0]
-    stranger = FHEClient(transport=_DevFolderTransport(demo.dev_dirs[LOGREG]), cache_dir=tmp_path / "stranger",
-                         progress=False).model(LOGREG)
+    stranger = FHEClient(
+        transport=_DevFolderTransport(demo.dev_dirs[LOGREG]), cache_dir=tmp_path / "stranger", progress=False
+    ).model(LOGREG)
     with pytest.raises(FHEServiceError) as refused:
         stranger.decrypt(row)
     assert refused.value.code == "no_private_key"  # (a new client on the owner's cache loads its key:
@@ -428,38 +454,47 @@ def test_client_key_cache_is_private_whatever_the_umask(demo, tmp_path):
     import os
     import stat
 
-    from fhe_bento.client import FHEClient
     from conftest import LOGREG, XGB
+
+    from fhe_bento.client import FHEClient
 
     cache = tmp_path / "made" / "cache"  # the client creates both folders
     old_umask = os.umask(0o022)
     try:
         client = FHEClient(transport=_DevFolderTransport(demo.dev_dirs[XGB]), cache_dir=cache, progress=False)
         assert client.model(XGB).evaluation_key()
-        plain = FHEClient(transport=_DevFolderTransport(demo.dev_dirs[LOGREG]), cache_dir=cache, progress=False)
+        plain = FHEClient(
+            transport=_DevFolderTransport(demo.dev_dirs[LOGREG]), cache_dir=cache, progress=False
+        )
         assert plain.model(LOGREG).encrypt(demo.x_test[:1])  # keygen through encryption alone
     finally:
         os.umask(old_umask)
     folders = [tmp_path / "made", *(p for p in [cache, *cache.rglob("*")] if p.is_dir())]
     files = [p for p in cache.rglob("*") if p.is_file()]
     assert len(folders) >= 6 and any(p.parent.name == "keys" for p in cache.rglob("*"))
-    assert {str(p): oct(stat.S_IMODE(p.stat().st_mode)) for p in folders} == {str(p): "0o700" for p in folders}
-    assert files and {str(p): oct(stat.S_IMODE(p.stat().st_mode)) for p in files} == {str(p): "0o600" for p in files}
+    assert {str(p): oct(stat.S_IMODE(p.stat().st_mode)) for p in folders} == {
+        str(p): "0o700" for p in folders
+    }
+    assert files and {str(p): oct(stat.S_IMODE(p.stat().st_mode)) for p in files} == {
+        str(p): "0o600" for p in files
+    }
 
 
 @pytest.mark.parametrize("code", ["overloaded", "runner_unavailable"])
 @pytest.mark.parametrize("transport", ["http", "sagemaker"])
-def test_client_retries_a_busy_or_restarting_server_after_retry_after(demo, tmp_path, monkeypatch, code, transport):
+def test_client_retries_a_busy_or_restarting_server_after_retry_after(
+    demo, tmp_path, monkeypatch, code, transport
+):
     import json
     from types import SimpleNamespace
 
     import httpx
+    from conftest import LOGREG
 
     from fhe_bento.client import FHEClient, api
     from fhe_bento.client.http_transport import FHEServiceError, HTTPTransport
     from fhe_bento.client.sagemaker_transport import LocalInvoker, SageMakerTransport
     from fhe_bento.protocol.names import ATTRIBUTES_HEADER
-    from conftest import LOGREG
 
     dev = _DevFolderTransport(demo.dev_dirs[LOGREG])
     refusals = {"left": 0}
@@ -550,7 +585,7 @@ def test_client_never_reuses_a_connection_the_server_may_be_closing():
     from fhe_bento.client.http_transport import KEEPALIVE_SECONDS, HTTPTransport
 
     server_idle = 1.5
-    assert KEEPALIVE_SECONDS < server_idle
+    assert server_idle > KEEPALIVE_SECONDS
     connections = []
 
     class Handler(socketserver.StreamRequestHandler):
@@ -562,7 +597,9 @@ def test_client_never_reuses_a_connection_the_server_may_be_closing():
                     pass
                 if answered is not None and time.monotonic() - answered > server_idle:
                     return  # closed as the request crossed: no answer
-                self.wfile.write(b"HTTP/1.1 200 OK\r\nContent-Type: application/json\r\nContent-Length: 2\r\n\r\n[]")
+                self.wfile.write(
+                    b"HTTP/1.1 200 OK\r\nContent-Type: application/json\r\nContent-Length: 2\r\n\r\n[]"
+                )
                 answered = time.monotonic()
 
     with socketserver.ThreadingTCPServer(("127.0.0.1", 0), Handler) as server:
@@ -583,9 +620,14 @@ def test_a_killed_runs_scratch_folder_is_removed_by_the_next_run(tmp_path):
 
     from harness.session_dir import PREFIX, remove_abandoned
 
-    gone = subprocess.run([sys.executable, "-c", "import os; print(os.getpid())"], capture_output=True, text=True)
-    abandoned, running, other = (tmp_path / f"{PREFIX}{gone.stdout.strip()}", tmp_path / f"{PREFIX}{os.getpid()}",
-                                 tmp_path / f"{PREFIX}notapid")
+    gone = subprocess.run(
+        [sys.executable, "-c", "import os; print(os.getpid())"], capture_output=True, text=True
+    )
+    abandoned, running, other = (
+        tmp_path / f"{PREFIX}{gone.stdout.strip()}",
+        tmp_path / f"{PREFIX}{os.getpid()}",
+        tmp_path / f"{PREFIX}notapid",
+    )
     for path in (abandoned, running, other):
         (path / "client-venv").mkdir(parents=True)
     assert remove_abandoned(tmp_path) == [abandoned]
