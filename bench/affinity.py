@@ -73,7 +73,7 @@ def run_level(home: Path, store: str, owners: list[Path], routing: str, requests
         "cold_per_100": 100 * misses / requests,
         "p50_s": statistics.median(latencies),
         "rss_gb_per_replica": [m / 1e9 for m in memory],
-        "rss_growth_gb_per_replica": [(m - i) / 1e9 for m, i in zip(memory, idle)],
+        "rss_growth_gb_per_replica": [(m - i) / 1e9 for m, i in zip(memory, idle, strict=False)],
         "requests_per_replica": served,
     }
 

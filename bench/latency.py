@@ -92,7 +92,7 @@ def main() -> None:
 
         baseline = in_process(model_path, key, ciphertexts)
         post_predict(warm.url, key_id, ciphertexts[0])  # warm the runner's key cache
-        served, answers = zip(*(post_predict(warm.url, key_id, ct) for ct in ciphertexts))
+        served, answers = zip(*(post_predict(warm.url, key_id, ct) for ct in ciphertexts), strict=False)
         pings, loaded = ping_under_load(warm.url, key_id, ciphertexts, args.clients)
     finally:
         warm.stop()

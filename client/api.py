@@ -23,6 +23,7 @@ import numpy as np
 from tqdm.auto import tqdm
 
 from fhe_bento.client.http_transport import FHEServiceError, HTTPTransport
+from fhe_bento.protocol import keys
 
 
 class Transport(Protocol):
@@ -142,7 +143,7 @@ class RemoteModel:
             if self._key_id and not force_upload:
                 return self._key_id
             key = self.evaluation_key()
-            key_id = hashlib.sha256(key).hexdigest()
+            key_id = keys.key_id(key)
             if force_upload or not self.transport.has_key(self.name, key_id):
                 with tqdm(
                     total=len(key),

@@ -15,7 +15,6 @@ Credentials and region come from boto3's usual chain; `AWS_ENDPOINT_URL` points 
 
 from __future__ import annotations
 
-import hashlib
 import io
 import json
 import tarfile
@@ -31,7 +30,7 @@ from tqdm.auto import tqdm
 
 from fhe_bento.client.http_transport import FHEServiceError, error_from_body, http_client, retry_after_seconds
 from fhe_bento.client.uploads import upload_key
-from fhe_bento.protocol import wire
+from fhe_bento.protocol import keys, wire
 from fhe_bento.protocol.names import ATTRIBUTES_HEADER, OCTET_STREAM, PART_BYTES
 from fhe_bento.protocol.sessions import NEW_SESSION, SESSION_HEADER, Session, parse_session
 
@@ -305,7 +304,7 @@ class AsyncSageMakerTransport:
         return key_id in self._registered
 
     def put_key(self, name: str, key: bytes, on_progress: Callable[[int], None]) -> dict:
-        key_id = hashlib.sha256(key).hexdigest()
+        key_id = keys.key_id(key)
         self._pending_keys[key_id] = key
         on_progress(len(key))
         return {"key_id": key_id, "bytes": len(key)}

@@ -2,9 +2,10 @@
 
 from __future__ import annotations
 
-import hashlib
 from collections.abc import Callable
 from typing import Protocol
+
+from fhe_bento.protocol import keys
 
 
 class PartOps(Protocol):
@@ -26,8 +27,8 @@ def upload_key(
         answer = ops.put_whole_key(name, key)
         on_progress(len(key))
         return answer
-    key_id = hashlib.sha256(key).hexdigest()
-    count = -(-len(key) // part_bytes)
+    key_id = keys.key_id(key)
+    count = keys.part_count(len(key), part_bytes)
     held = set(ops.key_parts(name, key_id))
     for index in range(count):
         part = key[index * part_bytes : (index + 1) * part_bytes]

@@ -8,10 +8,11 @@ attacker would, at the Cap'n Proto level.
 
 from __future__ import annotations
 
+import itertools
 import struct
 from collections.abc import Callable
 
-from fhe_bento.runners.capnp_wire import COMPOSITE_LIST, POINTER_LIST, Shape, read_shape
+from fhe_bento.core.capnp_wire import COMPOSITE_LIST, POINTER_LIST, Shape, read_shape
 
 _MASK32 = (1 << 32) - 1
 
@@ -111,7 +112,7 @@ def split_blobs(data: bytes, parts: int, which: int = 0) -> bytes:
     payload = payloads(shape)[which]
     _, size, content = unfar(payload[1][0])
     cuts = [size * i // parts for i in range(parts + 1)]
-    payload[1] = [["B", b - a, content[a:b]] for a, b in zip(cuts, cuts[1:])]
+    payload[1] = [["B", b - a, content[a:b]] for a, b in itertools.pairwise(cuts)]
     return write_message(shape)
 
 

@@ -18,9 +18,9 @@ from pathlib import Path
 import bentoml
 import numpy as np
 
-from fhe_bento.runners.capnp_wire import first_difference, read_shape
-from fhe_bento.runners.model_repo import METADATA_FILE, ModelMetadata, sha256_file, zip_versions
-from fhe_bento.runners.payload_check import check_keyset_params
+from fhe_bento.core.capnp_wire import first_difference, read_shape
+from fhe_bento.core.model_repo import METADATA_FILE, ModelMetadata, sha256_file, zip_versions
+from fhe_bento.core.payload_check import check_keyset_params
 
 
 def _throwaway_keys(folder: Path, key_dir: Path, count: int):

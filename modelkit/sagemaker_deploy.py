@@ -22,7 +22,7 @@ from typing import TYPE_CHECKING
 
 from pydantic import BaseModel, Field, model_validator
 
-from fhe_bento.runners.model_repo import METADATA_FILE, load_folder
+from fhe_bento.core.model_repo import METADATA_FILE, load_folder
 
 if TYPE_CHECKING:
     from sagemaker.core.helper.session_helper import Session

@@ -2,13 +2,13 @@
 
 Each runner worker supervises its own engine: a `ProcessPoolExecutor` of `FHE_BENTO_ROW_THREADS` child
 processes that hold the concrete-ml servers and the warm-key cache and evaluate one row at a time each.
-concrete parses in C++ with no hardening, so if a message that `runners/payload_check.py` let through
+concrete parses in C++ with no hardening, so if a message that `core/payload_check.py` let through
 still crashes an engine process:
 - the worker survives, every row in flight gets 503 `runner_unavailable` (safe to retry: FHE is pure),
   and the worker starts a new engine at once; `ready()` is false until it has loaded its models;
 - an engine that dies while idle is seen within `MONITOR_SECONDS` and restarted the same way;
 - after `FHE_BENTO_ENGINE_MAX_FAILED_STARTS` starts in a row that die before they are ready, the worker
-  gives up and stops the whole server (`runners/lifecycle.py`), so that an orchestrator replaces it.
+  gives up and stops the whole server (`core/lifecycle.py`), so that an orchestrator replaces it.
 This works the same in the image, where BentoML does not respawn dead workers (`BENTOML_CONTAINERIZED`).
 
 Uploaded keys are deserialized once more in a throwaway process (`verify_key`) before they are stored.
@@ -33,14 +33,14 @@ from concurrent.futures import Future, ProcessPoolExecutor
 from concurrent.futures.process import BrokenProcessPool
 from typing import Any
 
-from fhe_bento.runners import metrics
-from fhe_bento.runners.errors import FHEBentoError
+from fhe_bento.core import metrics
+from fhe_bento.core.errors import FHEBentoError
+from fhe_bento.core.model_repo import ModelSpec, load_specs
+from fhe_bento.core.settings import get_settings
 from fhe_bento.runners.key_cache import KeyCache
 from fhe_bento.runners.key_registry import KeyRegistry
 from fhe_bento.runners.key_store_url import open_store
 from fhe_bento.runners.memory_plan import plan_memory
-from fhe_bento.runners.model_repo import ModelSpec, load_specs
-from fhe_bento.runners.settings import get_settings
 from fhe_bento.runners.verify_slots import VerifySlots
 
 log = logging.getLogger("bentoml.fhe_bento.engine")

@@ -5,7 +5,7 @@ runners.fhe_runner:FHERunner` serves it on its own, and an HTTP service elsewher
 `FHE_BENTO_RUNNER_URL`.
 
 Its API methods are async: a worker only validates and relays, so its event loop stays free to beat the
-heartbeat that the HTTP service reads (`runners/heartbeat.py`) even while every core computes FHE. Methods return a `RunnerReply` instead of raising, so that error codes cross the
+heartbeat that the HTTP service reads (`core/heartbeat.py`) even while every core computes FHE. Methods return a `RunnerReply` instead of raising, so that error codes cross the
 process hop.
 """
 
@@ -19,17 +19,17 @@ from typing import Any
 
 import bentoml
 
-from fhe_bento.runners import metrics
+from fhe_bento.core import metrics
+from fhe_bento.core.errors import FHEBentoError
+from fhe_bento.core.heartbeat import beat_forever
+from fhe_bento.core.lifecycle import exit_nonzero_if_stopped, stop_server
+from fhe_bento.core.model_repo import ModelSpec, load_specs
+from fhe_bento.core.payload_check import check_ciphertext
+from fhe_bento.core.runner_api import KeyPart, KeyUpload, Rows, RunnerReply
+from fhe_bento.core.settings import get_settings
 from fhe_bento.runners.engine import Engine
-from fhe_bento.runners.errors import FHEBentoError
-from fhe_bento.runners.heartbeat import beat_forever
 from fhe_bento.runners.key_service import KeyService
-from fhe_bento.runners.lifecycle import exit_nonzero_if_stopped, stop_server
 from fhe_bento.runners.memory_plan import plan_memory
-from fhe_bento.runners.model_repo import ModelSpec, load_specs
-from fhe_bento.runners.payload_check import check_ciphertext
-from fhe_bento.runners.runner_api import KeyPart, KeyUpload, Rows, RunnerReply
-from fhe_bento.runners.settings import get_settings
 from fhe_bento.runners.verify_slots import VerifySlots
 
 log = logging.getLogger("bentoml.fhe_bento.runner")
@@ -89,7 +89,7 @@ class FHERunner:
 
     @bentoml.on_startup
     async def start_heartbeat(self) -> None:
-        """The liveness signal the HTTP service reads (`runners/heartbeat.py`), beaten by this event loop."""
+        """The liveness signal the HTTP service reads (`core/heartbeat.py`), beaten by this event loop."""
         self._heartbeat = asyncio.ensure_future(beat_forever(self.engine.ready))
 
     def __is_ready__(self) -> bool:  # BentoML's /readyz, for a runner served on its own

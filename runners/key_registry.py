@@ -17,10 +17,11 @@ import time
 from collections.abc import Iterator
 from pathlib import Path
 
-from fhe_bento.runners import metrics
-from fhe_bento.runners.errors import FHEBentoError
+from fhe_bento.core import metrics
+from fhe_bento.core.errors import FHEBentoError
+from fhe_bento.core.settings import Settings
+from fhe_bento.protocol.keys import part_count
 from fhe_bento.runners.key_store import KeyStore, Upload
-from fhe_bento.runners.settings import Settings
 
 log = logging.getLogger("bentoml.fhe_bento.keys")
 MAX_SWEEP_INTERVAL = 60.0  # seconds between two sweeps of expired keys and abandoned uploads in one process
@@ -107,7 +108,7 @@ class KeyRegistry:
     def max_parts(self, key_bytes: int) -> int:
         """Parts of a `key_bytes`-byte key when each but the last is FHE_BENTO_MAX_PART_BYTES long: no upload
         of that key needs more."""
-        return max(1, -(-key_bytes // self.part_bytes))
+        return part_count(key_bytes, self.part_bytes)
 
     def put_part(
         self, scope: str, key_id: str, index: int, data: bytes, *, model: str, key_bytes: int

@@ -16,14 +16,16 @@ import uuid
 from collections.abc import Awaitable, Callable
 from pathlib import Path
 
-from fhe_bento.runners import metrics
-from fhe_bento.runners.errors import FHEBentoError
+from fhe_bento.core import metrics
+from fhe_bento.core.errors import FHEBentoError
+from fhe_bento.core.key_ids import check_key_id
+from fhe_bento.core.model_repo import ModelSpec
+from fhe_bento.core.payload_check import check_key
+from fhe_bento.core.settings import Settings
+from fhe_bento.protocol import keys
 from fhe_bento.runners.key_registry import KeyRegistry
-from fhe_bento.runners.key_store import KEY_ID, check_key_id, tenant_scope
+from fhe_bento.runners.key_store import tenant_scope
 from fhe_bento.runners.key_store_url import open_store
-from fhe_bento.runners.model_repo import ModelSpec
-from fhe_bento.runners.payload_check import check_key
-from fhe_bento.runners.settings import Settings
 
 log = logging.getLogger("bentoml.fhe_bento.keys")
 
@@ -51,7 +53,7 @@ class KeyService:
             raise FHEBentoError(
                 "payload_too_large", f"a key is at most {self.max_key_bytes} bytes (FHE_BENTO_MAX_KEY_BYTES)"
             )
-        key_id = hashlib.sha256(key).hexdigest()
+        key_id = keys.key_id(key)
         scope = self.scope(spec, tenant)
         if await asyncio.to_thread(self.registry.has, scope, key_id):
             return self._exists(spec, key_id, len(key))
@@ -86,7 +88,7 @@ class KeyService:
 
     async def delete_in_scope(self, scope: str, key_id: str) -> None:
         """Delete a key found with `listing` (admin)."""
-        if not KEY_ID.match(scope):
+        if not keys.is_key_id(scope):
             raise FHEBentoError(
                 "invalid_scope", "a scope is the 64-character hex id that the key listing shows"
             )

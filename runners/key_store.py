@@ -10,7 +10,6 @@ from __future__ import annotations
 import hashlib
 import json
 import os
-import re
 import shutil
 import time
 import uuid
@@ -18,15 +17,9 @@ from collections.abc import Iterator
 from pathlib import Path
 from typing import NamedTuple, Protocol
 
-from fhe_bento.runners.errors import FHEBentoError
-
-KEY_ID = re.compile(r"^[0-9a-f]{64}$")
-
-
-def check_key_id(key_id: str) -> str:
-    if not KEY_ID.match(key_id):
-        raise FHEBentoError("invalid_key_id", "a key id is the 64-character lowercase hex SHA-256 of the key")
-    return key_id
+from fhe_bento.core.errors import FHEBentoError
+from fhe_bento.core.key_ids import check_key_id
+from fhe_bento.protocol.keys import is_key_id
 
 
 def tenant_scope(model_scope: str, tenant: str) -> str:
@@ -48,7 +41,7 @@ class Upload(NamedTuple):
 
 def check_scope(scope: str, key_id: str) -> None:
     check_key_id(key_id)
-    if not KEY_ID.match(scope):
+    if not is_key_id(scope):
         raise ValueError(f"bad key scope {scope!r}")
 
 

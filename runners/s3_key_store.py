@@ -14,7 +14,7 @@ import time
 from collections.abc import Iterator
 from pathlib import Path
 
-from fhe_bento.runners.errors import FHEBentoError
+from fhe_bento.core.errors import FHEBentoError
 from fhe_bento.runners.key_store import Upload, check_scope
 
 

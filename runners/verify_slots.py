@@ -11,8 +11,8 @@ import time
 from collections.abc import AsyncIterator
 from contextlib import asynccontextmanager
 
-from fhe_bento.runners import metrics
-from fhe_bento.runners.errors import FHEBentoError
+from fhe_bento.core import metrics
+from fhe_bento.core.errors import FHEBentoError
 
 SMOOTHING = 0.2  # weight of the newest verification in the moving average of its seconds
 

@@ -21,11 +21,11 @@ from fastapi.exceptions import RequestValidationError
 from fastapi.responses import JSONResponse, Response
 from starlette.exceptions import HTTPException as StarletteHTTPException
 
-from fhe_bento.runners.errors import FHEBentoError
+from fhe_bento.core.errors import FHEBentoError
+from fhe_bento.core.lifecycle import exit_nonzero_if_stopped
+from fhe_bento.core.model_repo import default_model, load_specs
+from fhe_bento.core.settings import get_settings
 from fhe_bento.runners.fhe_runner import FHERunner
-from fhe_bento.runners.lifecycle import exit_nonzero_if_stopped
-from fhe_bento.runners.model_repo import default_model, load_specs
-from fhe_bento.runners.settings import get_settings
 from fhe_bento.service.admission import Admission
 from fhe_bento.service.compat import router as compat_router
 from fhe_bento.service.limits import RequestLimits

@@ -21,9 +21,9 @@ from functools import lru_cache
 
 from fastapi import Request
 
-from fhe_bento.runners import metrics
-from fhe_bento.runners.errors import FHEBentoError
-from fhe_bento.runners.settings import get_settings
+from fhe_bento.core import metrics
+from fhe_bento.core.errors import FHEBentoError
+from fhe_bento.core.settings import get_settings
 
 CHALLENGE = 'Bearer realm="fhe-bento"'
 log = logging.getLogger("bentoml.fhe_bento.auth")

@@ -16,10 +16,10 @@ from pathlib import Path
 
 from starlette.requests import ClientDisconnect, Request
 
+from fhe_bento.core.errors import FHEBentoError
+from fhe_bento.core.settings import Settings, get_settings
 from fhe_bento.protocol import transform, wire
 from fhe_bento.protocol.names import OCTET_STREAM
-from fhe_bento.runners.errors import FHEBentoError
-from fhe_bento.runners.settings import Settings, get_settings
 
 
 def media_type(request: Request) -> str:

@@ -15,10 +15,10 @@ from fastapi.responses import FileResponse, JSONResponse, Response
 from starlette.datastructures import FormData, UploadFile
 from starlette.formparsers import MultiPartParser
 
+from fhe_bento.core.errors import FHEBentoError
+from fhe_bento.core.key_ids import check_key_id
+from fhe_bento.core.settings import get_settings
 from fhe_bento.protocol.names import OCTET_STREAM
-from fhe_bento.runners.errors import FHEBentoError
-from fhe_bento.runners.key_store import check_key_id
-from fhe_bento.runners.settings import get_settings
 from fhe_bento.service.auth import Caller, predict_caller
 from fhe_bento.service.bodies import limited_chunks, require_content_type
 from fhe_bento.service.operations import Operations, current_operations

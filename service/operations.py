@@ -17,12 +17,12 @@ from typing import Any
 
 import bentoml
 
+from fhe_bento.core.errors import FHEBentoError
+from fhe_bento.core.key_ids import check_key_id
+from fhe_bento.core.model_repo import ModelSpec
+from fhe_bento.core.runner_api import KeyPart, KeyUpload, Rows, RunnerReply
+from fhe_bento.core.settings import Settings
 from fhe_bento.protocol import transform, wire
-from fhe_bento.runners.errors import FHEBentoError
-from fhe_bento.runners.key_store import check_key_id
-from fhe_bento.runners.model_repo import ModelSpec
-from fhe_bento.runners.runner_api import KeyPart, KeyUpload, Rows, RunnerReply
-from fhe_bento.runners.settings import Settings
 from fhe_bento.service.admission import Admission
 from fhe_bento.service.auth import Caller
 from fhe_bento.service.limits import request_deadline
@@ -218,7 +218,7 @@ class Operations:
             )
             for start in range(0, len(rows), size):
                 results = await self._transform_rows(spec, caller, key_id, rows[start : start + size])
-                for index, answer in zip(indexes[start : start + size], results):
+                for index, answer in zip(indexes[start : start + size], results, strict=False):
                     answers[index] = answer
         return b"".join(answer + b"\n" for answer in answers)
 

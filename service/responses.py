@@ -4,8 +4,8 @@ from __future__ import annotations
 
 from fastapi.responses import FileResponse
 
+from fhe_bento.core.model_repo import ModelSpec
 from fhe_bento.protocol.names import CLIENT_SHA_HEADER
-from fhe_bento.runners.model_repo import ModelSpec
 
 
 def client_zip_response(spec: ModelSpec) -> FileResponse:

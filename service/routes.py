@@ -7,10 +7,10 @@ from __future__ import annotations
 from fastapi import APIRouter, Depends, Request
 from fastapi.responses import FileResponse, JSONResponse, Response
 
+from fhe_bento.core.errors import FHEBentoError
+from fhe_bento.core.key_ids import check_key_id
 from fhe_bento.protocol import wire
 from fhe_bento.protocol.names import KEY_ID_HEADER, OCTET_STREAM
-from fhe_bento.runners.errors import FHEBentoError
-from fhe_bento.runners.key_store import check_key_id
 from fhe_bento.service import bodies
 from fhe_bento.service.auth import Caller, admin_caller, predict_caller
 from fhe_bento.service.operations import Operations, current_operations, decode_rows

@@ -2,13 +2,13 @@
 a server whose runner stays down.
 
 The signal is one that a saturated runner still gives and a dead one stops giving at once: the runner's
-heartbeat files (`runners/heartbeat.py`), or, for a runner served elsewhere, its `/readyz` on a connection
+heartbeat files (`core/heartbeat.py`), or, for a runner served elsewhere, its `/readyz` on a connection
 of its own. Never a call queued behind requests: under a burst, `/ping` stays 200 while the runner is busy.
 
 BentoML does not respawn a dead worker under BENTOML_CONTAINERIZED (so in every image), and an
 orchestrator replaces a server that exits, not one that only fails its health checks: so once a runner
 that was up has been down for `FHE_BENTO_RUNNER_DOWN_SECONDS`, the server stops with a failure status
-(`runners/lifecycle.py`). The watch reads the same signal as `/ping`, so a burst cannot stop a healthy server.
+(`core/lifecycle.py`). The watch reads the same signal as `/ping`, so a burst cannot stop a healthy server.
 While the runner is down, every runner call, in flight or new, fails at once with 503 `runner_unavailable`.
 """
 
@@ -21,8 +21,8 @@ from collections.abc import Awaitable, Callable
 import bentoml
 import httpx
 
-from fhe_bento.runners.heartbeat import runner_state
-from fhe_bento.runners.lifecycle import stop_server
+from fhe_bento.core.heartbeat import runner_state
+from fhe_bento.core.lifecycle import stop_server
 
 Probe = Callable[[], Awaitable[bool | None]]
 READYZ_TIMEOUT = 0.5  # seconds; SageMaker gives /ping 2 s

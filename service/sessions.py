@@ -13,9 +13,9 @@ import secrets
 import time
 from datetime import datetime, timezone
 
+from fhe_bento.core.errors import FHEBentoError
+from fhe_bento.core.metrics import SESSIONS
 from fhe_bento.protocol.sessions import NEW_SESSION, Session
-from fhe_bento.runners.errors import FHEBentoError
-from fhe_bento.runners.metrics import SESSIONS
 
 _KEY_PREFIX = 16
 _SESSION_ID = re.compile(r"(?P<key>[0-9a-f]{16})\.(?P<expires>[0-9]{1,12})\.[0-9a-f]{16}")

@@ -43,7 +43,7 @@ def imported_spec(name: str):
     """The served description (ModelSpec) of a demo model, as the server loads it from the model store."""
     import bentoml
 
-    from fhe_bento.runners.model_repo import load_folder
+    from fhe_bento.core.model_repo import load_folder
 
     return load_folder(Path(bentoml.models.get(f"{name}:latest").path), name)
 

@@ -11,9 +11,9 @@ from conftest import LOGREG, XGB, assert_error
 
 from fhe_bento.client import FHEClient
 from fhe_bento.client.http_transport import FHEServiceError
+from fhe_bento.core.errors import FHEBentoError
 from fhe_bento.protocol import wire
 from fhe_bento.protocol.names import ATTRIBUTES_HEADER
-from fhe_bento.runners.errors import FHEBentoError
 from fhe_bento.service.auth import TokenAuth
 from harness.devserver import Server
 

@@ -13,17 +13,16 @@ from conftest import LOGREG
 HANG_GUARD = 600  # seconds: only stops a broken client from hanging the suite
 
 PREDICT = (
-    """
+    f"""
 import importlib.util, json, sys
 import numpy as np
 present = [name for name in ("bentoml", "fastapi", "boto3", "client", "service", "runners", "protocol")
           if importlib.util.find_spec(name) is not None]
 from fhe_bento.client import FHEClient
 url, rows, cache = sys.argv[1:]
-model = FHEClient(url, cache_dir=cache, progress=False).model("%s")
-print(json.dumps({"present": present, "labels": model.predict(np.load(rows)).tolist()}))
+model = FHEClient(url, cache_dir=cache, progress=False).model("{LOGREG}")
+print(json.dumps({{"present": present, "labels": model.predict(np.load(rows)).tolist()}}))
 """
-    % LOGREG
 )
 
 

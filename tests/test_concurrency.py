@@ -25,8 +25,8 @@ def test_concurrent_clients_with_their_own_keys_get_their_own_answers(server, de
     assert len(key_ids) == 3
     rows = [demo.x_test[i : i + 1] for i in (3, 4, 5)]  # rows with both classes among them
     with ThreadPoolExecutor(len(owners)) as pool:
-        answers = list(pool.map(lambda pair: pair[0].predict_proba(pair[1]), zip(owners, rows)))
-    for owner_rows, proba in zip(rows, answers):
+        answers = list(pool.map(lambda pair: pair[0].predict_proba(pair[1]), zip(owners, rows, strict=True)))
+    for owner_rows, proba in zip(rows, answers, strict=True):
         np.testing.assert_allclose(
             proba, demo.models[XGB].predict_proba(owner_rows, fhe="disable"), atol=1e-6
         )

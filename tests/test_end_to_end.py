@@ -35,7 +35,7 @@ def test_predict_batch_matches_clear_predictions_row_by_row(name, demo, fhe_clie
     encrypted = fhe_client.model(name).predict(x)
     expected = demo.clear_predict(name, x)
     assert encrypted.shape == expected.shape
-    for row, (got, want) in enumerate(zip(encrypted, expected)):
+    for row, (got, want) in enumerate(zip(encrypted, expected, strict=True)):
         assert got == want, f"row {row}: FHE {got} != clear {want}"
     proba = fhe_client.model(name).predict_proba(x)
     np.testing.assert_allclose(proba, demo.models[name].predict_proba(x, fhe="disable"), atol=1e-6)
@@ -151,7 +151,7 @@ def test_ping_answers_while_fhe_runs_on_every_worker(server, demo, client_cache)
     in_flight = [p for p in pings if p[2]]
     assert in_flight, "no ping was answered while both FHE runs were in flight"
     assert all(status == 200 and body == b"" for status, body, _ in in_flight)
-    for batch_answers, rows in zip(answers, batches):
+    for batch_answers, rows in zip(answers, batches, strict=True):
         labels = remote.labels(np.stack([remote.decrypt(answer) for answer in batch_answers]))
         assert list(labels) == list(demo.clear_predict(XGB, rows))
 

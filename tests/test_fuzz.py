@@ -13,9 +13,9 @@ from conftest import LOGREG, XGB, assert_documented_rejection
 from hypothesis import HealthCheck, given, settings
 from hypothesis import strategies as st
 
+from fhe_bento.core.errors import FHEBentoError
 from fhe_bento.protocol import wire
 from fhe_bento.protocol.names import ATTRIBUTES_HEADER
-from fhe_bento.runners.errors import FHEBentoError
 from fhe_bento.service.sagemaker import Attributes, parse_attributes
 
 KEY_ID = "ab" * 32

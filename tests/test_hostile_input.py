@@ -20,10 +20,10 @@ from hypothesis import HealthCheck, given, settings
 from hypothesis import strategies as st
 
 from fhe_bento.client import FHEClient
-from fhe_bento.runners.capnp_wire import MalformedMessage, first_difference, read_shape
-from fhe_bento.runners.errors import FHEBentoError
-from fhe_bento.runners.model_repo import ModelSpec
-from fhe_bento.runners.payload_check import check_ciphertext, check_key
+from fhe_bento.core.capnp_wire import MalformedMessage, first_difference, read_shape
+from fhe_bento.core.errors import FHEBentoError
+from fhe_bento.core.model_repo import ModelSpec
+from fhe_bento.core.payload_check import check_ciphertext, check_key
 from harness.capnp_attacks import FAMILIES, mutate, payloads, split_blobs, unfar, write_message
 
 OCTET = {"Content-Type": "application/octet-stream"}

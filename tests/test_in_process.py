@@ -26,9 +26,9 @@ OCTET = {"Content-Type": OCTET_STREAM}
 def http(demo):
     """The app with a real runner in this process, on the session's BentoML home (its demo models, and a
     key store and staging folder of this test run alone)."""
+    from fhe_bento.core.model_repo import default_model, load_specs
+    from fhe_bento.core.settings import get_settings
     from fhe_bento.runners.fhe_runner import FHERunner
-    from fhe_bento.runners.model_repo import default_model, load_specs
-    from fhe_bento.runners.settings import get_settings
     from fhe_bento.service.admission import Admission
     from fhe_bento.service.app import app
     from fhe_bento.service.operations import Operations, current_operations
@@ -228,7 +228,7 @@ def test_a_stateful_session_is_opened_for_one_key_and_checked(http, owner):
     assert 1100 < session.expires.timestamp() - time.time() <= 1200  # FHE_BENTO_SESSION_SECONDS
     carried = has_key(session.id)
     assert carried.status_code == 200 and SESSION_HEADER not in carried.headers
-    prefix, expires, nonce = session.id.split(".")
+    prefix, _expires, nonce = session.id.split(".")
     for refused in (
         has_key(session.id, other),
         has_key(f"{prefix}.{int(time.time()) - 1}.{nonce}"),

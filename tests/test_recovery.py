@@ -23,9 +23,9 @@ from conftest import LOGREG, assert_error, imported_spec  # rows must take secon
 from conftest import REALISTIC_XGB as XGB
 
 from fhe_bento.client import FHEClient
+from fhe_bento.core.heartbeat import STALE_SECONDS
+from fhe_bento.core.lifecycle import STOPPED_STATUS
 from fhe_bento.protocol import wire
-from fhe_bento.runners.heartbeat import STALE_SECONDS
-from fhe_bento.runners.lifecycle import STOPPED_STATUS
 from harness.devserver import Server
 
 OCTET = {"Content-Type": "application/octet-stream"}

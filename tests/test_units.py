@@ -10,8 +10,8 @@ from pathlib import Path
 
 import pytest
 
+from fhe_bento.core.errors import FHEBentoError
 from fhe_bento.protocol import wire
-from fhe_bento.runners.errors import FHEBentoError
 from fhe_bento.runners.key_cache import AGING_LOOKUPS, KeyCache
 from fhe_bento.runners.key_store import FileKeyStore
 
@@ -141,8 +141,8 @@ def test_registry_expires_unused_keys_and_abandoned_uploads(tmp_path):
     import os
     import time
 
+    from fhe_bento.core.settings import Settings
     from fhe_bento.runners.key_registry import KeyRegistry
-    from fhe_bento.runners.settings import Settings
 
     store = FileKeyStore(tmp_path / "store")
     registry = KeyRegistry(store, Settings(key_ttl_seconds=60, upload_ttl_seconds=60, max_store_bytes=20))
@@ -207,8 +207,8 @@ def test_request_limits_answer_431_and_504_in_the_error_shape():
 
 
 def _registry(root: Path, **settings):
+    from fhe_bento.core.settings import Settings
     from fhe_bento.runners.key_registry import KeyRegistry
-    from fhe_bento.runners.settings import Settings
 
     store = FileKeyStore(root)
     return store, KeyRegistry(store, Settings(**settings))
@@ -310,7 +310,7 @@ def test_staging_cleanup_removes_only_old_spool_files(tmp_path):
     import os
     import time
 
-    from fhe_bento.runners.settings import Settings
+    from fhe_bento.core.settings import Settings
 
     settings = Settings(staging_dir=tmp_path / "staging", request_timeout=10)
     staging = settings.staging_path()
@@ -326,9 +326,9 @@ def test_staging_cleanup_removes_only_old_spool_files(tmp_path):
 def test_s3_store_counts_and_bounds_uploads_like_the_file_store(moto_url, tmp_path):
     import boto3
 
+    from fhe_bento.core.settings import Settings
     from fhe_bento.runners.key_registry import KeyRegistry
     from fhe_bento.runners.s3_key_store import S3KeyStore
-    from fhe_bento.runners.settings import Settings
 
     boto3.client("s3").create_bucket(Bucket="fhe-bento-units")
     store = S3KeyStore("fhe-bento-units", f"units-{tmp_path.name}")

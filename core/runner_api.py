@@ -7,7 +7,7 @@ from __future__ import annotations
 
 from pydantic import BaseModel, ConfigDict
 
-from fhe_bento.runners.errors import ErrorBody, FHEBentoError
+from fhe_bento.core.errors import ErrorBody, FHEBentoError
 
 
 class WireModel(BaseModel):

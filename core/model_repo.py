@@ -19,8 +19,8 @@ from pathlib import Path
 
 from pydantic import BaseModel, ValidationError
 
-from fhe_bento.runners.payload_check import check_keyset_params
-from fhe_bento.runners.settings import Settings
+from fhe_bento.core.payload_check import check_keyset_params
+from fhe_bento.core.settings import Settings
 
 METADATA_FILE = "fhe-bento.json"
 CHECKED_PACKAGES = ("concrete-python", "concrete-ml")
@@ -35,7 +35,7 @@ class ModelMetadata(BaseModel):
     n_outputs: int
     client_sha256: str
     needs_key: bool
-    # What concrete-ml's client produces for this circuit (runners/payload_check.py): every ciphertext and
+    # What concrete-ml's client produces for this circuit (core/payload_check.py): every ciphertext and
     # evaluation key must have exactly these sizes and Cap'n Proto shapes before concrete sees it.
     eval_key_bytes: int
     key_shape: list

@@ -3,7 +3,7 @@
 An error carries a code and a message; its HTTP status comes from the code, in the one registry
 (`protocol.errors.ERROR_CODES`). Messages name no transport's headers or fields: the same error reaches
 native, Zama-compatible and SageMaker callers. Runners return these errors in-band (see
-`runners.runner_api.RunnerReply`) so that the code survives the hop between processes.
+`core.runner_api.RunnerReply`) so that the code survives the hop between processes.
 """
 
 from __future__ import annotations

@@ -17,7 +17,7 @@ returns its *shape*, a JSON-able tree that keeps everything but the contents of 
     ["C", data words, pointer words, [structs]]   a list of structs (composite)
     None                                          a null pointer
 
-`runners/payload_check.py` compares that shape with the one concrete-ml's client produces for a model.
+`core/payload_check.py` compares that shape with the one concrete-ml's client produces for a model.
 
 Refused outright (`MalformedMessage`): a segment table that does not add up to the body's length (so a
 truncated or padded message), more segments than `MAX_SEGMENTS`, any pointer or object out of bounds,
@@ -27,6 +27,7 @@ overlap an object, nesting deeper than `MAX_DEPTH`, more than `MAX_OBJECTS` obje
 
 from __future__ import annotations
 
+import itertools
 import struct
 from typing import Any
 
@@ -83,7 +84,7 @@ class _Reader:
         return segments
 
     def _claim(self, segment: int, start: int, words: int) -> None:
-        base, size = self.segments[segment]
+        _base, size = self.segments[segment]
         if start < 0 or start + words > size:
             raise MalformedMessage(f"an object at word {start} of segment {segment} runs out of it")
         if words:
@@ -166,7 +167,7 @@ class _Reader:
 
     def check_no_overlap(self) -> None:
         claimed = sorted(self.claimed)
-        for (seg_a, _, end_a), (seg_b, start_b, _) in zip(claimed, claimed[1:]):
+        for (seg_a, _, end_a), (seg_b, start_b, _) in itertools.pairwise(claimed):
             if seg_a == seg_b and start_b < end_a:
                 raise MalformedMessage(f"two pointers share words of segment {seg_a} from word {start_b}")
 
@@ -187,7 +188,7 @@ def first_difference(got: Shape, want: Shape, path: str = "message") -> str | No
     if isinstance(got, list) and isinstance(want, list):
         if len(got) != len(want):
             return f"{path}: {len(got)} items where {len(want)} were expected"
-        for index, (g, w) in enumerate(zip(got, want)):
+        for index, (g, w) in enumerate(zip(got, want, strict=False)):
             if found := first_difference(g, w, f"{path}/{index}"):
                 return found
         return None

@@ -1,7 +1,7 @@
 """Checks every ciphertext and evaluation key against what concrete-ml's own client produces for the model,
 before any byte of it reaches concrete (whose C++ parsers trust their input).
 
-A model's expected shapes (`runners/capnp_wire.py`) are recorded at import from a throwaway key set and
+A model's expected shapes (`core/capnp_wire.py`) are recorded at import from a throwaway key set and
 ciphertext made by the model's client (`fhe-bento import`), and tied at load to the model's keyset in
 `client.specs.json` (`check_keyset_params`). A message passes only when its size is exactly the model's,
 it is a well-formed Cap'n Proto message, and its shape equals the model's: same segments, same structs
@@ -17,8 +17,8 @@ import struct
 import zipfile
 from pathlib import Path
 
-from fhe_bento.runners.capnp_wire import MalformedMessage, Shape, first_difference, read_shape
-from fhe_bento.runners.errors import FHEBentoError
+from fhe_bento.core.capnp_wire import MalformedMessage, Shape, first_difference, read_shape
+from fhe_bento.core.errors import FHEBentoError
 
 
 def _check(data: bytes | memoryview, size: int, shape: Shape, what: str, model: str) -> None:
@@ -107,7 +107,7 @@ def keyset_params(key_shape: Shape) -> dict[str, list[dict]]:
     """The id, compression and parameters of every key in an evaluation key's shape, by key kind."""
     root = _unwrap(key_shape[1])
     kinds = {}
-    for kind, pointer in zip(_PARAMS, root[2]):
+    for kind, pointer in zip(_PARAMS, root[2], strict=False):
         keys = []
         for key in _unwrap(pointer)[3] if pointer else []:
             info = _unwrap(key[2][0])
@@ -134,7 +134,7 @@ def check_keyset_params(key_shape: Shape, client_zip: Path) -> None:
         specs = keyset.get(kind, [])
         if len(keys) != len(specs):
             raise ValueError(f"{kind}: {len(keys)} keys recorded, the keyset has {len(specs)}")
-        for key, spec in zip(keys, specs):
+        for key, spec in zip(keys, specs, strict=False):
             expected = {name: spec[name] for name in _KEY_INFO}
             got = {name: key[name] for name in _KEY_INFO}
             for name in _PARAMS[kind]:
