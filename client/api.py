@@ -169,7 +169,7 @@ class RemoteModel:
 
     def _run_batch(self, rows: list[bytes]) -> list[bytes]:
         """One batch, with the two recoveries: a lost key is uploaded again (once), and a retryable answer
-        (overloaded, runner restarting: `RETRYABLE_CODES`) is retried after its Retry-After (or an
+        (overloaded, runner restarting: `protocol.errors.is_retryable`) is retried after its Retry-After (or an
         exponential backoff with jitter)."""
         reuploaded = False
         while True:

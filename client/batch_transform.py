@@ -19,7 +19,7 @@ from tqdm.auto import tqdm
 
 from fhe_bento.client.api import RemoteModel, Transport
 from fhe_bento.client.http_transport import FHEServiceError
-from fhe_bento.client.sagemaker_transport import ModelFolders, split_s3
+from fhe_bento.client.sagemaker_transport import FromArtifacts, ModelFolders, split_s3
 from fhe_bento.protocol import transform
 
 if TYPE_CHECKING:
@@ -30,19 +30,13 @@ JOB_SECONDS = 3600  # a request of a transform job may take SageMaker's longest 
 INPUT_NAME = "records.jsonl"
 
 
-class ArtifactsTransport:
+class ArtifactsTransport(FromArtifacts):
     """Model facts from the deployed artifacts; key checks and uploads through `keys` (a transport to a
     real-time endpoint on the same key store), for models that need a key."""
 
     def __init__(self, models: ModelFolders, keys: Transport | None = None) -> None:
         self.models = models
         self.keys = keys
-
-    def get_model(self, name: str) -> dict:
-        return self.models.info(name)
-
-    def get_client_zip(self, name: str) -> tuple[bytes, str]:
-        return self.models.files[name]["client.zip"], ""
 
     def _keys(self) -> Transport:
         if self.keys is None:
@@ -105,7 +99,7 @@ def start_transform(
         transform_job_name=job_name,
         model_name=model_name,
         batch_strategy="MultiRecord",
-        max_payload_in_mb=1,
+        max_payload_in_mb=transform.MAX_PAYLOAD_MB,
         model_client_config=shapes.ModelClientConfig(
             invocations_timeout_in_seconds=JOB_SECONDS, invocations_max_retries=1
         ),

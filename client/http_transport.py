@@ -9,13 +9,10 @@ import httpx
 
 from fhe_bento.client.uploads import upload_key
 from fhe_bento.protocol import wire
-from fhe_bento.protocol.errors import RETRYABLE_CODES as SERVICE_RETRYABLE
+from fhe_bento.protocol.errors import HTTP_ERROR, is_retryable
 from fhe_bento.protocol.names import CLIENT_SHA_HEADER, KEY_ID_HEADER, OCTET_STREAM, PART_BYTES
 
 OCTET = {"Content-Type": OCTET_STREAM}
-# A 429/503 the client retries after Retry-After: one of the service's retryable codes, or
-# `http_error`, a 503 without the service's JSON error (a proxy in front of it).
-RETRYABLE_CODES = SERVICE_RETRYABLE | {"http_error"}
 # An idle pooled connection is dropped after this long. It must stay well under the server's keep-alive
 # (uvicorn's default under `bentoml serve`: 5 s): at equal timeouts the server may close a connection just
 # as the client reuses it, and the request fails with "Server disconnected without sending a response".
@@ -44,7 +41,7 @@ class FHEServiceError(RuntimeError):
 
     @property
     def retryable(self) -> bool:
-        return self.status in (429, 503) and self.code in RETRYABLE_CODES
+        return is_retryable(self.status, self.code)
 
 
 def error_from_body(
@@ -74,7 +71,7 @@ def _raise_for_error(response: httpx.Response) -> httpx.Response:
     raise error_from_body(
         response.status_code,
         response.content or response.reason_phrase,
-        "http_error",
+        HTTP_ERROR,
         retry_after_seconds(response.headers),
     )
 

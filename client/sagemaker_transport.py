@@ -238,6 +238,18 @@ class ModelFolders:
         return {"name": name, **meta}
 
 
+class FromArtifacts:
+    """Model facts of a transport read from the deployed artifacts, not asked of an endpoint."""
+
+    models: ModelFolders
+
+    def get_model(self, name: str) -> dict:
+        return self.models.info(name)
+
+    def get_client_zip(self, name: str) -> tuple[bytes, str]:
+        return self.models.files[name]["client.zip"], ""
+
+
 class AsyncJob:
     """One asynchronous invocation: where its answer (or failure) will appear in S3."""
 
@@ -271,7 +283,7 @@ class AsyncJob:
         raise TimeoutError(f"no answer at {self.output_location} after {timeout:.0f} s")
 
 
-class AsyncSageMakerTransport:
+class AsyncSageMakerTransport(FromArtifacts):
     """Asynchronous endpoint transport: envelopes in, framed answers out, through S3."""
 
     def __init__(
@@ -293,12 +305,6 @@ class AsyncSageMakerTransport:
         self.progress = progress
         self._pending_keys: dict[str, bytes] = {}  # key id -> key, sent inline until a job registers it
         self._registered: set[str] = set()
-
-    def get_model(self, name: str) -> dict:
-        return self.models.info(name)
-
-    def get_client_zip(self, name: str) -> tuple[bytes, str]:
-        return self.models.files[name]["client.zip"], ""
 
     def has_key(self, name: str, key_id: str) -> bool:
         return key_id in self._registered

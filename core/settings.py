@@ -6,7 +6,7 @@ Every field here is documented in the README's settings table with its default; 
 from __future__ import annotations
 
 import os
-import time
+from collections.abc import Mapping
 from functools import lru_cache
 from pathlib import Path
 
@@ -129,10 +129,21 @@ class Settings(BaseSettings):
         default=None, description="Where uploads are spooled before they are verified."
     )
 
+    @classmethod
+    def for_environment(cls, env: Mapping[str, str]) -> Settings:
+        """The settings of an instance started with exactly `env` (a deployment's environment), defaults
+        for the rest: this process's own environment is not read."""
+        prefix = cls.model_config["env_prefix"]
+        return cls.model_validate({k.removeprefix(prefix).lower(): v for k, v in env.items() if k.startswith(prefix)})
+
+    def parallel_rows(self) -> int:
+        """Rows one instance evaluates at once: runner workers x engine processes each."""
+        return self.workers * self.row_threads
+
     def omp_threads_per_row(self) -> int:
         """concrete parallelises the loops of one circuit with OpenMP: split the cores so that workers x
         rows at once x threads per row fill the machine without oversubscribing it."""
-        return self.omp_threads or max(1, (os.cpu_count() or 1) // (self.workers * self.row_threads))
+        return self.omp_threads or max(1, (os.cpu_count() or 1) // self.parallel_rows())
 
     def model_tags(self) -> list[str]:
         return [tag.strip() for tag in self.models.split(",") if tag.strip()]
@@ -144,22 +155,6 @@ class Settings(BaseSettings):
         path = self.staging_dir or _bentoml_home() / "fhe-bento" / "staging"
         path.mkdir(parents=True, exist_ok=True)
         return path
-
-    def clear_staging(self) -> int:
-        """Delete the spool files (`upload-*` and `assembled-*`, of the HTTP service and the key service) that a
-        crashed process left behind; returns how many. Only files untouched for longer than a whole request
-        may go: a spool file lives no longer than the request that wrote it, and another HTTP worker may be
-        writing or verifying a younger one right now."""
-        cutoff = time.time() - self.request_timeout - STAGING_GRACE_SECONDS
-        removed = 0
-        for path in [*self.staging_path().glob("upload-*"), *self.staging_path().glob("assembled-*")]:
-            try:
-                if path.stat().st_mtime < cutoff:
-                    path.unlink()
-                    removed += 1
-            except FileNotFoundError:  # its request ended meanwhile and removed it
-                continue
-        return removed
 
 
 @lru_cache(maxsize=1)

@@ -116,6 +116,7 @@ def deploy(
     import boto3
     from sagemaker.core.helper.session_helper import Session
 
+    from fhe_bento.core.settings import Settings
     from fhe_bento.modelkit import sagemaker_deploy as sd
     from fhe_bento.modelkit import sagemaker_scaling
 
@@ -132,9 +133,21 @@ def deploy(
         else sd.model_folders_from_store([t.strip() for t in (tags or ",".join(DEMO_MODELS)).split(",")])
     )
     env = dict(item.split("=", 1) for item in environment)
-    store = key_store or f"s3://{bucket}/{prefix.strip('/')}/keys"
-    try:  # checked before anything is uploaded or created
-        sd.check_key_store(store, max(instance_count, max_instances or 1))
+    try:  # the whole deployment is checked before anything is uploaded or created
+        config = sd.DeployConfig(
+            endpoint_name=endpoint_name,
+            image_uri=image_uri or push_image,
+            role_arn=role_arn,
+            model_data_url=sd.model_data_url(bucket, prefix),
+            key_store=key_store or f"s3://{bucket}/{prefix.strip('/')}/keys",
+            instance_type=instance_type,
+            instance_count=instance_count,
+            max_instances=max_instances or 1,
+            async_output_path=async_output,
+            async_failure_path=async_failure,
+            max_concurrent_invocations=max_concurrent,
+            environment=env,
+        )
         scaling = (
             None
             if max_instances is None
@@ -143,32 +156,19 @@ def deploy(
                 max_instances=max_instances,
                 asynchronous=bool(async_output),
                 row_seconds=sd.slowest_row_seconds(folders),
-                parallel_rows=int(env.get("FHE_BENTO_WORKERS", 1)) * int(env.get("FHE_BENTO_ROW_THREADS", 1)),
+                parallel_rows=Settings.for_environment(env).parallel_rows(),
             )
         )
     except ValueError as exc:  # pydantic's ValidationError is one
         raise click.UsageError(str(exc)) from None
     with tempfile.TemporaryDirectory() as tmp:
         tarball = sd.pack_models(folders, Path(tmp) / "model.tar.gz")
-        model_data_url = sd.upload_model_data(boto3.client("s3"), tarball, bucket, prefix)
-    click.echo(f"uploaded {model_data_url} ({', '.join(folders)})")
+        sd.upload_model_data(boto3.client("s3"), tarball, config.model_data_url)
+    click.echo(f"uploaded {config.model_data_url} ({', '.join(folders)})")
     if push_image:
-        image_uri = sd.push_image(boto3.client("ecr"), push_image, ecr_repository, push_tool)
-        click.echo(f"pushed {image_uri}")
-    config = sd.DeployConfig(
-        endpoint_name=endpoint_name,
-        image_uri=image_uri,
-        role_arn=role_arn,
-        model_data_url=model_data_url,
-        key_store=store,
-        instance_type=instance_type,
-        instance_count=instance_count,
-        max_instances=max_instances or 1,
-        async_output_path=async_output,
-        async_failure_path=async_failure,
-        max_concurrent_invocations=max_concurrent,
-        environment=env,
-    )
+        pushed = sd.push_image(boto3.client("ecr"), push_image, ecr_repository, push_tool)
+        config = config.model_copy(update={"image_uri": pushed})
+        click.echo(f"pushed {pushed}")
     session = Session(boto_session=boto3.Session())
     created = sd.create_endpoint(session, config)
     click.echo(f"created {created['endpoint_arn']} (keys in {config.key_store})")

@@ -23,6 +23,7 @@ from typing import TYPE_CHECKING
 from pydantic import BaseModel, Field, model_validator
 
 from fhe_bento.core.model_repo import METADATA_FILE, load_folder
+from fhe_bento.modelkit.image import SAGEMAKER_ENV
 
 if TYPE_CHECKING:
     from sagemaker.core.helper.session_helper import Session
@@ -107,10 +108,13 @@ def write_model_dir(folders: dict[str, Path], root: Path) -> Path:
     return root
 
 
-def upload_model_data(s3, tarball: Path, bucket: str, prefix: str) -> str:
-    key = f"{prefix.strip('/')}/model.tar.gz".lstrip("/")
+def model_data_url(bucket: str, prefix: str) -> str:
+    return f"s3://{bucket}/" + f"{prefix.strip('/')}/model.tar.gz".lstrip("/")
+
+
+def upload_model_data(s3, tarball: Path, url: str) -> None:
+    bucket, key = url.removeprefix("s3://").split("/", 1)
     s3.upload_file(str(tarball), bucket, key)
-    return f"s3://{bucket}/{key}"
 
 
 def push_image(ecr, local_image: str, repository: str, tool: str = "podman") -> str:
@@ -142,7 +146,7 @@ def create_endpoint(session: Session, config: DeployConfig) -> dict:
             "Image": config.image_uri,
             "ModelDataUrl": config.model_data_url,
             "Environment": {
-                "FHE_BENTO_MODEL_DIR": "/opt/ml/model",
+                **SAGEMAKER_ENV,
                 "FHE_BENTO_KEY_STORE": config.key_store,
                 **config.environment,
             },

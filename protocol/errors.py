@@ -52,3 +52,10 @@ ERROR_CODES: dict[str, int] = {
 # Codes a client retries after the answer's Retry-After: the model is overloaded, or its runner is
 # restarting.
 RETRYABLE_CODES = frozenset({"overloaded", "runner_unavailable"})
+# The client's code for an error answer without the service's JSON error (a proxy in front of it).
+HTTP_ERROR = "http_error"
+
+
+def is_retryable(status: int, code: str) -> bool:
+    """Whether a client retries this answer: a retryable code, or a bare 503 from a proxy."""
+    return status in (429, 503) and (code in RETRYABLE_CODES or code == HTTP_ERROR)

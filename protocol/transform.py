@@ -13,6 +13,9 @@ import json
 from pydantic import BaseModel, ConfigDict, ValidationError
 
 CONTENT_TYPE = "application/jsonlines"
+# Many records per request, each request at most this many MB: what the container's
+# /execution-parameters asks for and what the client's jobs set.
+MAX_PAYLOAD_MB = 1
 
 
 class Record(BaseModel):

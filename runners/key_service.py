@@ -12,13 +12,12 @@ from __future__ import annotations
 import asyncio
 import hashlib
 import logging
-import uuid
 from collections.abc import Awaitable, Callable
 from pathlib import Path
 
-from fhe_bento.core import metrics
+from fhe_bento.core import metrics, staging
 from fhe_bento.core.errors import FHEBentoError
-from fhe_bento.core.key_ids import check_key_id
+from fhe_bento.core.key_rules import check_key_id, check_key_size
 from fhe_bento.core.model_repo import ModelSpec
 from fhe_bento.core.payload_check import check_key
 from fhe_bento.core.settings import Settings
@@ -37,8 +36,7 @@ class KeyService:
         self.staging = settings.staging_path()
         self.max_key_bytes = settings.max_key_bytes
         self._verify = verify
-        if removed := settings.clear_staging():
-            log.info("removed %d spool files left in %s by an earlier process", removed, self.staging)
+        staging.clear_stale(settings)
 
     @staticmethod
     def scope(spec: ModelSpec, tenant: str) -> str:
@@ -49,16 +47,13 @@ class KeyService:
 
     async def register(self, spec: ModelSpec, tenant: str, key: bytes) -> dict:
         """Check, verify and store a whole key; its id is its SHA-256. Returns the answer with `created`."""
-        if len(key) > self.max_key_bytes:
-            raise FHEBentoError(
-                "payload_too_large", f"a key is at most {self.max_key_bytes} bytes (FHE_BENTO_MAX_KEY_BYTES)"
-            )
+        check_key_size(len(key), self.max_key_bytes)
         key_id = keys.key_id(key)
         scope = self.scope(spec, tenant)
         if await asyncio.to_thread(self.registry.has, scope, key_id):
             return self._exists(spec, key_id, len(key))
         check_key(key, spec.meta.eval_key_bytes, spec.meta.key_shape, spec.name)
-        path = self._spool_path("upload")
+        path = staging.spool_path(self.staging, "upload")
         try:
             await asyncio.to_thread(path.write_bytes, key)
             return await self._store_verified(spec, tenant, scope, key_id, path)
@@ -150,16 +145,13 @@ class KeyService:
         if registry.has(scope, key_id):
             registry.drop_parts(scope, key_id)
             return registry.size(scope, key_id)
-        path = self._spool_path("assembled")
+        path = staging.spool_path(self.staging, "assembled")
         digest, size = hashlib.sha256(), 0
         try:
             with path.open("wb") as fh:
                 for chunk in registry.assemble_parts(scope, key_id, count):
                     size += len(chunk)
-                    if size > self.max_key_bytes:
-                        raise FHEBentoError(
-                            "payload_too_large", f"the parts add up to more than {self.max_key_bytes} bytes"
-                        )
+                    check_key_size(size, self.max_key_bytes)
                     digest.update(chunk)
                     fh.write(chunk)
             if digest.hexdigest() != key_id:
@@ -175,5 +167,3 @@ class KeyService:
             raise
         return path
 
-    def _spool_path(self, kind: str) -> Path:
-        return self.staging / f"{kind}-{uuid.uuid4().hex}"

@@ -18,7 +18,7 @@ from pathlib import Path
 from typing import NamedTuple, Protocol
 
 from fhe_bento.core.errors import FHEBentoError
-from fhe_bento.core.key_ids import check_key_id
+from fhe_bento.core.key_rules import check_key_id
 from fhe_bento.protocol.keys import is_key_id
 
 

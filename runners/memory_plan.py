@@ -85,7 +85,7 @@ def plan_memory(settings: Settings, specs: dict[str, ModelSpec], memory: int | N
         cache = settings.key_cache_bytes
     else:
         uploads = workers * (verifications * verify_cost + (verifications + queued) * 2 * key_bytes)
-        cache = max(0, int(USABLE_SHARE * above_base) - uploads) // (workers * settings.row_threads)
+        cache = max(0, int(USABLE_SHARE * above_base) - uploads) // settings.parallel_rows()
     return MemoryPlan(
         memory=memory,
         verify_cost=verify_cost,

@@ -21,6 +21,7 @@ from fastapi.exceptions import RequestValidationError
 from fastapi.responses import JSONResponse, Response
 from starlette.exceptions import HTTPException as StarletteHTTPException
 
+from fhe_bento.core import staging
 from fhe_bento.core.errors import FHEBentoError
 from fhe_bento.core.lifecycle import exit_nonzero_if_stopped
 from fhe_bento.core.model_repo import default_model, load_specs
@@ -85,10 +86,7 @@ class FHEBento:
     def __init__(self) -> None:
         specs = load_specs(settings)
         default = default_model(settings, specs)
-        if removed := settings.clear_staging():
-            log.info(
-                "removed %d spool files left in %s by an earlier process", removed, settings.staging_path()
-            )
+        staging.clear_stale(settings)
         admission = Admission(
             settings.max_queue_rows,
             settings.request_timeout,

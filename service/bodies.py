@@ -9,13 +9,13 @@ the native route and SageMaker's `/invocations` read it by the same declaration.
 from __future__ import annotations
 
 import asyncio
-import uuid
 from collections.abc import AsyncIterator, Callable
 from dataclasses import dataclass
 from pathlib import Path
 
 from starlette.requests import ClientDisconnect, Request
 
+from fhe_bento.core import staging
 from fhe_bento.core.errors import FHEBentoError
 from fhe_bento.core.settings import Settings, get_settings
 from fhe_bento.protocol import transform, wire
@@ -86,7 +86,7 @@ async def read_limited(request: Request, limit: int) -> bytes:
 async def spool_limited(request: Request, limit: int, directory: Path) -> Path:
     """Stream the body (see `limited_chunks`) to a new file under `directory`. The caller deletes the file;
     on any error the partial file is removed here."""
-    path = directory / f"upload-{uuid.uuid4().hex}"
+    path = staging.spool_path(directory, "upload")
     size = 0
     try:
         with path.open("wb") as fh:

@@ -16,7 +16,7 @@ from starlette.datastructures import FormData, UploadFile
 from starlette.formparsers import MultiPartParser
 
 from fhe_bento.core.errors import FHEBentoError
-from fhe_bento.core.key_ids import check_key_id
+from fhe_bento.core.key_rules import check_key_id
 from fhe_bento.core.settings import get_settings
 from fhe_bento.protocol.names import OCTET_STREAM
 from fhe_bento.service.auth import Caller, predict_caller

@@ -18,7 +18,7 @@ from typing import Any
 import bentoml
 
 from fhe_bento.core.errors import FHEBentoError
-from fhe_bento.core.key_ids import check_key_id
+from fhe_bento.core.key_rules import check_key_id, check_key_size
 from fhe_bento.core.model_repo import ModelSpec
 from fhe_bento.core.runner_api import KeyPart, KeyUpload, Rows, RunnerReply
 from fhe_bento.core.settings import Settings
@@ -166,8 +166,7 @@ class Operations:
             fh.seek(offset)
             key_id = header.key_id or key_id
             if header.key_bytes:
-                if header.key_bytes > settings.max_key_bytes:
-                    raise FHEBentoError("payload_too_large", "the inline key is over FHE_BENTO_MAX_KEY_BYTES")
+                check_key_size(header.key_bytes, settings.max_key_bytes)
                 key = fh.read(header.key_bytes)
                 if len(key) < header.key_bytes:
                     raise FHEBentoError("invalid_envelope", "the envelope ends inside its evaluation key")

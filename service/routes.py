@@ -8,7 +8,7 @@ from fastapi import APIRouter, Depends, Request
 from fastapi.responses import FileResponse, JSONResponse, Response
 
 from fhe_bento.core.errors import FHEBentoError
-from fhe_bento.core.key_ids import check_key_id
+from fhe_bento.core.key_rules import check_key_id
 from fhe_bento.protocol import wire
 from fhe_bento.protocol.names import KEY_ID_HEADER, OCTET_STREAM
 from fhe_bento.service import bodies

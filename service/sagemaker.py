@@ -90,9 +90,9 @@ async def execution_parameters(ops: Operations = Depends(current_operations)) ->
     computed at once, a few hundred records each (at most 1 MB)."""
     return JSONResponse(
         {
-            "MaxConcurrentTransforms": ops.settings.workers * ops.settings.row_threads,
+            "MaxConcurrentTransforms": ops.settings.parallel_rows(),
             "BatchStrategy": "MULTI_RECORD",
-            "MaxPayloadInMB": 1,
+            "MaxPayloadInMB": transform.MAX_PAYLOAD_MB,
         }
     )
 

@@ -319,7 +319,7 @@ def test_staging_cleanup_removes_only_old_spool_files(tmp_path):
         (staging / name).write_bytes(b"x")
         os.utime(staging / name, (old, old))
     (staging / "upload-being-written").write_bytes(b"x")  # another HTTP worker's, right now
-    assert settings.clear_staging() == 2
+    assert staging.clear_stale(settings) == 2
     assert sorted(p.name for p in staging.iterdir()) == ["notes.txt", "upload-being-written"]
 
 
