@@ -108,6 +108,9 @@ class LocalInvoker:
         return Reply(response.content, response.headers.get(SESSION_HEADER))
 
 
+OPENING_LOCKS = 16
+
+
 class SageMakerTransport:
     """Real-time endpoint transport. `key_affinity=False` sends no session ids: SageMaker then routes
     every request to any instance."""
@@ -117,7 +120,8 @@ class SageMakerTransport:
         self.part_bytes = part_bytes
         self.key_affinity = key_affinity
         self.sessions: dict[str, Session] = {}  # key id -> its open session
-        self._opening: dict[str, threading.Lock] = {}
+        # Striped by key id: a fixed number of locks however many keys come and go.
+        self._opening = [threading.Lock() for _ in range(OPENING_LOCKS)]
         self._lock = threading.Lock()
 
     def _json(self, **attrs: object) -> dict | list:
@@ -162,8 +166,7 @@ class SageMakerTransport:
         return wire.decode_batch(answer, max_rows=len(rows))
 
     def _in_session(self, key_id: str, body: bytes, attrs: str) -> bytes:
-        with self._lock:
-            opening = self._opening.setdefault(key_id, threading.Lock())
+        opening = self._opening[hash(key_id) % OPENING_LOCKS]
         if (answer := self._in_known_session(key_id, body, attrs)) is not None:
             return answer
         # One request per key opens its session; the others of this key wait for it rather than each

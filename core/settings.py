@@ -1,16 +1,17 @@
-"""Server settings, read once from `FHE_BENTO_*` environment variables.
+"""Settings of the HTTP service and the FHE runner alike, read from `FHE_BENTO_*` environment variables
+once per process, by its composition root (`service/app.py`, `runners/fhe_runner.py`), and passed down.
+The HTTP service's own settings extend these (`service/settings.py`).
 
-Every field here is documented in the README's settings table with its default; keep the two in step.
+Every field is documented in docs/operations.md's settings table with its default; keep the two in step.
 """
 
 from __future__ import annotations
 
 import os
 from collections.abc import Mapping
-from functools import lru_cache
 from pathlib import Path
 
-from pydantic import Field, SecretStr
+from pydantic import Field
 from pydantic_settings import BaseSettings, SettingsConfigDict
 
 from fhe_bento.protocol.names import DEMO_MODELS, PART_BYTES, MiB
@@ -106,25 +107,6 @@ class Settings(BaseSettings):
         default=32, gt=0, description="Rows admitted per model at once (running or queued); past it: 503."
     )
     request_timeout: int = Field(default=600, gt=0, description="Seconds one request may take; past it: 504.")
-    body_idle_seconds: int = Field(
-        default=30, gt=0, description="Seconds a request body may stall between two chunks; past it: 408."
-    )
-    max_header_bytes: int = Field(
-        default=16 * 1024, gt=0, description="Bytes of request line and headers together; past it: 431."
-    )
-    predict_tokens: SecretStr = Field(
-        default=SecretStr(""),
-        description="Comma-separated bearer tokens that may predict and manage their own keys.",
-    )
-    admin_tokens: SecretStr = Field(
-        default=SecretStr(""),
-        description="Comma-separated bearer tokens that may also list and delete every key.",
-    )
-    session_seconds: int = Field(
-        default=1200,
-        ge=0,
-        description="Lifetime of a SageMaker stateful session (key affinity); 0 opens none.",
-    )
     staging_dir: Path | None = Field(
         default=None, description="Where uploads are spooled before they are verified."
     )
@@ -134,7 +116,9 @@ class Settings(BaseSettings):
         """The settings of an instance started with exactly `env` (a deployment's environment), defaults
         for the rest: this process's own environment is not read."""
         prefix = cls.model_config["env_prefix"]
-        return cls.model_validate({k.removeprefix(prefix).lower(): v for k, v in env.items() if k.startswith(prefix)})
+        return cls.model_validate(
+            {k.removeprefix(prefix).lower(): v for k, v in env.items() if k.startswith(prefix)}
+        )
 
     def parallel_rows(self) -> int:
         """Rows one instance evaluates at once: runner workers x engine processes each."""
@@ -155,8 +139,3 @@ class Settings(BaseSettings):
         path = self.staging_dir or _bentoml_home() / "fhe-bento" / "staging"
         path.mkdir(parents=True, exist_ok=True)
         return path
-
-
-@lru_cache(maxsize=1)
-def get_settings() -> Settings:
-    return Settings()

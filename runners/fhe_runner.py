@@ -13,7 +13,6 @@ from __future__ import annotations
 
 import asyncio
 import logging
-import os
 from collections.abc import Awaitable, Callable
 from typing import Any
 
@@ -26,14 +25,16 @@ from fhe_bento.core.lifecycle import exit_nonzero_if_stopped, stop_server
 from fhe_bento.core.model_repo import ModelSpec, load_specs
 from fhe_bento.core.payload_check import check_ciphertext
 from fhe_bento.core.runner_api import KeyPart, KeyUpload, Rows, RunnerReply
-from fhe_bento.core.settings import get_settings
+from fhe_bento.core.settings import Settings
 from fhe_bento.runners.engine import Engine
 from fhe_bento.runners.key_service import KeyService
 from fhe_bento.runners.memory_plan import plan_memory
 from fhe_bento.runners.verify_slots import VerifySlots
 
 log = logging.getLogger("bentoml.fhe_bento.runner")
-settings = get_settings()
+# The runner's composition root: BentoML declares the service at import, so the settings are read here,
+# once per process, and passed down.
+settings = Settings()
 DISCONNECT_POLL_SECONDS = 0.5
 
 exit_nonzero_if_stopped()  # also when the runner is served on its own
@@ -63,13 +64,10 @@ async def _reply(work: Callable[[], Awaitable[Any]], rejected_upload: str | None
 )
 class FHERunner:
     def __init__(self) -> None:
-        # Read by the OpenMP runtime when concrete first computes, in the engine processes this starts.
-        os.environ["OMP_NUM_THREADS"] = str(settings.omp_threads_per_row())
         self.specs = load_specs(settings)
         memory = plan_memory(settings, self.specs)
         self.engine = Engine(
-            settings.row_threads,
-            settings.engine_max_failed_starts,
+            settings,
             give_up=stop_server,
             verify_slots=VerifySlots(memory.verifications, memory.queued_verifications),
         )
@@ -80,7 +78,7 @@ class FHERunner:
             "per engine=%d MB verifications=%d (+%d queued)",
             sorted(self.specs),
             settings.row_threads,
-            os.environ["OMP_NUM_THREADS"],
+            settings.omp_threads_per_row(),
             memory.memory // 10**6,
             memory.key_cache_bytes // 10**6,
             memory.verifications,

@@ -25,6 +25,7 @@ from fhe_bento.runners.key_store import KeyStore, Upload
 
 log = logging.getLogger("bentoml.fhe_bento.keys")
 MAX_SWEEP_INTERVAL = 60.0  # seconds between two sweeps of expired keys and abandoned uploads in one process
+TOUCHED_MIN_BOUND = 1024  # recent key touches remembered before the old ones are forgotten
 
 
 class KeyRegistry:
@@ -43,6 +44,7 @@ class KeyRegistry:
             MAX_SWEEP_INTERVAL, self.upload_ttl / 2, (self.key_ttl or MAX_SWEEP_INTERVAL) / 2
         )
         self._touched: dict[tuple[str, str], float] = {}
+        self._touched_bound = TOUCHED_MIN_BOUND
         self._last_sweep = 0.0
         self._lock = threading.Lock()
 
@@ -94,6 +96,9 @@ class KeyRegistry:
         if now - self._touched.get((scope, key_id), -self.touch_interval) >= self.touch_interval:
             self._store.touch(scope, key_id)
             self._touched[(scope, key_id)] = now
+            if len(self._touched) > self._touched_bound:  # forget touches too old to matter: a bounded dict
+                self._touched = {k: t for k, t in self._touched.items() if now - t < self.touch_interval}
+                self._touched_bound = 2 * max(len(self._touched), TOUCHED_MIN_BOUND)
 
     def put(self, scope: str, key_id: str, source: Path, info: dict) -> bool:
         self.sweep()

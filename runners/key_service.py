@@ -166,4 +166,3 @@ class KeyService:
                 registry.drop_parts(scope, key_id)
             raise
         return path
-

@@ -1,4 +1,4 @@
-"""The fhe-bento HTTP service: `bentoml serve service.app:FHEBento`.
+"""The fhe-bento HTTP service: `bentoml serve fhe_bento.service.app:FHEBento`.
 
 Routes live on a FastAPI app mounted into the BentoML service (BentoML's own `@bentoml.api` routes are
 POST-only and cannot carry path parameters): native v1 routes (`service/routes.py`), Zama-compatible
@@ -8,6 +8,10 @@ behaviour exists once.
 
 This process only validates and routes: it never imports concrete, and all FHE work happens in the
 `FHERunner` worker processes it depends on.
+
+This module is the service's composition root. BentoML declares a service when its module is imported
+(`bentoml serve` imports it in the arbiter and in every worker), so the settings are read here, once, and
+passed down: routes reach them as `request.app.state.settings` and through `Operations`.
 """
 
 from __future__ import annotations
@@ -25,9 +29,9 @@ from fhe_bento.core import staging
 from fhe_bento.core.errors import FHEBentoError
 from fhe_bento.core.lifecycle import exit_nonzero_if_stopped
 from fhe_bento.core.model_repo import default_model, load_specs
-from fhe_bento.core.settings import get_settings
 from fhe_bento.runners.fhe_runner import FHERunner
 from fhe_bento.service.admission import Admission
+from fhe_bento.service.auth import parse_token_settings
 from fhe_bento.service.compat import router as compat_router
 from fhe_bento.service.limits import RequestLimits
 from fhe_bento.service.operations import Operations
@@ -36,29 +40,22 @@ from fhe_bento.service.routes import router as native_router
 from fhe_bento.service.runner_connection import drop_idle_connections_first
 from fhe_bento.service.runner_health import RunnerHealth, heartbeat_probe, readyz_probe
 from fhe_bento.service.sagemaker import router as sagemaker_router
+from fhe_bento.service.settings import ServiceSettings
 
 log = logging.getLogger("bentoml.fhe_bento.service")
-settings = get_settings()
-
-exit_nonzero_if_stopped()
-
-app = FastAPI(title="fhe-bento", version="1", docs_url=None, redoc_url=None)
-app.add_middleware(
-    RequestLimits, max_header_bytes=settings.max_header_bytes, timeout=settings.request_timeout
-)
 
 
-@app.exception_handler(FHEBentoError)
-async def _fhe_error(request: Request, exc: FHEBentoError) -> Response:
+async def _fhe_error(request: Request, exc: Exception) -> Response:
+    assert isinstance(exc, FHEBentoError)
     if request.method == "HEAD":
         return Response(status_code=exc.status, headers=exc.headers)
     return JSONResponse(exc.body(), status_code=exc.status, headers=exc.headers)
 
 
-@app.exception_handler(StarletteHTTPException)
-async def _http_error(request: Request, exc: StarletteHTTPException) -> Response:
+async def _http_error(request: Request, exc: Exception) -> Response:
     # Starlette's own answers in the service's error shape. (A path that no route serves never gets here:
     # BentoML's router answers it with its plain-text 404.)
+    assert isinstance(exc, StarletteHTTPException)
     if exc.status_code == 405:
         return await _fhe_error(
             request, FHEBentoError("method_not_allowed", f"{request.method} is not allowed here")
@@ -66,8 +63,8 @@ async def _http_error(request: Request, exc: StarletteHTTPException) -> Response
     return await _fhe_error(request, FHEBentoError("invalid_request", str(exc.detail)))
 
 
-@app.exception_handler(RequestValidationError)
-async def _validation_error(request: Request, exc: RequestValidationError) -> Response:
+async def _validation_error(request: Request, exc: Exception) -> Response:
+    assert isinstance(exc, RequestValidationError)
     first = exc.errors()[0] if exc.errors() else {}
     where = ".".join(str(part) for part in first.get("loc", ()))
     return await _fhe_error(
@@ -75,42 +72,71 @@ async def _validation_error(request: Request, exc: RequestValidationError) -> Re
     )
 
 
-# BentoML's own deadline comes a little later than RequestLimits', so that the JSON 504 gets out first.
-@bentoml.service(name="fhe_bento", traffic={"timeout": settings.request_timeout + 5})
-@bentoml.asgi_app(app, path="/")
-class FHEBento:
-    # FHE_BENTO_RUNNER_URL: a runner served elsewhere (`bentoml serve runners.fhe_runner:FHERunner`), which
-    # `bentoml serve` of this service then does not start.
-    runner = bentoml.depends(FHERunner, url=settings.runner_url or None)
-
-    def __init__(self) -> None:
-        specs = load_specs(settings)
-        default = default_model(settings, specs)
-        staging.clear_stale(settings)
-        admission = Admission(
-            settings.max_queue_rows,
-            settings.request_timeout,
-            parallelism=os.cpu_count() or 1,
-            batch_parallelism=settings.row_threads,
-        )
-        # A runner served elsewhere is not this server's to replace: /ping turns 503 while it is down, nothing stops.
-        probe = (
-            readyz_probe(settings.runner_url) if settings.runner_url else heartbeat_probe(settings.workers)
-        )
-        self.health = RunnerHealth(
-            probe, settings.runner_down_seconds, stop_when_down=not settings.runner_url
-        )
-        drop_idle_connections_first(self.runner)
-        self.ops = Operations(self.runner, specs, default, settings, admission, self.health)
-        log.info(
-            "serving models %s (default %s)%s",
-            sorted(specs),
-            default.name,
-            f" with the runner at {settings.runner_url}" if settings.runner_url else "",
-        )
+def build_app(settings: ServiceSettings) -> FastAPI:
+    """The routes, their error shape and request limits. Token settings that would turn auth off by mistake
+    raise here (`service/auth.py`), so the service does not start."""
+    app = FastAPI(title="fhe-bento", version="1", docs_url=None, redoc_url=None)
+    app.state.settings = settings
+    app.state.auth = parse_token_settings(
+        settings.predict_tokens.get_secret_value(), settings.admin_tokens.get_secret_value()
+    )
+    app.add_middleware(
+        RequestLimits, max_header_bytes=settings.max_header_bytes, timeout=settings.request_timeout
+    )
+    app.add_exception_handler(FHEBentoError, _fhe_error)
+    app.add_exception_handler(StarletteHTTPException, _http_error)
+    app.add_exception_handler(RequestValidationError, _validation_error)
+    for router in (sagemaker_router, native_router, admin_router, compat_router):
+        app.include_router(router)
+    return app
 
 
-app.include_router(sagemaker_router)
-app.include_router(native_router)
-app.include_router(admin_router)
-app.include_router(compat_router)
+def declare_service(settings: ServiceSettings, app: FastAPI) -> type:
+    """The BentoML service serving `app`, with its FHE runner as a dependency."""
+
+    # BentoML's own deadline comes a little later than RequestLimits', so that the JSON 504 gets out first.
+    @bentoml.service(name="fhe_bento", traffic={"timeout": settings.request_timeout + 5})
+    @bentoml.asgi_app(app, path="/")
+    class FHEBento:
+        # FHE_BENTO_RUNNER_URL: a runner served elsewhere (`bentoml serve fhe_bento.runners.fhe_runner:FHERunner`),
+        # which `bentoml serve` of this service then does not start.
+        runner = bentoml.depends(FHERunner, url=settings.runner_url or None)
+
+        def __init__(self) -> None:
+            specs = load_specs(settings)
+            default = default_model(settings, specs)
+            staging.clear_stale(settings)
+            admission = Admission(
+                settings.max_queue_rows,
+                settings.request_timeout,
+                parallelism=os.cpu_count() or 1,
+                batch_parallelism=settings.row_threads,
+            )
+            # A runner served elsewhere is not this server's to replace: /ping turns 503 while it is down,
+            # nothing stops.
+            probe = (
+                readyz_probe(settings.runner_url)
+                if settings.runner_url
+                else heartbeat_probe(settings.workers)
+            )
+            self.health = RunnerHealth(
+                probe, settings.runner_down_seconds, stop_when_down=not settings.runner_url
+            )
+            drop_idle_connections_first(self.runner)
+            self.ops = Operations(self.runner, specs, default, settings, admission, self.health)
+            log.info(
+                "serving models %s (default %s)%s",
+                sorted(specs),
+                default.name,
+                f" with the runner at {settings.runner_url}" if settings.runner_url else "",
+            )
+
+    return FHEBento
+
+
+# The arbiter only imports this module (it never builds the service): registering the exit hook here is
+# the one way to give a stopped server a non-zero exit status (core/lifecycle.py).
+exit_nonzero_if_stopped()
+_settings = ServiceSettings()
+app = build_app(_settings)
+FHEBento = declare_service(_settings, app)

@@ -17,13 +17,11 @@ import hashlib
 import hmac
 import logging
 from dataclasses import dataclass
-from functools import lru_cache
 
 from fastapi import Request
 
 from fhe_bento.core import metrics
 from fhe_bento.core.errors import FHEBentoError
-from fhe_bento.core.settings import get_settings
 
 CHALLENGE = 'Bearer realm="fhe-bento"'
 log = logging.getLogger("bentoml.fhe_bento.auth")
@@ -106,24 +104,17 @@ def parse_token_settings(predict_tokens: str, admin_tokens: str) -> TokenAuth:
     return TokenAuth(predict, admin)
 
 
-@lru_cache(maxsize=1)
-def token_auth() -> TokenAuth:
-    settings = get_settings()
-    return parse_token_settings(
-        settings.predict_tokens.get_secret_value(), settings.admin_tokens.get_secret_value()
-    )
-
-
 def predict_caller(request: Request) -> Caller:
     """FastAPI dependency of every route that predicts or manages the caller's own keys."""
-    return token_auth().caller(request.headers.get("authorization"), need_admin=False)
+    auth: TokenAuth = request.app.state.auth
+    return auth.caller(request.headers.get("authorization"), need_admin=False)
 
 
 def admin_caller(request: Request) -> Caller:
     """FastAPI dependency of the routes that see or delete every caller's keys."""
-    return token_auth().caller(request.headers.get("authorization"), need_admin=True)
+    auth: TokenAuth = request.app.state.auth
+    return auth.caller(request.headers.get("authorization"), need_admin=True)
 
 
 # Evaluated at import, so that the service (every process that loads service/app.py) refuses to start on
 # bad token settings instead of failing, or serving without auth, at the first request.
-token_auth()

@@ -17,9 +17,9 @@ from starlette.requests import ClientDisconnect, Request
 
 from fhe_bento.core import staging
 from fhe_bento.core.errors import FHEBentoError
-from fhe_bento.core.settings import Settings, get_settings
 from fhe_bento.protocol import transform, wire
 from fhe_bento.protocol.names import OCTET_STREAM
+from fhe_bento.service.settings import ServiceSettings
 
 
 def media_type(request: Request) -> str:
@@ -34,6 +34,12 @@ def require_content_type(request: Request, *allowed: str) -> None:
         )
 
 
+def settings_of(request: Request) -> ServiceSettings:
+    """The settings the service was built with (`service/app.py`)."""
+    settings: ServiceSettings = request.app.state.settings
+    return settings
+
+
 def declared_length(request: Request, limit: int) -> None:
     declared = request.headers.get("content-length")
     if declared is not None and declared.isdigit() and int(declared) > limit:
@@ -43,7 +49,7 @@ def declared_length(request: Request, limit: int) -> None:
 async def body_chunks(request: Request) -> AsyncIterator[bytes]:
     """The body's chunks as they come; 408 when the client stalls between two of them."""
     stream = request.stream()
-    idle = get_settings().body_idle_seconds
+    idle = settings_of(request).body_idle_seconds
     while True:
         try:
             chunk = await asyncio.wait_for(anext(stream), idle)
@@ -106,12 +112,12 @@ class Body:
     """What an operation reads from its request."""
 
     content_types: tuple[str, ...]
-    limit: Callable[[Settings], int]
+    limit: Callable[[ServiceSettings], int]
     spool: bool = False  # to a file in the staging directory (the caller deletes it), else into memory
 
     async def read(self, request: Request) -> bytes | Path:
         require_content_type(request, *self.content_types)
-        settings = get_settings()
+        settings = settings_of(request)
         if self.spool:
             return await spool_limited(request, self.limit(settings), settings.staging_path())
         return await read_limited(request, self.limit(settings))

@@ -17,7 +17,6 @@ from starlette.formparsers import MultiPartParser
 
 from fhe_bento.core.errors import FHEBentoError
 from fhe_bento.core.key_rules import check_key_id
-from fhe_bento.core.settings import get_settings
 from fhe_bento.protocol.names import OCTET_STREAM
 from fhe_bento.service.auth import Caller, predict_caller
 from fhe_bento.service.bodies import limited_chunks, require_content_type
@@ -25,7 +24,6 @@ from fhe_bento.service.operations import Operations, current_operations
 from fhe_bento.service.responses import client_zip_response
 
 router = APIRouter()
-settings = get_settings()
 PREDICT = Depends(predict_caller)
 OPS = Depends(current_operations)
 FORM_OVERHEAD = 64 * 1024  # bytes a form may hold beyond its file's limit: boundaries, part headers, uid
@@ -69,18 +67,18 @@ async def get_client(caller: Caller = PREDICT, ops: Operations = OPS) -> FileRes
 
 @router.post("/add_key")
 async def add_key(request: Request, caller: Caller = PREDICT, ops: Operations = OPS) -> Response:
-    async with _form(request, settings.max_key_bytes + FORM_OVERHEAD) as form:
-        key = await _file_bytes(form, "key", settings.max_key_bytes)
+    async with _form(request, ops.settings.max_key_bytes + FORM_OVERHEAD) as form:
+        key = await _file_bytes(form, "key", ops.settings.max_key_bytes)
     answer, _status = await ops.register_key(ops.default, caller, key)
     return JSONResponse({"uid": answer["key_id"]})
 
 
 @router.post("/compute")
 async def compute(request: Request, caller: Caller = PREDICT, ops: Operations = OPS) -> Response:
-    async with _form(request, settings.max_ciphertext_bytes + FORM_OVERHEAD) as form:
+    async with _form(request, ops.settings.max_ciphertext_bytes + FORM_OVERHEAD) as form:
         uid = form.get("uid")
         if not isinstance(uid, str):
             raise FHEBentoError("missing_field", "the form needs a text field 'uid'")
-        ciphertext = await _file_bytes(form, "model_input", settings.max_ciphertext_bytes)
+        ciphertext = await _file_bytes(form, "model_input", ops.settings.max_ciphertext_bytes)
     result = await ops.predict(ops.default, caller, check_key_id(uid.strip().lower()), ciphertext)
     return Response(result, media_type=OCTET_STREAM)

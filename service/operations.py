@@ -21,12 +21,12 @@ from fhe_bento.core.errors import FHEBentoError
 from fhe_bento.core.key_rules import check_key_id, check_key_size
 from fhe_bento.core.model_repo import ModelSpec
 from fhe_bento.core.runner_api import KeyPart, KeyUpload, Rows, RunnerReply
-from fhe_bento.core.settings import Settings
 from fhe_bento.protocol import transform, wire
 from fhe_bento.service.admission import Admission
 from fhe_bento.service.auth import Caller
 from fhe_bento.service.limits import request_deadline
 from fhe_bento.service.runner_health import RunnerHealth
+from fhe_bento.service.settings import ServiceSettings
 
 log = logging.getLogger("bentoml.fhe_bento.service")
 RUNNER_RETRY_AFTER = 5  # seconds a client is told to wait when the runner does not answer
@@ -61,7 +61,7 @@ class Operations:
         runner: Any,
         specs: dict[str, ModelSpec],
         default: ModelSpec,
-        settings: Settings,
+        settings: ServiceSettings,
         admission: Admission,
         health: RunnerHealth,
     ) -> None:

@@ -12,8 +12,7 @@ from conftest import LOGREG
 
 HANG_GUARD = 600  # seconds: only stops a broken client from hanging the suite
 
-PREDICT = (
-    f"""
+PREDICT = f"""
 import importlib.util, json, sys
 import numpy as np
 present = [name for name in ("bentoml", "fastapi", "boto3", "client", "service", "runners", "protocol")
@@ -23,7 +22,6 @@ url, rows, cache = sys.argv[1:]
 model = FHEClient(url, cache_dir=cache, progress=False).model("{LOGREG}")
 print(json.dumps({{"present": present, "labels": model.predict(np.load(rows)).tolist()}}))
 """
-)
 
 
 def test_the_client_extra_installs_alone_and_predicts(client_python, server, demo, tmp_path):

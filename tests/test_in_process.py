@@ -27,14 +27,13 @@ def http(demo):
     """The app with a real runner in this process, on the session's BentoML home (its demo models, and a
     key store and staging folder of this test run alone)."""
     from fhe_bento.core.model_repo import default_model, load_specs
-    from fhe_bento.core.settings import get_settings
     from fhe_bento.runners.fhe_runner import FHERunner
     from fhe_bento.service.admission import Admission
     from fhe_bento.service.app import app
     from fhe_bento.service.operations import Operations, current_operations
     from fhe_bento.service.runner_health import RunnerHealth, current_health
 
-    settings = get_settings()
+    settings = app.state.settings
     runner = FHERunner()
     specs = load_specs(settings)
 

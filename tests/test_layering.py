@@ -26,14 +26,19 @@ def test_the_package_extends_no_path_at_run_time():
 @pytest.mark.parametrize("name", ["tests", "harness", "bench", "fhe_bento", "scripts"])
 def test_only_the_product_is_importable_under_fhe_bento(name):
     probe = f"import importlib.util as u; print(u.find_spec('fhe_bento.{name}') is None)"
-    result = subprocess.run([sys.executable, "-c", probe], cwd=ROOT, capture_output=True, text=True, check=True)
+    result = subprocess.run(
+        [sys.executable, "-c", probe], cwd=ROOT, capture_output=True, text=True, check=True
+    )
     assert result.stdout.strip() == "True", result.stdout + result.stderr
 
 
 def test_import_contracts_hold():
     lint = Path(sys.executable).parent / "lint-imports"
     result = subprocess.run(
-        [str(lint), "--no-cache", "--config", str(ROOT / "pyproject.toml")], cwd=ROOT, capture_output=True, text=True
+        [str(lint), "--no-cache", "--config", str(ROOT / "pyproject.toml")],
+        cwd=ROOT,
+        capture_output=True,
+        text=True,
     )
     assert result.returncode == 0, result.stdout + result.stderr
     assert "6 kept, 0 broken" in result.stdout, result.stdout

@@ -1,0 +1,29 @@
+"""Settings only the HTTP service reads: request framing, bearer tokens, SageMaker sessions."""
+
+from __future__ import annotations
+
+from pydantic import Field, SecretStr
+
+from fhe_bento.core.settings import Settings
+
+
+class ServiceSettings(Settings):
+    body_idle_seconds: int = Field(
+        default=30, gt=0, description="Seconds a request body may stall between two chunks; past it: 408."
+    )
+    max_header_bytes: int = Field(
+        default=16 * 1024, gt=0, description="Bytes of request line and headers together; past it: 431."
+    )
+    predict_tokens: SecretStr = Field(
+        default=SecretStr(""),
+        description="Comma-separated bearer tokens that may predict and manage their own keys.",
+    )
+    admin_tokens: SecretStr = Field(
+        default=SecretStr(""),
+        description="Comma-separated bearer tokens that may also list and delete every key.",
+    )
+    session_seconds: int = Field(
+        default=1200,
+        ge=0,
+        description="Lifetime of a SageMaker stateful session (key affinity); 0 opens none.",
+    )
