@@ -73,7 +73,9 @@ def main() -> None:
         nonlocal wrong
         while (n := next(sent)) <= args.requests:
             body = os.urandom(1024) if n % 10 == 0 else rows[n % len(rows)]
-            answer = timed(lambda: client.post(f"/v1/models/{LOGREG}/predict", content=body, headers=OCTET))
+            answer = timed(
+                lambda body=body: client.post(f"/v1/models/{LOGREG}/predict", content=body, headers=OCTET)
+            )
             if answer is not None and answer.status_code == 200 and n % 50 == 0:
                 got = logreg.labels(logreg.decrypt(answer.content)[None, :])[0]
                 with lock:
@@ -89,7 +91,7 @@ def main() -> None:
             key_id = xgb.ensure_key()
             cycles.append(key_id)
             answer = timed(
-                lambda: httpx.post(
+                lambda xgb=xgb, key_id=key_id: httpx.post(
                     f"{server.url}/v1/models/{XGB}/predict",
                     content=xgb.encrypt(x[:1])[0],
                     headers={**OCTET, "X-FHE-Key-Id": key_id},
@@ -99,7 +101,9 @@ def main() -> None:
             if answer is not None and answer.status_code == 200:
                 with lock:
                     wrong += int(xgb.labels(xgb.decrypt(answer.content)[None, :])[0] != clear[XGB][0])
-            timed(lambda: httpx.delete(f"{server.url}/v1/models/{XGB}/keys/{key_id}", timeout=60))
+            timed(
+                lambda key_id=key_id: httpx.delete(f"{server.url}/v1/models/{XGB}/keys/{key_id}", timeout=60)
+            )
 
     started = time.monotonic()
     memory.append(server.resident_bytes() / 1e9)

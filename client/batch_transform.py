@@ -10,6 +10,7 @@ usual chain, which honours `AWS_ENDPOINT_URL`).
 
 from __future__ import annotations
 
+import contextlib
 from collections.abc import Callable
 from pathlib import PurePosixPath
 from typing import TYPE_CHECKING
@@ -138,10 +139,8 @@ def transform_results(
 
     job = TransformJob.get(job_name, session=session)
     if wait:
-        try:
+        with contextlib.suppress(FailedStatusError):  # reported below, with the job's status
             job.wait(poll=30, timeout=2 * JOB_SECONDS)
-        except FailedStatusError:
-            pass  # reported below, with the job's status
     if job.transform_job_status != "Completed":
         raise FHEServiceError(
             0, "transform_failed", f"transform job {job_name} is {job.transform_job_status}"

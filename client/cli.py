@@ -10,6 +10,8 @@ from pathlib import Path
 import click
 import numpy as np
 
+from fhe_bento.client.http_transport import FHEServiceError
+
 
 @click.group()
 def main() -> None:
@@ -109,7 +111,7 @@ def _write_results(model, results: list, output: Path | None, proba: bool) -> in
     failed = 0
     with click.open_file(str(output) if output else "-", "w") as out:
         for result in results:
-            if isinstance(result, Exception):
+            if isinstance(result, FHEServiceError):
                 failed += 1
                 out.write(f"error,{result.code}\n")
             else:

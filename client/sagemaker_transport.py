@@ -23,7 +23,7 @@ import time
 import uuid
 from collections.abc import Callable
 from pathlib import Path
-from typing import NamedTuple, Protocol
+from typing import Any, NamedTuple, Protocol
 from urllib.parse import urlparse
 
 from tqdm.auto import tqdm
@@ -124,7 +124,7 @@ class SageMakerTransport:
         self._opening = [threading.Lock() for _ in range(OPENING_LOCKS)]
         self._lock = threading.Lock()
 
-    def _json(self, **attrs: object) -> dict | list:
+    def _json(self, **attrs: object) -> Any:
         return json.loads(self.invoke(b"{}", attributes(**attrs), "application/json").body)
 
     def list_models(self) -> list[dict]:
@@ -226,7 +226,9 @@ class ModelFolders:
                 for member in tar.getmembers():
                     parts = Path(member.name).parts
                     if member.isfile() and len(parts) >= 2 and parts[-1] in ("client.zip", "fhe-bento.json"):
-                        self.files.setdefault(parts[-2], {})[parts[-1]] = tar.extractfile(member).read()
+                        data = tar.extractfile(member)
+                        assert data is not None  # a regular file
+                        self.files.setdefault(parts[-2], {})[parts[-1]] = data.read()
         else:
             for folder in Path(source).iterdir():
                 if (folder / "fhe-bento.json").is_file():

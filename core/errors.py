@@ -8,6 +8,8 @@ native, Zama-compatible and SageMaker callers. Runners return these errors in-ba
 
 from __future__ import annotations
 
+from typing import Any
+
 from pydantic import BaseModel
 
 from fhe_bento.protocol.errors import ERROR_CODES
@@ -26,8 +28,12 @@ class FHEBentoError(Exception):
         self.message = message
         self.headers = headers or {}
 
-    def __reduce__(self):  # errors raised in an engine process cross back to its runner worker
+    def __reduce__(
+        self,
+    ) -> tuple[
+        type[FHEBentoError], tuple[str, str, dict[str, str]]
+    ]:  # errors raised in an engine process cross back to its runner worker
         return type(self), (self.code, self.message, self.headers)
 
-    def body(self) -> dict:
+    def body(self) -> dict[str, dict[str, Any]]:
         return {"error": ErrorBody(code=self.code, message=self.message).model_dump()}

@@ -3,7 +3,7 @@ that SageMaker, Kubernetes or a restart policy replaces it.
 
 A worker cannot exit the server itself: it asks its parent, BentoML's arbiter, to stop (SIGTERM, which the
 arbiter handles even as a container's PID 1), after leaving a marker named by the arbiter's pid. The
-arbiter imported `service.app` to start its workers, so it runs `exit_nonzero_if_stopped`'s hook when it
+arbiter imported `fhe_bento.service.app` to start its workers, so it runs `exit_nonzero_if_stopped`'s hook when it
 exits, finds its marker and turns its exit status 0 into `STOPPED_STATUS`.
 """
 

@@ -54,7 +54,8 @@ AUTH_REFUSED = bentoml.metrics.Counter(
 )
 SESSIONS = bentoml.metrics.Counter(
     name="fhe_bento_sessions",
-    documentation="SageMaker stateful sessions (key affinity), by outcome (opened: issued to a NEW_SESSION request, or invalid: refused)",
+    documentation="SageMaker stateful sessions (key affinity), by outcome "
+    "(opened: issued to a NEW_SESSION request, or invalid: refused)",
     labelnames=["outcome"],
 )
 ENGINE_RESTARTS = bentoml.metrics.Counter(

@@ -5,6 +5,8 @@ side's disk ever crosses."""
 
 from __future__ import annotations
 
+from typing import Any
+
 from pydantic import BaseModel, ConfigDict
 
 from fhe_bento.core.errors import ErrorBody, FHEBentoError
@@ -39,8 +41,10 @@ class KeyPart(WireModel):
 class RunnerReply(WireModel):
     """What a runner method returns: a payload, or the error to send to the caller."""
 
-    payload: bytes | list[bytes] | None = None
-    info: dict | list | bool | None = None
+    # What these hold depends on the method (a row's result, a batch's, a key's facts): typed per method
+    # only by the callers, in service/operations.py.
+    payload: Any = None
+    info: Any = None
     error: ErrorBody | None = None
     headers: dict[str, str] = {}  # of the error answer (Retry-After)
 

@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import contextlib
 import os
 import signal
 import socket
@@ -106,10 +107,9 @@ class Server:
         procs = [root, *root.children(recursive=True)]
         for signal_name in ("SIGSTOP", "SIGKILL"):
             for proc in procs:
-                try:
+                # a short-lived child (concrete runs addr2line) may have exited meanwhile
+                with contextlib.suppress(psutil.NoSuchProcess):
                     proc.send_signal(getattr(signal, signal_name))
-                except psutil.NoSuchProcess:  # a short-lived child (concrete runs addr2line) exited meanwhile
-                    pass
         psutil.wait_procs(procs, timeout=30)
         self.proc.wait()
         self.proc = None
@@ -145,10 +145,8 @@ class Server:
         root = psutil.Process(self.proc.pid)
         total = 0
         for proc in [root, *root.children(recursive=True)]:
-            try:
+            with contextlib.suppress(psutil.Error):  # a short-lived child exited meanwhile
                 total += proc.memory_full_info().pss
-            except psutil.Error:  # a short-lived child exited meanwhile
-                pass
         return total
 
     def restart(self) -> None:

@@ -136,7 +136,7 @@ def deploy(
     try:  # the whole deployment is checked before anything is uploaded or created
         config = sd.DeployConfig(
             endpoint_name=endpoint_name,
-            image_uri=image_uri or push_image,
+            image_uri=str(image_uri or push_image),  # exactly one is given
             role_arn=role_arn,
             model_data_url=sd.model_data_url(bucket, prefix),
             key_store=key_store or f"s3://{bucket}/{prefix.strip('/')}/keys",
@@ -150,7 +150,7 @@ def deploy(
         )
         scaling = (
             None
-            if max_instances is None
+            if max_instances is None or min_instances is None  # both or neither
             else sagemaker_scaling.ScalingConfig(
                 min_instances=min_instances,
                 max_instances=max_instances,
@@ -166,7 +166,7 @@ def deploy(
         sd.upload_model_data(boto3.client("s3"), tarball, config.model_data_url)
     click.echo(f"uploaded {config.model_data_url} ({', '.join(folders)})")
     if push_image:
-        pushed = sd.push_image(boto3.client("ecr"), push_image, ecr_repository, push_tool)
+        pushed = sd.push_image(boto3.client("ecr"), push_image, str(ecr_repository), push_tool)
         config = config.model_copy(update={"image_uri": pushed})
         click.echo(f"pushed {pushed}")
     session = Session(boto_session=boto3.Session())

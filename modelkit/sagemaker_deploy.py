@@ -152,9 +152,9 @@ def create_endpoint(session: Session, config: DeployConfig) -> dict:
             },
         },
     )
-    async_config = None
+    async_config: dict[str, dict[str, str | int]] | None = None
     if config.async_output_path:
-        output = {"S3OutputPath": config.async_output_path}
+        output: dict[str, str | int] = {"S3OutputPath": config.async_output_path}
         if config.async_failure_path:
             output["S3FailurePath"] = config.async_failure_path
         async_config = {"OutputConfig": output}

@@ -12,6 +12,7 @@ Targets come from the model's measured FHE seconds per row (`row_seconds`, recor
 from __future__ import annotations
 
 import math
+from typing import Any
 
 from pydantic import BaseModel, Field, model_validator
 
@@ -98,7 +99,11 @@ def enable(aas, cloudwatch, endpoint_name: str, config: ScalingConfig) -> dict:
             "ScaleOutCooldown": COOLDOWN_SECONDS // 5,
         },
     )
-    made = {"resource_id": resource, "target": config.target(), "policies": [named["target_policy"]]}
+    made: dict[str, Any] = {
+        "resource_id": resource,
+        "target": config.target(),
+        "policies": [named["target_policy"]],
+    }
     if config.asynchronous and config.min_instances == 0:
         wake = aas.put_scaling_policy(
             PolicyName=named["wake_policy"],

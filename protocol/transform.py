@@ -51,7 +51,7 @@ def error_line(code: str, message: str) -> bytes:
     return json.dumps({"error": {"code": code, "message": message}}).encode()
 
 
-def decode_answer(line: bytes) -> bytes | dict:
+def decode_answer(line: bytes) -> bytes | dict[str, str]:
     """A record's result, or its `{"code", "message"}` error."""
     answer = json.loads(line)
     return base64.b64decode(answer["result"]) if "result" in answer else answer["error"]

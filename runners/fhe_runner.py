@@ -1,12 +1,12 @@
 """The FHE runner: a BentoML service whose workers check every ciphertext and key, then hand them to their
 supervised engine processes (`runners/engine.py`), which hold the concrete-ml servers and the key cache.
 It owns the keys too (`runners/key_service.py`), so it stands alone: `bentoml serve
-runners.fhe_runner:FHERunner` serves it on its own, and an HTTP service elsewhere reaches it with
+fhe_bento.runners.fhe_runner:FHERunner` serves it on its own, and an HTTP service elsewhere reaches it with
 `FHE_BENTO_RUNNER_URL`.
 
 Its API methods are async: a worker only validates and relays, so its event loop stays free to beat the
-heartbeat that the HTTP service reads (`core/heartbeat.py`) even while every core computes FHE. Methods return a `RunnerReply` instead of raising, so that error codes cross the
-process hop.
+heartbeat that the HTTP service reads (`core/heartbeat.py`) even while every core computes FHE. Methods
+return a `RunnerReply` instead of raising, so that error codes cross the process hop.
 """
 
 from __future__ import annotations
@@ -126,15 +126,16 @@ class FHERunner:
                     raise FHEBentoError("request_timeout", "the caller went away")
         finally:
             work.cancel()  # a no-op once done; else (the caller left, or this call was cancelled) drops the rest
-        results = work.result()
-        if any(result is None for result in results):
+        results = [result for result in work.result() if result is not None]
+        if len(results) < len(call.ciphertexts):
             raise FHEBentoError("request_timeout", "the request's time ran out before all its rows started")
         return RunnerReply(
             payload=[r for r, _ in results], info={"row_seconds": sum(s for _, s in results) / len(results)}
         )
 
     @bentoml.api
-    async def predict(self, call: Rows, ctx: bentoml.Context = None) -> RunnerReply:
+    # BentoML injects a parameter annotated exactly `bentoml.Context`: hence no `| None` on the default.
+    async def predict(self, call: Rows, ctx: bentoml.Context = None) -> RunnerReply:  # type: ignore[assignment]
         async def one() -> RunnerReply:
             reply = await self._rows(call, ctx)
             return reply.model_copy(update={"payload": reply.payload[0]})
@@ -142,7 +143,7 @@ class FHERunner:
         return await _reply(one)
 
     @bentoml.api
-    async def predict_batch(self, call: Rows, ctx: bentoml.Context = None) -> RunnerReply:
+    async def predict_batch(self, call: Rows, ctx: bentoml.Context = None) -> RunnerReply:  # type: ignore[assignment]
         return await _reply(lambda: self._rows(call, ctx))
 
     # --- keys: every operation of the key service ------------------------------------------------------

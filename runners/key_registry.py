@@ -155,7 +155,8 @@ class KeyRegistry:
             raise FHEBentoError(
                 "key_store_full",
                 (
-                    f"model {model!r} holds {keys} bytes of keys and {parts} bytes of unfinished uploads: {adding} more "
+                    f"model {model!r} holds {keys} bytes of keys and {parts} bytes of unfinished uploads: "
+                    f"{adding} more "
                     f"do not fit in FHE_BENTO_MAX_STORE_BYTES ({self.max_scope_bytes})"
                 ),
             )

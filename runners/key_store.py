@@ -1,8 +1,8 @@
 """Evaluation-key storage, content-addressed by SHA-256 and scoped per model (its `client_sha256`).
 
-Stores are chosen by URL (`FHE_BENTO_KEY_STORE`, see `runners.key_store_url`). `file://` is the embedded default: a key becomes
-visible under its final name only by an atomic rename of a complete, verified file, so a crash can never
-leave a partial key behind, and everything survives a restart.
+Stores are chosen by URL (`FHE_BENTO_KEY_STORE`, see `runners.key_store_url`). `file://` is the embedded
+default: a key becomes visible under its final name only by an atomic rename of a complete, verified file,
+so a crash can never leave a partial key behind, and everything survives a restart.
 """
 
 from __future__ import annotations

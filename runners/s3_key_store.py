@@ -58,7 +58,10 @@ class S3KeyStore:
         return self.s3.get_object(Bucket=self.bucket, Key=self._key(scope, key_id))["Body"].read()
 
     def size(self, scope: str, key_id: str) -> int:
-        return self._head(self._key(scope, key_id))["ContentLength"]
+        head = self._head(self._key(scope, key_id))
+        if head is None:
+            raise FileNotFoundError(key_id)
+        return int(head["ContentLength"])
 
     def info(self, scope: str, key_id: str) -> dict:
         head = self._head(self._key(scope, key_id)) or {}

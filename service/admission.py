@@ -67,7 +67,8 @@ class Admission:
             wait = self.retry_after(model)
             raise FHEBentoError(
                 "overloaded",
-                f"model {model!r} has {self.in_flight[model]} rows in flight (limit {self.max_rows}); retry in {wait} s",
+                f"model {model!r} has {self.in_flight[model]} rows in flight (limit {self.max_rows}); "
+                f"retry in {wait} s",
                 headers={"Retry-After": str(wait)},
             )
         self.in_flight[model] += rows

@@ -9,7 +9,7 @@ the native route and SageMaker's `/invocations` read it by the same declaration.
 from __future__ import annotations
 
 import asyncio
-from collections.abc import AsyncIterator, Callable
+from collections.abc import AsyncGenerator, AsyncIterator, Callable
 from dataclasses import dataclass
 from pathlib import Path
 
@@ -60,7 +60,7 @@ async def body_chunks(request: Request) -> AsyncIterator[bytes]:
         yield chunk
 
 
-def limited_chunks(request: Request, limit: int) -> AsyncIterator[bytes]:
+def limited_chunks(request: Request, limit: int) -> AsyncGenerator[bytes, None]:
     """The body's chunks (see `body_chunks`) within `limit`: 413 at once when Content-Length is over it
     (before anything is read or spooled), else as soon as their running total passes it, whatever the
     framing; 400 when the client leaves mid-body."""
@@ -68,7 +68,7 @@ def limited_chunks(request: Request, limit: int) -> AsyncIterator[bytes]:
     return _counted(body_chunks(request), limit)
 
 
-async def _counted(chunks: AsyncIterator[bytes], limit: int) -> AsyncIterator[bytes]:
+async def _counted(chunks: AsyncIterator[bytes], limit: int) -> AsyncGenerator[bytes, None]:
     size = 0
     try:
         async for chunk in chunks:
@@ -121,6 +121,12 @@ class Body:
         if self.spool:
             return await spool_limited(request, self.limit(settings), settings.staging_path())
         return await read_limited(request, self.limit(settings))
+
+    async def read_bytes(self, request: Request) -> bytes:
+        """`read` of a body held in memory (not spooled)."""
+        body = await self.read(request)
+        assert isinstance(body, bytes), "a spooled body is read with read()"
+        return body
 
 
 KEY = Body((OCTET_STREAM,), lambda s: s.max_key_bytes)

@@ -53,6 +53,7 @@ class RequestLimits:
         body_read = asyncio.Event()
         client_gone = False
         handler = asyncio.current_task()
+        assert handler is not None  # an ASGI app runs in a task
 
         async def tracking_send(message: Message) -> None:
             nonlocal started

@@ -219,7 +219,7 @@ class Operations:
                 results = await self._transform_rows(spec, caller, key_id, rows[start : start + size])
                 for index, answer in zip(indexes[start : start + size], results, strict=False):
                     answers[index] = answer
-        return b"".join(answer + b"\n" for answer in answers)
+        return b"".join(answer + b"\n" for answer in answers if answer is not None)  # all set by now
 
     async def _transform_rows(
         self, spec: ModelSpec, caller: Caller, key_id: str | None, rows: list[bytes]

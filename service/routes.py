@@ -48,7 +48,7 @@ async def upload_key(
     name: str, request: Request, caller: Caller = PREDICT, ops: Operations = OPS
 ) -> Response:
     spec = ops.spec(name)
-    answer, status = await ops.register_key(spec, caller, await bodies.KEY.read(request))
+    answer, status = await ops.register_key(spec, caller, await bodies.KEY.read_bytes(request))
     return JSONResponse(answer, status_code=status)
 
 
@@ -70,7 +70,7 @@ async def put_key_part(
     name: str, key_id: str, index: int, request: Request, caller: Caller = PREDICT, ops: Operations = OPS
 ) -> dict:
     spec = ops.spec(name)
-    return await ops.put_key_part(spec, caller, key_id, index, await bodies.KEY_PART.read(request))
+    return await ops.put_key_part(spec, caller, key_id, index, await bodies.KEY_PART.read_bytes(request))
 
 
 @router.get("/{name}/keys/{key_id}/parts")
@@ -89,7 +89,7 @@ async def complete_key(
 @router.post("/{name}/predict")
 async def predict(name: str, request: Request, caller: Caller = PREDICT, ops: Operations = OPS) -> Response:
     spec = ops.spec(name)
-    ciphertext = await bodies.CIPHERTEXT.read(request)
+    ciphertext = await bodies.CIPHERTEXT.read_bytes(request)
     return Response(
         await ops.predict(spec, caller, key_id_header(request), ciphertext), media_type=OCTET_STREAM
     )
@@ -100,7 +100,7 @@ async def predict_batch(
     name: str, request: Request, caller: Caller = PREDICT, ops: Operations = OPS
 ) -> Response:
     spec = ops.spec(name)
-    rows = decode_rows(await bodies.BATCH.read(request), ops.settings.max_batch_rows)
+    rows = decode_rows(await bodies.BATCH.read_bytes(request), ops.settings.max_batch_rows)
     results = await ops.predict_batch(spec, caller, key_id_header(request), rows)
     return Response(wire.encode_batch(results), media_type=wire.CONTENT_TYPE)
 

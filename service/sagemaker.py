@@ -14,6 +14,7 @@ from __future__ import annotations
 from collections.abc import Awaitable, Callable
 from dataclasses import dataclass
 from pathlib import Path
+from typing import Any
 
 from fastapi import APIRouter, Depends, Request
 from fastapi.responses import JSONResponse, Response
@@ -103,7 +104,7 @@ class Invocation:
     does with it."""
 
     body: bodies.Body | None
-    run: Callable[[Operations, Caller, Attributes, bytes | Path | None], Awaitable[Response]]
+    run: Callable[[Operations, Caller, Attributes, Any], Awaitable[Response]]  # the body `body` reads
 
 
 async def _list_models(ops: Operations, caller: Caller, attrs: Attributes, body: None) -> Response:

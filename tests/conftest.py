@@ -17,8 +17,8 @@ _SESSION_DIR = open_session_dir()
 os.environ["BENTOML_HOME"] = str(_SESSION_DIR / "bentoml")
 os.environ.setdefault("BENTOML_DO_NOT_TRACK", "true")
 
-from harness.background import BackgroundCommand
-from harness.devserver import ROOT
+from harness.background import BackgroundCommand  # noqa: E402 (after BENTOML_HOME is set)
+from harness.devserver import ROOT  # noqa: E402
 
 LOGREG = "breast-cancer-logreg"
 # A tiny tree ensemble (3 trees of depth 2, 3 bits): a real bootstrapped circuit with an evaluation key, at

@@ -75,7 +75,8 @@ def test_the_served_container_holds_no_private_key(container):
             container,
             "sh",
             "-c",
-            "find / \\( -path /proc -o -path /sys \\) -prune -o -name 'secretKey*' -print; echo MOUNTS; cat /proc/mounts",
+            "find / \\( -path /proc -o -path /sys \\) -prune -o -name 'secretKey*' -print; "
+            "echo MOUNTS; cat /proc/mounts",
         ],
         capture_output=True,
         text=True,

@@ -105,9 +105,11 @@ def test_sigkill_mid_upload_leaves_no_partial_key_and_resume_sends_only_the_rest
         time.sleep(3)
         yield parts[half][1024:]
 
-    in_flight = threading.Thread(
-        target=lambda: pytest.raises(httpx.HTTPError, put_part, victim, key_id, half, slow_part())
-    )
+    def send_slow_part() -> None:
+        with pytest.raises(httpx.HTTPError):
+            put_part(victim, key_id, half, slow_part())
+
+    in_flight = threading.Thread(target=send_slow_part)
     in_flight.start()
     time.sleep(1.0)
     victim.kill()
