@@ -11,7 +11,17 @@ from pathlib import Path
 
 from harness.devserver import ROOT
 
-SOURCES = ("pyproject.toml", "README.md", "fhe_bento", "protocol", "client", "service", "runners", "modelkit")
+SOURCES = (
+    "pyproject.toml",
+    "README.md",
+    "fhe_bento",
+    "protocol",
+    "core",
+    "client",
+    "service",
+    "runners",
+    "modelkit",
+)
 
 
 def install_client(dest: Path) -> Path:
@@ -19,7 +29,9 @@ def install_client(dest: Path) -> Path:
     source.mkdir(parents=True)
     for name in SOURCES:
         if (ROOT / name).is_dir():
-            shutil.copytree(ROOT / name, source / name, ignore=shutil.ignore_patterns("__pycache__"))
+            shutil.copytree(
+                ROOT / name, source / name, symlinks=True, ignore=shutil.ignore_patterns("__pycache__")
+            )
         else:
             shutil.copy(ROOT / name, source / name)
     venv = dest / "venv"

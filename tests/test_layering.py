@@ -44,3 +44,33 @@ def test_import_contracts_hold():
     assert "6 kept, 0 broken" in result.stdout, result.stdout
     analyzed = int(re.search(r"Analyzed (\d+) files", result.stdout).group(1))
     assert analyzed >= len(list(ROOT.glob("*/*.py"))) // 2, result.stdout  # the product was really read
+
+
+DECRYPTING_NAMES = {"FHEModelClient", "Client", "keygen", "generate_private_and_evaluation_keys"}
+
+
+def _is_client(module: str) -> bool:
+    return module == "fhe_bento.client" or module.startswith("fhe_bento.client.")
+
+
+@pytest.mark.parametrize("package", ["service", "runners"])
+def test_server_code_never_touches_decryption(package):
+    """service/ and runners/ must not name anything that can hold a private key or decrypt."""
+    offenders = []
+    for path in (ROOT / package).glob("*.py"):
+        for node in ast.walk(ast.parse(path.read_text())):
+            names = []
+            if isinstance(node, ast.ImportFrom):
+                names = [alias.name for alias in node.names]
+                # fhe-bento's client package holds private keys and decrypts: the server never imports it.
+                names += ["client package"] if _is_client(node.module or "") else []
+            elif isinstance(node, ast.Import):
+                names = ["client package" for alias in node.names if _is_client(alias.name)]
+            elif isinstance(node, ast.Attribute):
+                names = [node.attr]
+            elif isinstance(node, ast.Name):
+                names = [node.id]
+            offenders += [
+                f"{path.name}:{node.lineno} {n}" for n in names if n in DECRYPTING_NAMES | {"client package"}
+            ]
+    assert not offenders
