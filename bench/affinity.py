@@ -146,11 +146,11 @@ def write_markdown(levels: list[dict]) -> None:
         {
             "Key affinity": f"""
 Produced by `bench/affinity.py` in one run: two replicas (default settings: one engine each, the
-warm-key bound derived from the machine's memory, README "Memory") on one `s3://` store (moto), behind
+warm-key bound derived from the machine's memory, docs/operations.md "Memory") on one `s3://` store (moto), behind
 `harness/sagemaker_balancer.py`, which routes as SageMaker does. Each level starts fresh replicas and sends
 the given number of one-row XGB predictions (at least 4 per client) through real boto3, one at a time, round robin over K
 clients with a key each. "random" sends no session ids (SageMaker's default routing), "sessions" is the
-client's default (README, "Key affinity"). Cold loads are the replicas' key cache misses; memory is the
+client's default (docs/sagemaker.md, "Key affinity"). Cold loads are the replicas' key cache misses; memory is the
 proportional set size of each replica's processes (shared pages counted once) at the end
 of the level, and how much of it the level added to the idle replica.
 

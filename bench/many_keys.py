@@ -3,7 +3,7 @@
     .venv/bin/python bench/many_keys.py [--rounds 3]
 
 One `bentoml serve` with default settings (so the warm-key bound is derived from this machine's memory,
-README "Memory") serves the demo XGB. For K = 1, 6 and 12 clients, each with its own key, a first round
+docs/operations.md "Memory") serves the demo XGB. For K = 1, 6 and 12 clients, each with its own key, a first round
 uploads and touches the new keys, then `--rounds` measured rounds send one-row predictions one at a time,
 round robin over the clients. Reported per K: mean latency of a measured request against K = 1's,
 cold-key loads per 100 measured requests (the engine's key cache misses), and the server's resident
@@ -77,7 +77,7 @@ def main() -> None:
         {
             "Many clients on one server": f"""
 Produced by `bench/many_keys.py` in one run on {os.cpu_count()} cores and {instance_memory() / 1e9:.0f} GB: one
-server with default settings (the warm-key bound derived from the machine's memory, README "Memory"), the
+server with default settings (the warm-key bound derived from the machine's memory, docs/operations.md "Memory"), the
 demo XGB, K clients with a key each sending one-row predictions one at a time, round robin. Each level
 first uploads and touches its new keys, unmeasured. Cold loads are the engine's key cache misses during
 the measured requests; memory is the server's proportional set size at the end of the level. Before the

@@ -148,7 +148,7 @@ decrypted and checked.
 - growth over the first half {memory[half] - memory[0]:+.3f} GB, over the second half {memory[-1] - memory[half]:+.3f} GB.
 
 How to read the memory: it grows while the engine's warm-key cache fills and then levels off at the
-derived bound (README "Memory"). A deleted key leaves an engine's cache only when it is asked for again
+derived bound (docs/operations.md "Memory"). A deleted key leaves an engine's cache only when it is asked for again
 or evicted, so every cycle's key stays warm until the bound is reached; the growth is the cache, not a
 leak, and the bound holds it.
 """

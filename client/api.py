@@ -316,7 +316,7 @@ class FHEClient:
     ) -> FHEClient:
         """A client of a SageMaker endpoint. `mode="async"` needs `input_prefix` (s3://bucket/prefix for
         envelopes) and `models` (the model folders, local or the deployed s3://.../model.tar.gz). In real
-        time, `key_affinity` keeps each key's predictions in a stateful session (README "Key affinity")."""
+        time, `key_affinity` keeps each key's predictions in a stateful session (docs/sagemaker.md "Key affinity")."""
         from fhe_bento.client.sagemaker_transport import (
             AsyncSageMakerTransport,
             ModelFolders,

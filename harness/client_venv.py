@@ -14,6 +14,8 @@ from harness.devserver import ROOT
 SOURCES = (
     "pyproject.toml",
     "README.md",
+    "bentofile.yaml",
+    "docker",
     "fhe_bento",
     "protocol",
     "core",
@@ -24,8 +26,8 @@ SOURCES = (
 )
 
 
-def install_client(dest: Path) -> Path:
-    source = dest / "source"
+def copy_sources(source: Path) -> Path:
+    """The files a build reads, copied to `source` with the symlinks as they are (a build writes beside them)."""
     source.mkdir(parents=True)
     for name in SOURCES:
         if (ROOT / name).is_dir():
@@ -34,6 +36,11 @@ def install_client(dest: Path) -> Path:
             )
         else:
             shutil.copy(ROOT / name, source / name)
+    return source
+
+
+def install_client(dest: Path) -> Path:
+    source = copy_sources(dest / "source")
     venv = dest / "venv"
     subprocess.run([sys.executable, "-m", "venv", str(venv)], check=True)
     python = venv / "bin" / "python"

@@ -1,5 +1,5 @@
 """Every error code the server sends, with its HTTP status: the one registry. An error answer is
-`{"error": {"code": ..., "message": ...}}`; the README's error table lists exactly these codes (a test
+`{"error": {"code": ..., "message": ...}}`; the error table of docs/http-api.md lists exactly these codes (a test
 checks), and the fuzz tests check that every rejection is one of them."""
 
 from __future__ import annotations

@@ -1,7 +1,7 @@
 """How an instance spends its memory: warm keys and key verifications, derived from the memory it really
 has (its cgroup limit in a container, else the machine's), unless a setting fixes them.
 
-An instance's peak resident memory is at most (README, "Memory"):
+An instance's peak resident memory is at most (docs/operations.md, "Memory"):
 
     BASE_RESIDENT_BYTES                                    the server with its models loaded, no key
   + engines x key_cache_bytes                              warm keys (each costs its model's warm_key_bytes)
@@ -26,7 +26,7 @@ from fhe_bento.core.model_repo import ModelSpec
 from fhe_bento.core.settings import Settings
 from fhe_bento.protocol.names import MiB
 
-# Measured (README, "Memory"): 1.5 GB resident for the whole server with the demo models loaded and no
+# Measured (docs/operations.md, "Memory"): 1.5 GB resident for the whole server with the demo models loaded and no
 # key; rounded up for the allocator's slack.
 BASE_RESIDENT_BYTES = 2048 * MiB
 USABLE_SHARE = 0.8  # of the memory above the base: the rest is headroom for requests and fragmentation

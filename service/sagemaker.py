@@ -2,8 +2,8 @@
 
 SageMaker forwards nothing but `/invocations`, so the operation, model and key id travel in
 `X-Amzn-SageMaker-Custom-Attributes`, e.g. `op=predict; model=breast-cancer-xgb; key=<key_id>`.
-Operations (README, "SageMaker operations"): list_models, get_client, predict, predict_batch, has_key, put_key,
-put_key_part, key_parts, complete_key, envelope (asynchronous inference; also chosen when the body
+Operations (docs/sagemaker.md, "SageMaker operations"): list_models, get_client, predict, predict_batch,
+has_key, put_key, put_key_part, key_parts, complete_key, envelope (asynchronous inference; also chosen when the body
 starts with the envelope magic and no op is given) and transform (Batch Transform's JSON Lines, chosen by
 their content type); `GET /execution-parameters` gives Batch Transform its defaults. A request that names a
 key may open or carry a stateful session (`service/sessions.py`).

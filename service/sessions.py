@@ -1,4 +1,4 @@
-"""The container's side of SageMaker stateful sessions (key affinity, README "Key affinity").
+"""The container's side of SageMaker stateful sessions (key affinity, docs/sagemaker.md "Key affinity").
 
 A session is tied to one evaluation key and ends at a fixed time. Its id says both, so that every HTTP
 worker of the instance, and the instance after a restart, checks it without shared state:

@@ -22,7 +22,7 @@ from harness.devserver import ROOT  # noqa: E402
 
 LOGREG = "breast-cancer-logreg"
 # A tiny tree ensemble (3 trees of depth 2, 3 bits): a real bootstrapped circuit with an evaluation key, at
-# about 0.8 s and 19 MB of key against the demo XGB's 5.4 s and 59 MB (ENVIRONMENT.md: tiny trees for fast
+# about 0.8 s and 19 MB of key against the demo XGB's 5.4 s and 59 MB (measured on these machines: tiny trees for fast
 # tests). The demo XGB itself (REALISTIC_XGB) serves the tests that need rows to take seconds.
 XGB = "tiny-xgb"
 REALISTIC_XGB = "breast-cancer-xgb"
@@ -63,7 +63,7 @@ def real_body(body, demo: Demo, key_dir: Path) -> bytes:
 
 
 def assert_error(response, status: int, code: str) -> None:
-    """The JSON error shape of DESIGN.md, with this status and code."""
+    """The JSON error shape (docs/http-api.md, "Errors"), with this status and code."""
     assert response.status_code == status, response.text
     body = response.json()
     assert set(body) == {"error"} and body["error"]["code"] == code

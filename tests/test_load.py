@@ -72,7 +72,7 @@ def test_the_runner_hop_loses_and_repeats_no_call_across_idle_periods(server, de
 def test_concurrent_key_uploads_stay_within_the_documented_memory_bound(demo, tmp_path):
     """Six distinct keys uploaded at once to a server allowed one verification and one waiting upload:
     the others are refused with 503 overloaded and retried by the client, every upload ends registered,
-    and the server's resident growth stays within the bound of README "Memory" (verifications x their cost
+    and the server's resident growth stays within the bound of docs/operations.md "Memory" (verifications x their cost
     + the uploads held in memory), not six verifications' worth."""
     from fhe_bento.core.settings import Settings
     from fhe_bento.runners.memory_plan import plan_memory

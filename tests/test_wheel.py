@@ -11,6 +11,8 @@ from pathlib import Path
 
 import pytest
 
+from harness.client_venv import copy_sources
+
 ROOT = Path(__file__).resolve().parents[1]
 
 
@@ -18,6 +20,7 @@ ROOT = Path(__file__).resolve().parents[1]
 def wheel_site(tmp_path_factory) -> Path:
     """The wheel built from this checkout, unpacked as an install would lay it out."""
     out = tmp_path_factory.mktemp("wheel")
+    source = copy_sources(out / "source")
     subprocess.run(
         [
             sys.executable,
@@ -29,7 +32,7 @@ def wheel_site(tmp_path_factory) -> Path:
             "--no-build-isolation",
             "-w",
             str(out),
-            str(ROOT),
+            str(source),
         ],
         check=True,
         cwd=out,
