@@ -28,7 +28,9 @@ def cli(*args: str, ok: bool = True, env: dict[str, str] | None = None) -> str:
     return done.stdout if ok else done.stderr
 
 
-def deploy_args(name: str, bucket: str, *extra: str) -> list[str]:
+def deploy_args(
+    name: str, bucket: str, *extra: str, prefix: str | None = None, models: str = f"{XGB}:latest"
+) -> list[str]:
     return [
         "sagemaker",
         "deploy",
@@ -39,11 +41,11 @@ def deploy_args(name: str, bucket: str, *extra: str) -> list[str]:
         "--bucket",
         bucket,
         "--prefix",
-        name,
+        prefix or name,
         "--image-uri",
         "123456789012.dkr.ecr.us-east-1.amazonaws.com/fhe-bento:1",
         "--models",
-        f"{XGB}:latest",
+        models,
         "--poll-seconds",
         "1",
         *extra,
@@ -59,21 +61,9 @@ def bucket(moto_url) -> str:
 @pytest.mark.parametrize("mode", ["realtime", "async"])
 def test_deploy_creates_model_config_endpoint_and_artifacts(mode, demo, bucket, tmp_path):
     name = f"fhe-{mode}"
-    args = [
-        "sagemaker",
-        "deploy",
-        "--endpoint-name",
+    args = deploy_args(
         name,
-        "--role",
-        ROLE,
-        "--bucket",
         bucket,
-        "--prefix",
-        f"models/{mode}",
-        "--image-uri",
-        "123456789012.dkr.ecr.us-east-1.amazonaws.com/fhe-bento:1",
-        "--models",
-        f"{XGB}:latest,{LOGREG}:latest",
         "--instance-type",
         "ml.c5.2xlarge",
         "--instance-count",
@@ -81,9 +71,9 @@ def test_deploy_creates_model_config_endpoint_and_artifacts(mode, demo, bucket, 
         "--env",
         "FHE_BENTO_WORKERS=4",
         "--wait",
-        "--poll-seconds",
-        "1",
-    ]
+        prefix=f"models/{mode}",
+        models=f"{XGB}:latest,{LOGREG}:latest",
+    )
     if mode == "async":
         args += [
             "--async-output",
@@ -246,7 +236,7 @@ def test_batch_command_runs_a_transform_job_and_decrypts_its_answers(demo, bucke
     SageMaker writes it."""
     from fhe_bento.protocol import transform
 
-    cli(*deploy_args("fhe-bt", bucket, "--models", f"{LOGREG}:latest"))
+    cli(*deploy_args("fhe-bt", bucket, models=f"{LOGREG}:latest"))
     x = demo.x_test[:3]
     data = tmp_path / "rows.csv"
     data.write_text("\n".join(",".join(repr(float(v)) for v in row) for row in x) + "\n")

@@ -268,16 +268,18 @@ def xgb_parts(http) -> int:
     return part_count(http.get(f"/v1/models/{XGB}").json()["eval_key_bytes"], PART_BYTES)
 
 
+# Path segments that still reach the part routes (an empty or dotted segment is another path, which
+# BentoML's router answers), and integers as a path or query parameter may spell them.
+fuzzed_key_ids = st.text(alphabet="0123456789abcdefABCDEF-_xyz", min_size=1, max_size=70)
+integer_texts = st.one_of(
+    st.integers(-5, 2000).map(str), st.text(alphabet="0123456789-+ex", min_size=1, max_size=8)
+)
+
+
 @HTTP
 @given(
-    # Path segments that still reach these routes (an empty or dotted segment is another path, which
-    # BentoML's router answers).
-    key_id=st.one_of(
-        st.just(KEY_ID), st.text(alphabet="0123456789abcdefABCDEF-_xyz", min_size=1, max_size=70)
-    ),
-    index=st.one_of(
-        st.integers(-5, 2000).map(str), st.text(alphabet="0123456789-+ex", min_size=1, max_size=8)
-    ),
+    key_id=st.one_of(st.just(KEY_ID), fuzzed_key_ids),
+    index=integer_texts,
     body=st.binary(max_size=64),
     headers=st.fixed_dictionaries(
         {},
@@ -312,12 +314,8 @@ def test_upload_part_routes_give_fuzz_its_answer(http, xgb_parts, key_id, index,
 
 @HTTP
 @given(
-    key_id=st.one_of(
-        st.just(NO_PARTS_KEY_ID), st.text(alphabet="0123456789abcdefABCDEF-_xyz", min_size=1, max_size=70)
-    ),
-    parts=st.one_of(
-        st.integers(-5, 2000).map(str), st.text(alphabet="0123456789-+ex", min_size=1, max_size=8)
-    ),
+    key_id=st.one_of(st.just(NO_PARTS_KEY_ID), fuzzed_key_ids),
+    parts=integer_texts,
 )
 def test_complete_route_gives_fuzz_its_answer(http, xgb_parts, key_id, parts):
     count = parsed_int(parts)
