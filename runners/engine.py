@@ -1,15 +1,23 @@
 """FHE engine processes: the only processes in which client bytes reach concrete.
 
-Each runner worker supervises its own engine: a `ProcessPoolExecutor` of `FHE_BENTO_ROW_THREADS` child
-processes that hold the concrete-ml servers and the warm-key cache and evaluate one row at a time each.
-concrete parses in C++ with no hardening, so if a message that `core/payload_check.py` let through
+Each runner worker supervises its own engine: `FHE_BENTO_ROW_THREADS` child processes that hold the
+concrete-ml servers and the warm-key cache and evaluate one row at a time each, taken in order from one
+queue. concrete parses in C++ with no hardening, so if a message that `core/payload_check.py` let through
 still crashes an engine process:
-- the worker survives, every row in flight gets 503 `runner_unavailable` (safe to retry: FHE is pure),
-  and the worker starts a new engine at once; `ready()` is false until it has loaded its models;
-- an engine that dies while idle is seen within `MONITOR_SECONDS` and restarted the same way;
+- the worker survives, the row that process was computing gets 503 `runner_unavailable` (safe to retry:
+  FHE is pure), rows in the other processes or still queued go on, and a new process starts at once;
+  `ready()` is false until it has loaded its models;
+- a process that dies while idle is seen within `MONITOR_SECONDS` and replaced the same way;
 - after `FHE_BENTO_ENGINE_MAX_FAILED_STARTS` starts in a row that die before they are ready, the worker
   gives up and stops the whole server (`core/lifecycle.py`), so that an orchestrator replaces it.
 This works the same in the image, where BentoML does not respawn dead workers (`BENTOML_CONTAINERIZED`).
+
+The supervisor is this module's own: one thread per engine process owns that process (a pipe to it, and
+its `sentinel` to see it die) and hands it the next row only once it is free, so the rows of a request
+that goes away are dropped unless they have started. pebble's ProcessPool was tried: it sends every task
+to its workers' shared pipe at once and kills the worker of a task cancelled after that, and it reports
+neither when a replacement worker has loaded nor a worker that dies starting while another one is busy
+(it starts it again, silently), which `ready()` and the failed-start limit need.
 
 Uploaded keys are deserialized once more in a throwaway process (`verify_key`) before they are stored.
 Children fork from a forkserver that has imported concrete, so a restart or a verification does not pay
@@ -19,6 +27,7 @@ the 3 s import again.
 from __future__ import annotations
 
 import asyncio
+import atexit
 import contextlib
 import ctypes
 import logging
@@ -28,15 +37,16 @@ import select
 import signal
 import threading
 import time
+from collections import deque
 from collections.abc import Callable
-from concurrent.futures import Future, ProcessPoolExecutor
-from concurrent.futures.process import BrokenProcessPool
+from concurrent.futures import Future
+from multiprocessing.connection import Connection, wait
 from typing import Any
 
 from fhe_bento.core import metrics
 from fhe_bento.core.errors import FHEBentoError
 from fhe_bento.core.model_repo import ModelSpec, load_specs
-from fhe_bento.core.settings import get_settings
+from fhe_bento.core.settings import Settings
 from fhe_bento.runners.key_cache import KeyCache
 from fhe_bento.runners.key_registry import KeyRegistry
 from fhe_bento.runners.key_store_url import open_store
@@ -44,12 +54,17 @@ from fhe_bento.runners.memory_plan import plan_memory
 from fhe_bento.runners.verify_slots import VerifySlots
 
 log = logging.getLogger("bentoml.fhe_bento.engine")
-MONITOR_SECONDS = 0.5
+MONITOR_SECONDS = 0.5  # how soon a supervisor sees its process die while idle, or the engine stop
+STOP_GRACE = 1.0  # seconds a stopped process has to exit on its own before it is killed
 RESTART_RETRY_AFTER = 10  # seconds a client is told to wait while an engine restarts
 _M_MMAP_THRESHOLD = -3  # glibc mallopt parameter
+_LOADED = "loaded"  # an engine process's first message
+
+Row = tuple[str, str, str | None, bytes, float]  # the arguments of `_run_row` after the state
+RowResult = tuple[bytes, float] | None
 
 
-def _fhe():
+def _fhe() -> Any:
     from concrete import fhe
 
     return fhe
@@ -72,8 +87,7 @@ class _LoadedModel:
 
 
 class _EngineState:
-    def __init__(self) -> None:
-        settings = get_settings()
+    def __init__(self, settings: Settings) -> None:
         specs = load_specs(settings)
         self.models = {name: _LoadedModel(spec) for name, spec in specs.items()}
         self.keys = KeyRegistry(open_store(settings.key_store_url()), settings)
@@ -104,9 +118,6 @@ class _EngineState:
         return key
 
 
-_state: _EngineState | None = None
-
-
 def _exit_with(supervisor: int) -> None:
     # An engine's parent is the forkserver, which outlives a killed runner worker as long as an engine holds
     # its pipe: so each engine watches its supervisor and exits with it.
@@ -115,25 +126,31 @@ def _exit_with(supervisor: int) -> None:
     os._exit(0)
 
 
-def _start_engine(supervisor: int) -> None:
-    global _state
+def _limit_openmp(threads: int) -> None:
+    # concrete's OpenMP runtime already read OMP_NUM_THREADS (unset) when the forkserver imported concrete.ml:
+    # the variable is for runtimes started later, the call sets the loaded ones (for this thread, which
+    # evaluates the rows). threadpoolctl comes with scikit-learn, which concrete-ml requires.
+    from threadpoolctl import threadpool_limits
+
+    os.environ["OMP_NUM_THREADS"] = str(threads)
+    threadpool_limits(threads, user_api="openmp")
+
+
+def _start_engine(supervisor: int, settings: Settings) -> _EngineState:
     # A server that stops signals the whole process tree; an engine that died of it first would look like
     # a crash to its supervisor. Engines stop only with their supervisor.
     signal.signal(signal.SIGTERM, signal.SIG_IGN)
     signal.signal(signal.SIGINT, signal.SIG_IGN)
     threading.Thread(target=_exit_with, args=(supervisor,), name="fhe-engine-supervisor", daemon=True).start()
+    _limit_openmp(settings.omp_threads_per_row())
     # Large blocks (keys are tens of MB) always come from mmap, so an evicted key goes back to the system
     # instead of staying in malloc's arenas: the cache bound is a bound on resident memory.
     ctypes.CDLL(None).mallopt(_M_MMAP_THRESHOLD, 1 << 20)
-    _state = _EngineState()
+    return _EngineState(settings)
 
 
 def _return_freed_memory() -> None:
     ctypes.CDLL(None).malloc_trim(0)
-
-
-def _ping() -> bool:
-    return _state is not None
 
 
 def _classify_run_error(exc: Exception) -> FHEBentoError:
@@ -143,15 +160,15 @@ def _classify_run_error(exc: Exception) -> FHEBentoError:
 
 
 def _run_row(
-    model: str, scope: str, key_id: str | None, ciphertext: bytes, deadline: float
-) -> tuple[bytes, float] | None:
+    state: _EngineState, model: str, scope: str, key_id: str | None, ciphertext: bytes, deadline: float
+) -> RowResult:
     """One row, in an engine process: its result and FHE seconds, or None when its request's deadline
     passed before it started."""
     if time.time() > deadline:
         metrics.ROWS.labels(model=model, outcome="dropped").inc()
         return None
-    loaded = _state.models[model]
-    key = _state.evaluation_key(loaded, scope, key_id)
+    loaded = state.models[model]
+    key = state.evaluation_key(loaded, scope, key_id)
     started = time.perf_counter()
     try:
         result = loaded.server.run(ciphertext, key)
@@ -175,10 +192,32 @@ def _deserialize_key(path: str) -> int:
     return len(data)
 
 
+def _outcome(function: Callable[..., Any], *args: Any) -> tuple[bool, Any]:
+    """(True, what `function` returns) or (False, what it raises), to send back to the supervisor."""
+    try:
+        return True, function(*args)
+    except Exception as exc:
+        return False, exc
+
+
+def _engine_main(conn: Connection, supervisor: int, settings: Settings) -> None:
+    """An engine process: load the models, say so, then evaluate the rows its supervisor sends, one at a
+    time, until it sends None or goes away. A start that raises ends the process before it is loaded."""
+    state = _start_engine(supervisor, settings)
+    conn.send(_LOADED)
+    with contextlib.suppress(EOFError):
+        while (row := conn.recv()) is not None:
+            conn.send(_outcome(_run_row, state, *row))
+
+
+def _verify_main(conn: Connection, path: str) -> None:
+    conn.send(_outcome(_deserialize_key, path))
+
+
 # --- in the runner worker: the supervisor ----------------------------------------------------------
 
 
-def _context() -> multiprocessing.context.BaseContext:
+def _context() -> multiprocessing.context.ForkServerContext:
     context = multiprocessing.get_context("forkserver")
     context.set_forkserver_preload(
         [
@@ -199,119 +238,195 @@ def _unavailable(reason: str) -> FHEBentoError:
     )
 
 
-def _is_broken(pool: ProcessPoolExecutor) -> bool:
-    # CPython's executor marks itself broken when a child dies; a child that died while idle is seen by
-    # its process handle. All three are private, read-only here. A pool that shuts down without being
-    # broken (the worker exits, and CPython's exit hook stops its children) has children that end on purpose.
-    if getattr(pool, "_broken", False):
-        return True
-    if getattr(pool, "_shutdown_thread", False):
-        return False
-    processes = dict(getattr(pool, "_processes", None) or {})
-    return any(not p.is_alive() for p in processes.values())
+class _Child:
+    """A child process forked by the forkserver, and the supervisor's end of a pipe to it. Used by one
+    thread at a time: it alone waits for the process and reaps it."""
+
+    def __init__(self, name: str, main: Callable[..., None], *args: Any) -> None:
+        context = _context()
+        self.conn, child_end = context.Pipe()
+        self.process = context.Process(target=main, args=(child_end, *args), name=name)
+        self.process.start()
+        child_end.close()  # the child's is the only one left: its death reads as EOF here
+
+    def answered(self, timeout: float | None = None) -> bool:
+        """Whether a message or the child's death came within `timeout`."""
+        return bool(wait([self.conn, self.process.sentinel], timeout))
+
+    def receive(self) -> Any:
+        """The child's next message, once `answered`; EOFError if it died first."""
+        try:
+            if self.conn.poll():  # readable: a message, or EOF once the child is gone
+                return self.conn.recv()
+        except OSError:
+            pass
+        raise EOFError
+
+    def stop(self) -> None:
+        """End the child on purpose: an idle engine exits when told; any other is killed after STOP_GRACE."""
+        with contextlib.suppress(OSError):
+            self.conn.send(None)
+        self.process.join(STOP_GRACE)
+        if self.process.exitcode is None:
+            self.process.kill()
+            self.process.join()
+        self.conn.close()
 
 
 class Engine:
     """The supervisor of one runner worker's engine processes (see the module docstring)."""
 
-    def __init__(
-        self,
-        processes: int,
-        max_failed_starts: int,
-        give_up: Callable[[str], None],
-        verify_slots: VerifySlots,
-    ) -> None:
-        self.processes = processes
+    def __init__(self, settings: Settings, give_up: Callable[[str], None], verify_slots: VerifySlots) -> None:
+        self.settings = settings
+        self.processes = settings.row_threads
+        self.max_failed_starts = settings.engine_max_failed_starts
         self.verify_slots = verify_slots
-        self.max_failed_starts = max_failed_starts
         self._give_up = give_up
-        self._lock = threading.Lock()
-        self._ready = threading.Event()
-        self.failed_starts = 0
+        self._cond = threading.Condition()  # guards everything below
+        self._queue: deque[tuple[Row, Future[RowResult]]] = deque()
+        self._loaded = 0  # engine processes ready for rows
+        self._stopping = False
         self.restarts = 0
-        self._pool = self._start()
-        threading.Thread(target=self._monitor, name="fhe-engine-monitor", daemon=True).start()
-
-    def _start(self) -> ProcessPoolExecutor:
-        pool = ProcessPoolExecutor(
-            self.processes, mp_context=_context(), initializer=_start_engine, initargs=(os.getpid(),)
-        )
-        pings = [pool.submit(_ping) for _ in range(self.processes)]
-        threading.Thread(target=self._await_start, args=(pool, pings), daemon=True).start()
-        return pool
-
-    def _await_start(self, pool: ProcessPoolExecutor, pings: list[Future]) -> None:
-        try:
-            for ping in pings:
-                ping.result()
-        except BaseException as exc:  # the engine died while loading its models
-            log.error("FHE engine failed to start (%s)", type(exc).__name__)
-            self._replace(pool, started=False)
-            return
-        with self._lock:
-            if pool is self._pool:
-                self.failed_starts = 0
-                self._ready.set()
-        log.info("FHE engine ready: %d process(es)", self.processes)
-
-    def _replace(self, broken: ProcessPoolExecutor, started: bool = True) -> None:
-        """Start a new engine in place of a broken one (once, whoever notices first)."""
-        with self._lock:
-            if broken is not self._pool:
-                return
-            self._ready.clear()
-            self.restarts += 1
-            metrics.ENGINE_RESTARTS.inc()
-            if not started:
-                self.failed_starts += 1
-            if self.failed_starts >= self.max_failed_starts:
-                self._pool = None
-                broken.shutdown(wait=False, cancel_futures=True)
-                self._give_up(f"the FHE engine failed to start {self.failed_starts} times in a row")
-                return
-            log.error("FHE engine process died: restarting it (restart %d)", self.restarts)
-            broken.shutdown(wait=False, cancel_futures=True)
-            self._pool = self._start()
-
-    def _monitor(self) -> None:
-        while True:
-            time.sleep(MONITOR_SECONDS)
-            pool = self._pool
-            if pool is None:
-                return
-            if self._ready.is_set() and _is_broken(pool):
-                self._replace(pool)
+        self._supervisors = [
+            threading.Thread(target=self._supervise, name=f"fhe-engine-{i}", daemon=True)
+            for i in range(self.processes)
+        ]
+        for thread in self._supervisors:
+            thread.start()
+        # multiprocessing joins every child at exit, and engines ignore SIGTERM: they must be stopped first.
+        atexit.register(self.shutdown)
 
     def ready(self) -> bool:
-        return self._ready.is_set()
+        return self._loaded == self.processes and not self._stopping
+
+    # One thread per engine process: start it, wait for its models, hand it rows, and start another when it
+    # dies, until the engine stops or gives up.
+
+    def _supervise(self) -> None:
+        failed = 0  # starts in a row of this thread's process that died before they were ready
+        while not self._stopping:
+            loaded, exitcode = self._run_engine()
+            failed = 0 if loaded else failed + 1
+            if not self._died(loaded, exitcode, failed):
+                return
+
+    def _run_engine(self) -> tuple[bool, int | None]:
+        """One engine process, from its start to its end: whether it loaded its models, and its exit code."""
+        try:
+            engine = _Child("fhe-engine", _engine_main, os.getpid(), self.settings)
+        except Exception:  # the forkserver could not start it: a failed start too
+            log.exception("FHE engine process could not be started")
+            return False, None
+        loaded = self._wait_loaded(engine)
+        if loaded:
+            self._count_loaded(+1)
+            self._serve(engine)
+            self._count_loaded(-1)
+        engine.stop()  # dead already, unless the engine stops
+        return loaded, engine.process.exitcode
+
+    def _answered(self, engine: _Child) -> bool:
+        """Wait for the process's next message or death: False if the engine stops first."""
+        while not self._stopping:
+            if engine.answered(MONITOR_SECONDS):
+                return True
+        return False
+
+    def _wait_loaded(self, engine: _Child) -> bool:
+        try:
+            return self._answered(engine) and engine.receive() == _LOADED
+        except EOFError:
+            return False
+
+    def _count_loaded(self, change: int) -> None:
+        with self._cond:
+            self._loaded += change
+            if change > 0 and self.ready():
+                log.info("FHE engine ready: %d process(es)", self.processes)
+
+    def _serve(self, engine: _Child) -> None:
+        while (item := self._next_row(engine)) is not None:
+            row, future = item
+            try:
+                engine.conn.send(row)
+                if not self._answered(engine):
+                    future.set_exception(_unavailable("is stopping"))
+                    return
+                ok, value = engine.receive()
+            except (EOFError, OSError):  # OSError: it died before it read the row
+                future.set_exception(_unavailable("process died while computing"))
+                return
+            if ok:
+                future.set_result(value)
+            else:
+                future.set_exception(value)
+
+    def _next_row(self, engine: _Child) -> tuple[Row, Future[RowResult]] | None:
+        """The next row not dropped, or None once the process died while idle or the engine stops."""
+        with self._cond:
+            while not self._stopping and engine.process.is_alive():  # a row goes to a live process only
+                while self._queue:
+                    row, future = self._queue.popleft()
+                    if future.set_running_or_notify_cancel():  # from now on the row cannot be dropped
+                        return row, future
+                self._cond.wait(MONITOR_SECONDS)
+        return None
+
+    def _died(self, loaded: bool, exitcode: int | None, failed: int) -> bool:
+        """Count a process that ended (`failed`: its starts in a row that died before they were ready);
+        whether to start another (False: the engine stops, or gives up)."""
+        with self._cond:
+            if self._stopping:
+                return False
+            self.restarts += 1
+            metrics.ENGINE_RESTARTS.inc()
+            if loaded:
+                log.error(
+                    "FHE engine process died (exit code %s): restarting it (restart %d)",
+                    exitcode,
+                    self.restarts,
+                )
+                return True
+            log.error("FHE engine failed to start (exit code %s, %d in a row)", exitcode, failed)
+            if failed < self.max_failed_starts:
+                return True
+        self._stop()
+        self._give_up(f"the FHE engine failed to start {failed} times in a row")
+        return False
+
+    def _stop(self) -> None:
+        """No more rows: queued ones get 503, supervisors stop their processes."""
+        with self._cond:
+            self._stopping = True
+            queued, self._queue = self._queue, deque()
+            self._cond.notify_all()
+        for _, future in queued:
+            if future.set_running_or_notify_cancel():
+                future.set_exception(_unavailable("is stopping"))
 
     def shutdown(self) -> None:
-        """Stop the engine processes (a runner in a test process; a served runner's exit with it)."""
-        with self._lock:
-            pool, self._pool = self._pool, None
-            self._ready.clear()
-        if pool is not None:
-            pool.shutdown(wait=True, cancel_futures=True)
+        """Stop the engine processes on purpose (a runner in a test process; a served runner's exit)."""
+        self._stop()
+        for thread in self._supervisors:
+            if thread is not threading.current_thread():
+                thread.join()
 
-    async def run(self, rows: list[tuple]) -> list[tuple[bytes, float] | None]:
+    async def run(self, rows: list[Row]) -> list[RowResult]:
         """Evaluate rows (the arguments of `_run_row`) in the engine: (result, FHE seconds) per row, None
         for a row whose deadline passed before it started. Cancelling this drops the rows not started."""
-        pool = self._pool
-        if pool is None or not self._ready.is_set():
-            raise _unavailable("is restarting")
-        try:
-            futures = [pool.submit(_run_row, *row) for row in rows]
-        except BrokenProcessPool:
-            self._replace(pool)
-            raise _unavailable("process died") from None
+        futures: list[Future[RowResult]] = [Future() for _ in rows]
+        with self._cond:
+            if not self.ready():
+                raise _unavailable("is restarting")
+            self._queue.extend(zip(rows, futures, strict=True))
+            self._cond.notify(len(rows))
         try:
             return [await asyncio.wrap_future(future) for future in futures]
-        except BrokenProcessPool:
-            self._replace(pool)
-            raise _unavailable("process died while computing") from None
         finally:
             dropped = sum(future.cancel() for future in futures)
             if dropped:
+                with self._cond:  # their ciphertexts need not wait for their turn in the queue
+                    self._queue = deque(item for item in self._queue if not item[1].cancelled())
                 metrics.ROWS.labels(model=rows[0][0], outcome="dropped").inc(dropped)
                 log.info("%d rows of a cancelled request dropped before they started", dropped)
 
@@ -319,14 +434,18 @@ class Engine:
         """Deserialize an upload in a throwaway process, once a verification slot is free (`verify_slots`);
         400 invalid_key if that process dies on it."""
         async with self.verify_slots.slot():
-            verifier = ProcessPoolExecutor(1, mp_context=_context())
+            verifier = await asyncio.to_thread(_Child, "fhe-key-verifier", _verify_main, path)
             try:
-                return await asyncio.wrap_future(verifier.submit(_deserialize_key, path))
-            except BrokenProcessPool:
+                await asyncio.to_thread(verifier.answered)
+                ok, value = verifier.receive()
+            except EOFError:
                 log.warning("the key verifier died on an upload: refused")
                 raise FHEBentoError(
                     "invalid_key", "the body is not a serialized concrete evaluation key"
                 ) from None
             finally:
                 # Its memory is back before the slot is free for the next one (waited for off the event loop).
-                await asyncio.to_thread(verifier.shutdown, wait=True)
+                await asyncio.to_thread(verifier.stop)
+            if not ok:
+                raise value
+            return int(value)

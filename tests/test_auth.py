@@ -1,41 +1,52 @@
-"""Bearer tokens against a real `bentoml serve` with FHE_BENTO_PREDICT_TOKENS and FHE_BENTO_ADMIN_TOKENS:
-every route called with no token, a wrong token, a predict token and an admin token gets the documented
-answer, and keys are scoped to the token that uploaded them."""
+"""Bearer tokens, in process: the service's app built with predict and admin tokens (as
+FHE_BENTO_PREDICT_TOKENS and FHE_BENTO_ADMIN_TOKENS make it) around the session's in-process runner.
+Every route called with no token, a wrong token, a predict token and an admin token gets the documented
+answer, keys are scoped to the token that uploaded them, and no token reaches the log."""
 
 from __future__ import annotations
 
-import httpx
+import logging
+from pathlib import Path
+
 import numpy as np
+import prometheus_client
 import pytest
-from conftest import LOGREG, XGB, assert_error
+from conftest import LOGREG, XGB, assert_error, serve_in_process
+from fastapi.testclient import TestClient
 
 from fhe_bento.client import FHEClient
-from fhe_bento.client.http_transport import FHEServiceError
+from fhe_bento.client.http_transport import FHEServiceError, HTTPTransport
 from fhe_bento.core.errors import FHEBentoError
 from fhe_bento.protocol import wire
 from fhe_bento.protocol.names import ATTRIBUTES_HEADER
 from fhe_bento.service.auth import TokenAuth
-from harness.devserver import Server
 
 ALICE, BOB, ADMIN = "alice-predict-token", "bob-predict-token", "the-admin-token"
 KEY_ID = "cd" * 32
 
 
 @pytest.fixture(scope="module")
-def secured(demo, tmp_path_factory):
-    workdir = tmp_path_factory.mktemp("secured")
-    server = Server(
-        workdir,
-        {
-            "FHE_BENTO_MODELS": f"{XGB}:latest,{LOGREG}:latest",
-            "FHE_BENTO_KEY_STORE": (workdir / "keys").as_uri(),
-            "FHE_BENTO_PREDICT_TOKENS": f"{ALICE}, {BOB}",
-            "FHE_BENTO_ADMIN_TOKENS": ADMIN,
-        },
+def secured(in_process):
+    from pydantic import SecretStr
+
+    from fhe_bento.service.app import build_app
+    from fhe_bento.service.settings import ServiceSettings
+
+    settings = ServiceSettings(predict_tokens=SecretStr(f"{ALICE}, {BOB}"), admin_tokens=SecretStr(ADMIN))
+    with serve_in_process(build_app(settings), in_process) as client:
+        yield client
+
+
+def refused(code: str) -> float:
+    return prometheus_client.REGISTRY.get_sample_value("fhe_bento_auth_refused_total", {"code": code}) or 0.0
+
+
+def as_caller(http: TestClient, token: str, cache_dir: Path) -> FHEClient:
+    """A data owner with this token, speaking to the in-process app."""
+    client = TestClient(http.app, base_url=str(http.base_url), headers=bearer(token))
+    return FHEClient(
+        transport=HTTPTransport(str(http.base_url), client=client), cache_dir=cache_dir, progress=False
     )
-    server.start()
-    yield server
-    server.stop()
 
 
 def bearer(token: str | None) -> dict[str, str]:
@@ -79,55 +90,55 @@ ADMIN_ROUTES = [("GET", "/v1/keys"), ("DELETE", f"/v1/keys/{'ef' * 32}/{KEY_ID}"
 
 @pytest.fixture(scope="module")
 def logreg_ct(secured, demo, tmp_path_factory):
-    client = FHEClient(secured.url, cache_dir=tmp_path_factory.mktemp("alice"), progress=False, token=ALICE)
-    return client.model(LOGREG).encrypt(demo.x_test[:1])[0]
+    return (
+        as_caller(secured, ALICE, tmp_path_factory.mktemp("alice")).model(LOGREG).encrypt(demo.x_test[:1])[0]
+    )
 
 
 def test_auth_matrix(secured, logreg_ct):
-    with httpx.Client(base_url=secured.url, timeout=60) as http:
-        for (method, path, options), answer in zip(routes(logreg_ct), PREDICT_ANSWERS, strict=True):
-            for token, code in ((None, "auth_required"), ("wrong-token", "invalid_token")):
-                response = http.request(
-                    method,
-                    path,
-                    headers={**options.get("headers", {}), **bearer(token)},
-                    **{k: v for k, v in options.items() if k != "headers"},
-                )
-                if method == "HEAD":
-                    assert response.status_code == 401
-                else:
-                    assert_error(response, 401, code)
-                assert response.headers["www-authenticate"].startswith("Bearer")
-            for token in (ALICE, ADMIN):
-                response = http.request(
-                    method,
-                    path,
-                    headers={**options.get("headers", {}), **bearer(token)},
-                    **{k: v for k, v in options.items() if k != "headers"},
-                )
-                assert response.status_code == answer, (method, path, response.text[:200])
-        for method, path in ADMIN_ROUTES:
-            assert_error(http.request(method, path), 401, "auth_required")
-            assert_error(http.request(method, path, headers=bearer("wrong")), 401, "invalid_token")
-            assert_error(http.request(method, path, headers=bearer(ALICE)), 403, "forbidden")
-            assert http.request(method, path, headers=bearer(ADMIN)).status_code in (200, 404)
-        assert http.get("/ping").status_code == 200  # SageMaker's health check never needs a token
-        assert_error(
-            http.get("/v1/models", headers={"Authorization": f"Basic {ALICE}"}), 401, "invalid_token"
-        )
-    assert secured.metric("fhe_bento_auth_refused_total", code="forbidden") == len(ADMIN_ROUTES)
+    forbidden_before = refused("forbidden")
+    for (method, path, options), answer in zip(routes(logreg_ct), PREDICT_ANSWERS, strict=True):
+        for token, code in ((None, "auth_required"), ("wrong-token", "invalid_token")):
+            response = secured.request(
+                method,
+                path,
+                headers={**options.get("headers", {}), **bearer(token)},
+                **{k: v for k, v in options.items() if k != "headers"},
+            )
+            if method == "HEAD":
+                assert response.status_code == 401
+            else:
+                assert_error(response, 401, code)
+            assert response.headers["www-authenticate"].startswith("Bearer")
+        for token in (ALICE, ADMIN):
+            response = secured.request(
+                method,
+                path,
+                headers={**options.get("headers", {}), **bearer(token)},
+                **{k: v for k, v in options.items() if k != "headers"},
+            )
+            assert response.status_code == answer, (method, path, response.text[:200])
+    for method, path in ADMIN_ROUTES:
+        assert_error(secured.request(method, path), 401, "auth_required")
+        assert_error(secured.request(method, path, headers=bearer("wrong")), 401, "invalid_token")
+        assert_error(secured.request(method, path, headers=bearer(ALICE)), 403, "forbidden")
+        assert secured.request(method, path, headers=bearer(ADMIN)).status_code in (200, 404)
+    assert secured.get("/ping").status_code == 200  # SageMaker's health check never needs a token
+    assert_error(secured.get("/v1/models", headers={"Authorization": f"Basic {ALICE}"}), 401, "invalid_token")
+    assert refused("forbidden") - forbidden_before == len(ADMIN_ROUTES)
 
 
-def test_keys_are_scoped_to_the_token_that_uploaded_them(secured, demo, tmp_path):
+def test_keys_are_scoped_to_the_token_that_uploaded_them(secured, demo, tmp_path, caplog):
     """Bob knows Alice's key id: he can neither use, see, list nor delete her key. The admin sees and
     deletes it."""
-    alice = FHEClient(secured.url, cache_dir=tmp_path / "alice", progress=False, token=ALICE).model(XGB)
+    caplog.set_level(logging.DEBUG)
+    alice = as_caller(secured, ALICE, tmp_path / "alice").model(XGB)
     key_id = alice.ensure_key()
     x = demo.x_test[:1]
     np.testing.assert_array_equal(alice.predict(x), demo.clear_predict(XGB, x))
 
-    bob = FHEClient(secured.url, cache_dir=tmp_path / "alice", progress=False, token=BOB)  # same private keys
-    with httpx.Client(base_url=secured.url, timeout=60, headers=bearer(BOB)) as http:
+    bob = as_caller(secured, BOB, tmp_path / "alice")  # the same private keys
+    with TestClient(secured.app, base_url=str(secured.base_url), headers=bearer(BOB)) as http:
         assert http.head(f"/v1/models/{XGB}/keys/{key_id}").status_code == 404
         assert_error(http.delete(f"/v1/models/{XGB}/keys/{key_id}"), 404, "unknown_key")
         assert_error(
@@ -143,7 +154,7 @@ def test_keys_are_scoped_to_the_token_that_uploaded_them(secured, demo, tmp_path
         bob.transport.predict_batch(XGB, key_id, alice.encrypt(x))
     assert raised.value.code == "unknown_key"
 
-    with httpx.Client(base_url=secured.url, timeout=60, headers=bearer(ADMIN)) as http:
+    with TestClient(secured.app, base_url=str(secured.base_url), headers=bearer(ADMIN)) as http:
         listed = [k for k in http.get("/v1/keys").json() if k["key_id"] == key_id]
         assert (
             len(listed) == 1
@@ -152,10 +163,10 @@ def test_keys_are_scoped_to_the_token_that_uploaded_them(secured, demo, tmp_path
         )
         assert listed[0]["owner"] and listed[0]["owner"] not in (ALICE, BOB)  # a hash, never the token
         assert http.delete(f"/v1/keys/{listed[0]['scope']}/{key_id}").status_code == 204
-    with httpx.Client(base_url=secured.url, timeout=60, headers=bearer(ALICE)) as http:
+    with TestClient(secured.app, base_url=str(secured.base_url), headers=bearer(ALICE)) as http:
         assert http.head(f"/v1/models/{XGB}/keys/{key_id}").status_code == 404
-    log = secured.log()
-    assert ALICE not in log and BOB not in log and ADMIN not in log
+    assert ALICE not in caplog.text and BOB not in caplog.text and ADMIN not in caplog.text
+    assert "request refused" in caplog.text  # the log was captured
 
 
 def test_token_check_reads_every_token_and_keeps_roles_apart():

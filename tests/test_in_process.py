@@ -1,6 +1,7 @@
 """Operations and routes in process: the service's FastAPI app through Starlette's TestClient, its
 operations and runner health injected (FastAPI dependency overrides) around a real `FHERunner` running in
-this process, with its real engine processes and concrete. No `bentoml serve`, no mocks.
+this process, with its real engine processes and concrete (conftest's `in_process`). No `bentoml serve`,
+no mocks.
 
 These reach the branches of key uploads and `/invocations` directly, much faster than through a server.
 """
@@ -11,8 +12,7 @@ import hashlib
 import time
 
 import pytest
-from conftest import LOGREG, XGB, assert_error
-from fastapi.testclient import TestClient
+from conftest import LOGREG, XGB, assert_error, serve_in_process
 
 from fhe_bento.client import FHEClient, RemoteModel
 from fhe_bento.client.http_transport import HTTPTransport
@@ -23,45 +23,14 @@ OCTET = {"Content-Type": OCTET_STREAM}
 
 
 @pytest.fixture(scope="module")
-def http(demo):
-    """The app with a real runner in this process, on the session's BentoML home (its demo models, and a
-    key store and staging folder of this test run alone)."""
-    from fhe_bento.core.model_repo import default_model, load_specs
-    from fhe_bento.runners.fhe_runner import FHERunner
-    from fhe_bento.service.admission import Admission
+def http(in_process):
+    """The service's app with the session's in-process runner (its demo models, and a key store and
+    staging folder of this test run alone)."""
     from fhe_bento.service.app import app
-    from fhe_bento.service.operations import Operations, current_operations
-    from fhe_bento.service.runner_health import RunnerHealth, current_health
 
-    settings = app.state.settings
-    runner = FHERunner()
-    specs = load_specs(settings)
-
-    async def engine_ready() -> bool:  # the runner is this process: only its engine can be down
-        return runner.engine.ready()
-
-    health = RunnerHealth(engine_ready, settings.runner_down_seconds, stop_when_down=False)
-    ops = Operations(
-        runner,
-        specs,
-        default_model(settings, specs),
-        settings,
-        Admission(settings.max_queue_rows, settings.request_timeout, parallelism=2, batch_parallelism=1),
-        health,
-    )
-    app.dependency_overrides[current_operations] = lambda: ops
-    app.dependency_overrides[current_health] = lambda: health
-    try:
-        with TestClient(app) as client:
-            client.staging = settings.staging_path()
-            deadline = time.monotonic() + 300
-            while client.get("/ping").status_code != 200:  # the engine loads its models
-                assert time.monotonic() < deadline, "the in-process engine never became ready"
-                time.sleep(0.2)
-            yield client
-    finally:
-        app.dependency_overrides.clear()
-        runner.engine.shutdown()
+    with serve_in_process(app, in_process) as client:
+        client.staging = app.state.settings.staging_path()
+        yield client
 
 
 def _client(http, cache_dir) -> FHEClient:
