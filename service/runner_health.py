@@ -57,13 +57,17 @@ class RunnerHealth:
         self.probe = probe
         self.down_seconds = down_seconds
         self.stop_when_down = stop_when_down
+        self._loop: asyncio.AbstractEventLoop | None = None
         self._watch: asyncio.Future | None = None
         self._down: asyncio.Event | None = None  # set while a runner that was up is down
         self._seen = False  # only a runner that was up can be down
 
     def _start_watch(self) -> None:
-        """The watch runs on the serving event loop, started there by the first health check or call."""
-        if self._watch is None:
+        """The watch runs on the serving event loop, started there by the first health check or call: one
+        loop in a server (an in-process test client may open one per request, and gets a watch on each)."""
+        loop = asyncio.get_running_loop()
+        if self._loop is not loop:
+            self._loop = loop
             self._down = asyncio.Event()
             self._watch = asyncio.ensure_future(self._watch_runner())
 
