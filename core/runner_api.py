@@ -42,8 +42,9 @@ class RunnerReply(WireModel):
     """What a runner method returns: a payload, or the error to send to the caller."""
 
     # What these hold depends on the method (a row's result, a batch's, a key's facts): typed per method
-    # only by the callers, in service/operations.py.
-    payload: Any = None
+    # only by the callers, in service/operations.py. The payload's type is declared so that JSON brings
+    # bytes back as bytes, not as their base64 text.
+    payload: bytes | list[bytes] | None = None
     info: Any = None
     error: ErrorBody | None = None
     headers: dict[str, str] = {}  # of the error answer (Retry-After)

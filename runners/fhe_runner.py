@@ -138,6 +138,7 @@ class FHERunner:
     async def predict(self, call: Rows, ctx: bentoml.Context = None) -> RunnerReply:  # type: ignore[assignment]
         async def one() -> RunnerReply:
             reply = await self._rows(call, ctx)
+            assert isinstance(reply.payload, list)
             return reply.model_copy(update={"payload": reply.payload[0]})
 
         return await _reply(one)

@@ -129,12 +129,16 @@ class Operations:
     # --- predictions ----------------------------------------------------------------------------------
 
     async def predict(self, spec: ModelSpec, caller: Caller, key_id: str | None, ciphertext: bytes) -> bytes:
-        return (await self._rows("predict", spec, caller, key_id, [ciphertext])).payload
+        payload = (await self._rows("predict", spec, caller, key_id, [ciphertext])).payload
+        assert isinstance(payload, bytes)
+        return payload
 
     async def predict_batch(
         self, spec: ModelSpec, caller: Caller, key_id: str | None, rows: list[bytes]
     ) -> list[bytes]:
-        return (await self._rows("predict_batch", spec, caller, key_id, rows)).payload
+        payload = (await self._rows("predict_batch", spec, caller, key_id, rows)).payload
+        assert isinstance(payload, list)
+        return payload
 
     async def _rows(
         self, method: str, spec: ModelSpec, caller: Caller, key_id: str | None, rows: list[bytes]

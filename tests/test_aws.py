@@ -92,6 +92,7 @@ def test_deploy_creates_model_config_endpoint_and_artifacts(mode, demo, bucket, 
     assert container["ModelDataUrl"] == f"s3://{bucket}/models/{mode}/model.tar.gz"
     assert container["Environment"] == {
         "FHE_BENTO_MODEL_DIR": "/opt/ml/model",
+        "PORT": "8080",
         "FHE_BENTO_WORKERS": "4",
         "FHE_BENTO_KEY_STORE": f"s3://{bucket}/models/{mode}/keys",
     }  # shared by default
