@@ -1,5 +1,5 @@
 """Crafted ciphertexts and keys, by attack family, against a server run as the image runs it
-(BENTOML_CONTAINERIZED=true), then the recovery after a SIGKILL of its engine and of its runner worker.
+(BENTOML_CONTAINERIZED=true), then the recovery after a SIGKILL of its engine and of its worker.
 Called by bench/reliability.py, which adds the section to docs/reliability.md."""
 
 from __future__ import annotations
@@ -92,7 +92,7 @@ def run(home: Path, x, clear_predict) -> str:
     engine_recovery = time.monotonic() - killed
     logreg.predict(x[:1])
     proc = server.proc
-    server.runner_worker().send_signal(signal.SIGKILL)
+    server.worker().send_signal(signal.SIGKILL)
     worker_exit = _wait(lambda: proc.poll() is not None)
     status = proc.returncode
     server.proc = None
@@ -121,7 +121,7 @@ answer, not a crash.
 | memory growth per crafted request | {(rss_after - rss_before) / requests / 1e3:.1f} KB |
 | still serving correctly afterwards | {"yes" if correct else "no"} |
 | SIGKILL of the engine: `/ping` 200 again after | {engine_recovery:.1f} s (rows in flight got 503 `runner_unavailable`) |
-| SIGKILL of the runner worker: the server exited after | {worker_exit:.1f} s, status {status} |
+| SIGKILL of the worker: the server exited after | {worker_exit:.1f} s, status {status} |
 """
 
 

@@ -2,7 +2,7 @@
 docs/benchmarks.md and PNG plots. Run it with `bench/run` (installs matplotlib).
 
 Execution models compared (workers x rows at once per worker x OpenMP threads per row):
-- `1x1xN`: one runner worker, one row at a time, concrete's OpenMP loops over all N cores (the default);
+- `1x1xN`: one worker, one row at a time, concrete's OpenMP loops over all N cores (the default);
 - `1xNx1`: one worker, N rows at once on threads, one OpenMP thread per row;
 - `Nx1x1`: N worker processes, one row each, one OpenMP thread per row.
 The in-process ideal is a plain Python loop over `FHEModelServer.run` with a pre-deserialized key, threaded

@@ -2,8 +2,8 @@
 
 An error carries a code and a message; its HTTP status comes from the code, in the one registry
 (`protocol.errors.ERROR_CODES`). Messages name no transport's headers or fields: the same error reaches
-native, Zama-compatible and SageMaker callers. Runners return these errors in-band (see
-`core.runner_api.RunnerReply`) so that the code survives the hop between processes.
+native, Zama-compatible and SageMaker callers. A runner served alone returns these errors in-band (an
+`Outcome`, `core/runner_api.py`) so that the code survives the network; engine processes pickle them.
 """
 
 from __future__ import annotations
@@ -32,7 +32,7 @@ class FHEBentoError(Exception):
         self,
     ) -> tuple[
         type[FHEBentoError], tuple[str, str, dict[str, str]]
-    ]:  # errors raised in an engine process cross back to its runner worker
+    ]:  # errors raised in an engine process cross back to their supervisor
         return type(self), (self.code, self.message, self.headers)
 
     def body(self) -> dict[str, dict[str, Any]]:

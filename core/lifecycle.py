@@ -10,7 +10,6 @@ exits, finds its marker and turns its exit status 0 into `STOPPED_STATUS`.
 from __future__ import annotations
 
 import atexit
-import contextlib
 import logging
 import os
 import signal
@@ -21,25 +20,17 @@ import psutil
 
 log = logging.getLogger("bentoml.fhe_bento.lifecycle")
 STOPPED_STATUS = 3
-RUNNER_WORKER_FLAG = "fhe_runner"  # BentoML starts each service's workers with `--service-name <name>`
 
 
 def _marker(pid: int) -> Path:
     return Path(tempfile.gettempdir()) / f"fhe-bento-stopped-{pid}"
 
 
-def stop_server(reason: str, kill_runners: bool = False) -> None:
-    """Stop the BentoML server this worker belongs to; it then exits with STOPPED_STATUS. With
-    `kill_runners`, its runner workers are SIGKILLed first: a hung one would hold the arbiter's graceful
-    stop forever (BentoML gives workers a day to stop)."""
+def stop_server(reason: str) -> None:
+    """Stop the BentoML server this worker belongs to; it then exits with STOPPED_STATUS."""
     arbiter = psutil.Process(os.getppid())
     log.critical("stopping the server (exit status %d): %s", STOPPED_STATUS, reason)
     _marker(arbiter.pid).write_text(reason)
-    if kill_runners:
-        for worker in arbiter.children():
-            with contextlib.suppress(psutil.Error):
-                if RUNNER_WORKER_FLAG in worker.cmdline():
-                    worker.kill()
     arbiter.send_signal(signal.SIGTERM)
 
 

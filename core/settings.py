@@ -49,12 +49,12 @@ class Settings(BaseSettings):
     max_verifications: int = Field(
         default=0,
         ge=0,
-        description="Uploaded keys deserialized at once per runner worker; 0: derived from cores and memory.",
+        description="Uploaded keys deserialized at once per worker; 0: derived from cores and memory.",
     )
     max_queued_verifications: int = Field(
         default=0,
         ge=0,
-        description="Uploads waiting for a verification per runner worker, past which: 503; 0: twice the above.",
+        description="Uploads waiting for a verification per worker, past which: 503; 0: twice the above.",
     )
     max_key_bytes: int = Field(default=256 * MiB, gt=0)
     max_part_bytes: int = Field(
@@ -82,18 +82,17 @@ class Settings(BaseSettings):
     max_ciphertext_bytes: int = Field(default=1 * MiB, gt=0)
     max_batch_bytes: int = Field(default=64 * MiB, gt=0)
     max_batch_rows: int = Field(default=256, gt=0)
-    workers: int = Field(default=1, gt=0, description="FHE runner worker processes.")
+    workers: int = Field(
+        default=1,
+        gt=0,
+        description="Worker processes, each with its FHE runner (of the runner served alone).",
+    )
     row_threads: int = Field(
-        default=1, gt=0, description="Engine processes per runner worker, each evaluating one row at a time."
+        default=1, gt=0, description="Engine processes per worker, each evaluating one row at a time."
     )
     runner_url: str = Field(
         default="",
-        description="URL of an FHE runner served elsewhere; empty starts one with the HTTP service.",
-    )
-    runner_down_seconds: int = Field(
-        default=30,
-        gt=0,
-        description="Seconds the HTTP service waits for its own runner once it stops answering; then the server stops.",
+        description="URL of an FHE runner served elsewhere; empty: each worker holds one in process.",
     )
     engine_max_failed_starts: int = Field(
         default=3,
@@ -121,7 +120,7 @@ class Settings(BaseSettings):
         )
 
     def parallel_rows(self) -> int:
-        """Rows one instance evaluates at once: runner workers x engine processes each."""
+        """Rows one instance evaluates at once: workers x engine processes each."""
         return self.workers * self.row_threads
 
     def omp_threads_per_row(self) -> int:

@@ -114,22 +114,23 @@ class Server:
         self.proc.wait()
         self.proc = None
 
-    def runner_worker(self):
-        """The psutil process of the (first) FHE runner worker."""
+    def worker(self):
+        """The psutil process of the (first) BentoML worker: the one holding the FHE runner, whether this
+        serves the whole service or the runner alone."""
         import psutil
 
         return next(
             p
             for p in psutil.Process(self.proc.pid).children()
-            if "--service-name fhe_runner" in " ".join(p.cmdline())
+            if "_bentoml_impl.worker.service" in " ".join(p.cmdline())
         )
 
     def engines(self) -> list:
-        """The psutil processes of the runner worker's FHE engines (children of its forkserver)."""
+        """The psutil processes of the worker's FHE engines (children of its forkserver)."""
         import psutil
 
         found = []
-        for proc in self.runner_worker().children(recursive=True):
+        for proc in self.worker().children(recursive=True):
             try:
                 if "forkserver" in " ".join(proc.parent().cmdline()):
                     found.append(proc)

@@ -1,9 +1,9 @@
 """FHE engine processes: the only processes in which client bytes reach concrete.
 
-Each runner worker supervises its own engine: `FHE_BENTO_ROW_THREADS` child processes that hold the
-concrete-ml servers and the warm-key cache and evaluate one row at a time each, taken in order from one
-queue. concrete parses in C++ with no hardening, so if a message that `core/payload_check.py` let through
-still crashes an engine process:
+Each worker that holds a runner (`runners/runner.py`) supervises its own engine: `FHE_BENTO_ROW_THREADS`
+child processes that hold the concrete-ml servers and the warm-key cache and evaluate one row at a time
+each, taken in order from one queue. concrete parses in C++ with no hardening, so if a message that
+`core/payload_check.py` let through still crashes an engine process:
 - the worker survives, the row that process was computing gets 503 `runner_unavailable` (safe to retry:
   FHE is pure), rows in the other processes or still queued go on, and a new process starts at once;
   `ready()` is false until it has loaded its models;
@@ -45,7 +45,7 @@ from typing import Any
 
 from fhe_bento.core import metrics
 from fhe_bento.core.errors import FHEBentoError
-from fhe_bento.core.model_repo import ModelSpec, load_specs
+from fhe_bento.core.model_repo import ModelSpec
 from fhe_bento.core.settings import Settings
 from fhe_bento.runners.key_cache import KeyCache
 from fhe_bento.runners.key_registry import KeyRegistry
@@ -87,24 +87,24 @@ class _LoadedModel:
 
 
 class _EngineState:
-    def __init__(self, settings: Settings) -> None:
-        specs = load_specs(settings)
+    def __init__(self, settings: Settings, specs: dict[str, ModelSpec]) -> None:
         self.models = {name: _LoadedModel(spec) for name, spec in specs.items()}
         self.keys = KeyRegistry(open_store(settings.key_store_url()), settings)
         self.cache = KeyCache(plan_memory(settings, specs).key_cache_bytes)
 
     def evaluation_key(self, model: _LoadedModel, scope: str, key_id: str | None) -> Any:
+        """The row's key: built in, or the one its request was checked for (`KeyService.usable`), warm
+        in the cache or read from the store. A cached copy of a key deleted since is never used: the
+        runner checks every request's key before its rows get here."""
         if model.builtin_key is not None:
             return model.builtin_key
-        if not key_id:
-            raise FHEBentoError("missing_key_id", "this model needs an evaluation key: send its key id")
-        if not self.keys.has(scope, key_id):
-            self.cache.discard((scope, key_id))  # deleted or expired: a cached copy must not outlive it
-            raise FHEBentoError(
-                "unknown_key", f"key {key_id} is not registered for model {model.spec.name!r}"
-            )
+        assert key_id is not None, "a model that needs a key gets its rows with a checked key id"
 
         def load() -> tuple[Any, int]:
+            if not self.keys.has(scope, key_id):  # deleted or expired since its request was checked
+                raise FHEBentoError(
+                    "unknown_key", f"key {key_id} is not registered for model {model.spec.name!r}"
+                )
             # Stored keys passed payload_check and the throwaway verification when they were uploaded.
             return _fhe().EvaluationKeys.deserialize(
                 self.keys.read(scope, key_id)
@@ -113,13 +113,12 @@ class _EngineState:
         key, hit = self.cache.get_or_load((scope, key_id), load)
         if not hit:
             _return_freed_memory()  # keys the load evicted
-        self.keys.mark_used(scope, key_id)
         metrics.KEY_CACHE.labels(model=model.spec.name, result="hit" if hit else "miss").inc()
         return key
 
 
 def _exit_with(supervisor: int) -> None:
-    # An engine's parent is the forkserver, which outlives a killed runner worker as long as an engine holds
+    # An engine's parent is the forkserver, which outlives a killed worker as long as an engine holds
     # its pipe: so each engine watches its supervisor and exits with it.
     with contextlib.suppress(ProcessLookupError):
         select.select([os.pidfd_open(supervisor)], [], [])
@@ -136,7 +135,7 @@ def _limit_openmp(threads: int) -> None:
     threadpool_limits(threads, user_api="openmp")
 
 
-def _start_engine(supervisor: int, settings: Settings) -> _EngineState:
+def _start_engine(supervisor: int, settings: Settings, specs: dict[str, ModelSpec]) -> _EngineState:
     # A server that stops signals the whole process tree; an engine that died of it first would look like
     # a crash to its supervisor. Engines stop only with their supervisor.
     signal.signal(signal.SIGTERM, signal.SIG_IGN)
@@ -146,7 +145,7 @@ def _start_engine(supervisor: int, settings: Settings) -> _EngineState:
     # Large blocks (keys are tens of MB) always come from mmap, so an evicted key goes back to the system
     # instead of staying in malloc's arenas: the cache bound is a bound on resident memory.
     ctypes.CDLL(None).mallopt(_M_MMAP_THRESHOLD, 1 << 20)
-    return _EngineState(settings)
+    return _EngineState(settings, specs)
 
 
 def _return_freed_memory() -> None:
@@ -200,10 +199,11 @@ def _outcome(function: Callable[..., Any], *args: Any) -> tuple[bool, Any]:
         return False, exc
 
 
-def _engine_main(conn: Connection, supervisor: int, settings: Settings) -> None:
-    """An engine process: load the models, say so, then evaluate the rows its supervisor sends, one at a
-    time, until it sends None or goes away. A start that raises ends the process before it is loaded."""
-    state = _start_engine(supervisor, settings)
+def _engine_main(conn: Connection, supervisor: int, settings: Settings, specs: dict[str, ModelSpec]) -> None:
+    """An engine process: load the models (`specs`, checked by its supervisor's process), say so, then
+    evaluate the rows its supervisor sends, one at a time, until it sends None or goes away. A start that
+    raises ends the process before it is loaded."""
+    state = _start_engine(supervisor, settings, specs)
     conn.send(_LOADED)
     with contextlib.suppress(EOFError):
         while (row := conn.recv()) is not None:
@@ -214,7 +214,7 @@ def _verify_main(conn: Connection, path: str) -> None:
     conn.send(_outcome(_deserialize_key, path))
 
 
-# --- in the runner worker: the supervisor ----------------------------------------------------------
+# --- in the worker: the supervisor -------------------------------------------------------------------
 
 
 def _context() -> multiprocessing.context.ForkServerContext:
@@ -274,10 +274,17 @@ class _Child:
 
 
 class Engine:
-    """The supervisor of one runner worker's engine processes (see the module docstring)."""
+    """The supervisor of one worker's engine processes (see the module docstring)."""
 
-    def __init__(self, settings: Settings, give_up: Callable[[str], None], verify_slots: VerifySlots) -> None:
+    def __init__(
+        self,
+        settings: Settings,
+        specs: dict[str, ModelSpec],
+        give_up: Callable[[str], None],
+        verify_slots: VerifySlots,
+    ) -> None:
         self.settings = settings
+        self.specs = specs
         self.processes = settings.row_threads
         self.max_failed_starts = settings.engine_max_failed_starts
         self.verify_slots = verify_slots
@@ -313,7 +320,7 @@ class Engine:
     def _run_engine(self) -> tuple[bool, int | None]:
         """One engine process, from its start to its end: whether it loaded its models, and its exit code."""
         try:
-            engine = _Child("fhe-engine", _engine_main, os.getpid(), self.settings)
+            engine = _Child("fhe-engine", _engine_main, os.getpid(), self.settings, self.specs)
         except Exception:  # the forkserver could not start it: a failed start too
             log.exception("FHE engine process could not be started")
             return False, None
@@ -411,9 +418,13 @@ class Engine:
             if thread is not threading.current_thread():
                 thread.join()
 
-    async def run(self, rows: list[Row]) -> list[RowResult]:
-        """Evaluate rows (the arguments of `_run_row`) in the engine: (result, FHE seconds) per row, None
-        for a row whose deadline passed before it started. Cancelling this drops the rows not started."""
+    async def run(
+        self, model: str, scope: str, key_id: str | None, ciphertexts: list[bytes], deadline: float
+    ) -> list[tuple[bytes, float]]:
+        """Evaluate one request's checked rows in the engine: (result, FHE seconds) of each row that
+        started, in order (a row whose deadline passed before it started has none). Cancelling this drops
+        the rows not started."""
+        rows: list[Row] = [(model, scope, key_id, ciphertext, deadline) for ciphertext in ciphertexts]
         futures: list[Future[RowResult]] = [Future() for _ in rows]
         with self._cond:
             if not self.ready():
@@ -421,13 +432,14 @@ class Engine:
             self._queue.extend(zip(rows, futures, strict=True))
             self._cond.notify(len(rows))
         try:
-            return [await asyncio.wrap_future(future) for future in futures]
+            results = [await asyncio.wrap_future(future) for future in futures]
+            return [result for result in results if result is not None]
         finally:
             dropped = sum(future.cancel() for future in futures)
             if dropped:
                 with self._cond:  # their ciphertexts need not wait for their turn in the queue
                     self._queue = deque(item for item in self._queue if not item[1].cancelled())
-                metrics.ROWS.labels(model=rows[0][0], outcome="dropped").inc(dropped)
+                metrics.ROWS.labels(model=model, outcome="dropped").inc(dropped)
                 log.info("%d rows of a cancelled request dropped before they started", dropped)
 
     async def verify_key(self, path: str) -> int:

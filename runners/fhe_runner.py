@@ -1,56 +1,66 @@
-"""The FHE runner: a BentoML service whose workers check every ciphertext and key, then hand them to their
-supervised engine processes (`runners/engine.py`), which hold the concrete-ml servers and the key cache.
-It owns the keys too (`runners/key_service.py`), so it stands alone: `bentoml serve
-fhe_bento.runners.fhe_runner:FHERunner` serves it on its own, and an HTTP service elsewhere reaches it with
-`FHE_BENTO_RUNNER_URL`.
+"""The FHE runner served on its own: `bentoml serve fhe_bento.runners.fhe_runner:FHERunner`, for HTTP
+services elsewhere that reach it with `FHE_BENTO_RUNNER_URL` (`service/remote_runner.py`).
 
-Its API methods are async: a worker only validates and relays, so its event loop stays free to beat the
-heartbeat that the HTTP service reads (`core/heartbeat.py`) even while every core computes FHE. Methods
-return a `RunnerReply` instead of raising, so that error codes cross the process hop.
+Each method is one operation of `RunnerAPI` (`core/runner_api.py`), carried out by a `Runner`
+(`runners/runner.py`), with its answer or its error in an `Outcome`: this is the one place where errors are
+put in-band, so that their codes cross the network. BentoML's `/readyz` is the runner's readiness, which the
+HTTP services probe.
 """
 
 from __future__ import annotations
 
 import asyncio
-import logging
-from collections.abc import Awaitable, Callable
-from typing import Any
+from collections.abc import Awaitable
+from typing import Any, TypeVar
 
 import bentoml
 
-from fhe_bento.core import metrics
 from fhe_bento.core.errors import FHEBentoError
-from fhe_bento.core.heartbeat import beat_forever
-from fhe_bento.core.lifecycle import exit_nonzero_if_stopped, stop_server
-from fhe_bento.core.model_repo import ModelSpec, load_specs
-from fhe_bento.core.payload_check import check_ciphertext
-from fhe_bento.core.runner_api import KeyPart, KeyUpload, Rows, RunnerReply
+from fhe_bento.core.lifecycle import exit_nonzero_if_stopped
+from fhe_bento.core.model_repo import load_specs
+from fhe_bento.core.runner_api import (
+    KeyCompletion,
+    KeyFacts,
+    KeyPart,
+    KeyRef,
+    KeyUpload,
+    Outcome,
+    PartsHeld,
+    PartStored,
+    RowResults,
+    Rows,
+    ScopedKey,
+)
 from fhe_bento.core.settings import Settings
-from fhe_bento.runners.engine import Engine
-from fhe_bento.runners.key_service import KeyService
-from fhe_bento.runners.memory_plan import plan_memory
-from fhe_bento.runners.verify_slots import VerifySlots
+from fhe_bento.runners.runner import Runner
 
-log = logging.getLogger("bentoml.fhe_bento.runner")
-# The runner's composition root: BentoML declares the service at import, so the settings are read here,
-# once per process, and passed down.
+# This module is the standalone runner's composition root: BentoML declares the service at import, so the
+# settings are read here, once per process, and passed down.
 settings = Settings()
 DISCONNECT_POLL_SECONDS = 0.5
+T = TypeVar("T")
 
-exit_nonzero_if_stopped()  # also when the runner is served on its own
+exit_nonzero_if_stopped()
 
 
-async def _reply(work: Callable[[], Awaitable[Any]], rejected_upload: str | None = None) -> RunnerReply:
-    """`work()`'s answer as a reply (as its info unless it is one), or its error in-band. For a key upload
-    of model `rejected_upload`, an error is counted and logged as a rejected upload."""
+async def _outcome(work: Awaitable[T]) -> Outcome[T]:
     try:
-        answer = await work()
+        return Outcome(value=await work)
     except FHEBentoError as exc:
-        if rejected_upload is not None:
-            metrics.KEY_UPLOADS.labels(model=rejected_upload, outcome="rejected").inc()
-            log.info("key upload rejected: model=%s code=%s", rejected_upload, exc.code)
-        return RunnerReply.failed(exc)
-    return answer if isinstance(answer, RunnerReply) else RunnerReply(info=answer)
+        return Outcome.failed(exc)
+
+
+async def _until_caller_leaves(ctx: bentoml.Context | None, work: Awaitable[T]) -> T:
+    """`work`, cancelled if its caller (the HTTP service) goes away: its client left or its time ran out,
+    so the rows not started are dropped."""
+    task = asyncio.ensure_future(work)
+    try:
+        while not (await asyncio.wait({task}, timeout=DISCONNECT_POLL_SECONDS))[0]:
+            if ctx is not None and await ctx.request.is_disconnected():
+                raise FHEBentoError("request_timeout", "the caller went away")
+    finally:
+        task.cancel()  # a no-op once done
+    return task.result()
 
 
 # runner_connection: BentoML's client of this service (in the HTTP service) replaces its connection pool every
@@ -64,129 +74,50 @@ async def _reply(work: Callable[[], Awaitable[Any]], rejected_upload: str | None
 )
 class FHERunner:
     def __init__(self) -> None:
-        self.specs = load_specs(settings)
-        memory = plan_memory(settings, self.specs)
-        self.engine = Engine(
-            settings,
-            give_up=stop_server,
-            verify_slots=VerifySlots(memory.verifications, memory.queued_verifications),
-        )
-        self.keys = KeyService(settings, verify=self.engine.verify_key)
-        self._heartbeat: asyncio.Future | None = None
-        log.info(
-            "FHE runner started: models=%s engine processes=%d omp_threads=%s memory=%d MB warm-key bound "
-            "per engine=%d MB verifications=%d (+%d queued)",
-            sorted(self.specs),
-            settings.row_threads,
-            settings.omp_threads_per_row(),
-            memory.memory // 10**6,
-            memory.key_cache_bytes // 10**6,
-            memory.verifications,
-            memory.queued_verifications,
-        )
+        self.runner = Runner(settings, load_specs(settings))
 
-    @bentoml.on_startup
-    async def start_heartbeat(self) -> None:
-        """The liveness signal the HTTP service reads (`core/heartbeat.py`), beaten by this event loop."""
-        self._heartbeat = asyncio.ensure_future(beat_forever(self.engine.ready))
-
-    def __is_ready__(self) -> bool:  # BentoML's /readyz, for a runner served on its own
-        return self.engine.ready()
+    def __is_ready__(self) -> bool:  # BentoML's /readyz
+        return self.runner.engine.ready()
 
     @bentoml.on_shutdown
     def stop_engine(self) -> None:
         """The worker is stopping: its engine processes end now, on purpose. Left to the interpreter's exit,
-        they would end under a running monitor, which would take them for a crash and start new ones that
-        hold the stop until SIGKILL."""
-        if self._heartbeat is not None:
-            self._heartbeat.cancel()
-        self.engine.shutdown()
-
-    def _spec(self, name: str) -> ModelSpec:
-        try:
-            return self.specs[name]
-        except KeyError:
-            raise FHEBentoError("unknown_model", f"no model named {name!r} is served") from None
-
-    async def _rows(self, call: Rows, ctx: bentoml.Context | None) -> RunnerReply:
-        """The rows' results, and their mean FHE seconds per row (for the service's admission control).
-        The service's call goes away when its client does or its time runs out: the rows not started then
-        are dropped."""
-        spec = self._spec(call.model)
-        meta = spec.meta
-        for ciphertext in call.ciphertexts:  # all of them before any row runs
-            check_ciphertext(ciphertext, meta.ciphertext_bytes, meta.ciphertext_shape, spec.name)
-        scope = self.keys.scope(spec, call.tenant)
-        work = asyncio.ensure_future(
-            self.engine.run([(spec.name, scope, call.key_id, ct, call.deadline) for ct in call.ciphertexts])
-        )
-        try:
-            while not (await asyncio.wait({work}, timeout=DISCONNECT_POLL_SECONDS))[0]:
-                if ctx is not None and await ctx.request.is_disconnected():
-                    raise FHEBentoError("request_timeout", "the caller went away")
-        finally:
-            work.cancel()  # a no-op once done; else (the caller left, or this call was cancelled) drops the rest
-        results = [result for result in work.result() if result is not None]
-        if len(results) < len(call.ciphertexts):
-            raise FHEBentoError("request_timeout", "the request's time ran out before all its rows started")
-        return RunnerReply(
-            payload=[r for r, _ in results], info={"row_seconds": sum(s for _, s in results) / len(results)}
-        )
+        they would end under a running supervisor, which would take them for a crash."""
+        self.runner.shutdown()
 
     @bentoml.api
     # BentoML injects a parameter annotated exactly `bentoml.Context`: hence no `| None` on the default.
-    async def predict(self, call: Rows, ctx: bentoml.Context = None) -> RunnerReply:  # type: ignore[assignment]
-        async def one() -> RunnerReply:
-            reply = await self._rows(call, ctx)
-            assert isinstance(reply.payload, list)
-            return reply.model_copy(update={"payload": reply.payload[0]})
-
-        return await _reply(one)
+    async def predict(self, rows: Rows, ctx: bentoml.Context = None) -> Outcome[RowResults]:  # type: ignore[assignment]
+        return await _outcome(_until_caller_leaves(ctx, self.runner.predict(rows)))
 
     @bentoml.api
-    async def predict_batch(self, call: Rows, ctx: bentoml.Context = None) -> RunnerReply:  # type: ignore[assignment]
-        return await _reply(lambda: self._rows(call, ctx))
-
-    # --- keys: every operation of the key service ------------------------------------------------------
+    async def register_key(self, upload: KeyUpload) -> Outcome[KeyFacts]:
+        return await _outcome(self.runner.register_key(upload))
 
     @bentoml.api
-    async def register_key(self, upload: KeyUpload) -> RunnerReply:
-        """Check a whole key, deserialize it once in a throwaway process, then store it for the tenant."""
-        return await _reply(
-            lambda: self.keys.register(self._spec(upload.model), upload.tenant, upload.key),
-            rejected_upload=upload.model,
-        )
+    async def put_key_part(self, part: KeyPart) -> Outcome[PartStored]:
+        return await _outcome(self.runner.put_key_part(part))
 
     @bentoml.api
-    async def put_key_part(self, part: KeyPart) -> RunnerReply:
-        return await _reply(
-            lambda: self.keys.put_part(
-                self._spec(part.model), part.tenant, part.key_id, part.index, part.data
-            )
-        )
+    async def key_parts(self, key: KeyRef) -> Outcome[PartsHeld]:
+        return await _outcome(self.runner.key_parts(key))
 
     @bentoml.api
-    async def key_parts(self, model: str, tenant: str, key_id: str) -> RunnerReply:
-        return await _reply(lambda: self.keys.parts(self._spec(model), tenant, key_id))
+    async def complete_key(self, completion: KeyCompletion) -> Outcome[KeyFacts]:
+        return await _outcome(self.runner.complete_key(completion))
 
     @bentoml.api
-    async def complete_key(self, model: str, tenant: str, key_id: str, count: int) -> RunnerReply:
-        return await _reply(
-            lambda: self.keys.complete(self._spec(model), tenant, key_id, count), rejected_upload=model
-        )
+    async def has_key(self, key: KeyRef) -> Outcome[bool]:
+        return await _outcome(self.runner.has_key(key))
 
     @bentoml.api
-    async def has_key(self, model: str, tenant: str, key_id: str) -> RunnerReply:
-        return await _reply(lambda: self.keys.has(self._spec(model), tenant, key_id))
+    async def delete_key(self, key: KeyRef) -> Outcome[None]:
+        return await _outcome(self.runner.delete_key(key))
 
     @bentoml.api
-    async def delete_key(self, model: str, tenant: str, key_id: str) -> RunnerReply:
-        return await _reply(lambda: self.keys.delete(self._spec(model), tenant, key_id))
+    async def list_keys(self) -> Outcome[list[dict[str, Any]]]:
+        return await _outcome(self.runner.list_keys())
 
     @bentoml.api
-    async def list_keys(self) -> RunnerReply:
-        return await _reply(self.keys.listing)
-
-    @bentoml.api
-    async def delete_any_key(self, scope: str, key_id: str) -> RunnerReply:
-        return await _reply(lambda: self.keys.delete_in_scope(scope, key_id))
+    async def delete_any_key(self, key: ScopedKey) -> Outcome[None]:
+        return await _outcome(self.runner.delete_any_key(key))

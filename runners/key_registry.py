@@ -1,7 +1,7 @@
 """The key store plus its policies: per-model byte limit, TTL of unused keys, bounds on chunked uploads and
 expiry of abandoned ones.
 
-Only the key service (`runners/key_service.py`, in the runner workers) and the engines that read keys use
+Only the key service (`runners/key_service.py`, in the runner) and the engines that read keys use
 it, and every store access goes through it. Every process asks it whether a key is registered, so a key
 that expired or was deleted is gone for all of them at their next request, whichever replica they run on.
 
@@ -62,6 +62,13 @@ class KeyRegistry:
             self._store.delete(scope, key_id)
             log.info("key expired after %ss unused: key_id=%s", self.key_ttl, key_id)
             return False
+        return True
+
+    def use(self, scope: str, key_id: str) -> bool:
+        """`has`, and the key marked as used when it is there: a request's one look at its key."""
+        if not self.has(scope, key_id):
+            return False
+        self.mark_used(scope, key_id)
         return True
 
     def read(self, scope: str, key_id: str) -> bytes:

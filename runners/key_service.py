@@ -1,4 +1,4 @@
-"""The key service: the one owner of the evaluation-key lifecycle, in the runner workers.
+"""The key service: the one owner of the evaluation-key lifecycle, in the runner.
 
 Whole uploads, chunked parts and their assembly, checks, verification, storage, listing and deletion all
 go through it, and it alone turns a (model, tenant) into a store scope. Key bytes reach it through the
@@ -14,12 +14,14 @@ import hashlib
 import logging
 from collections.abc import Awaitable, Callable
 from pathlib import Path
+from typing import Any
 
 from fhe_bento.core import metrics, staging
 from fhe_bento.core.errors import FHEBentoError
 from fhe_bento.core.key_rules import check_key_id, check_key_size
 from fhe_bento.core.model_repo import ModelSpec
 from fhe_bento.core.payload_check import check_key
+from fhe_bento.core.runner_api import KeyFacts, PartsHeld, PartStored
 from fhe_bento.core.settings import Settings
 from fhe_bento.protocol import keys
 from fhe_bento.runners.key_registry import KeyRegistry
@@ -45,14 +47,26 @@ class KeyService:
 
     # --- whole keys -----------------------------------------------------------------------------------
 
-    async def register(self, spec: ModelSpec, tenant: str, key: bytes) -> dict:
-        """Check, verify and store a whole key; its id is its SHA-256. Returns the answer with `created`."""
+    async def usable(self, spec: ModelSpec, scope: str, key_id: str | None) -> str | None:
+        """The key that a request's rows run with, checked once for all of them: None for a model whose
+        key is built in; else a registered, unexpired key of this scope, marked as used (its TTL)."""
+        if not spec.meta.needs_key:
+            return None
+        if not key_id:
+            raise FHEBentoError("missing_key_id", "this model needs an evaluation key: send its key id")
+        check_key_id(key_id)
+        if not await asyncio.to_thread(self.registry.use, scope, key_id):
+            raise FHEBentoError("unknown_key", f"key {key_id} is not registered for model {spec.name!r}")
+        return key_id
+
+    async def register(self, spec: ModelSpec, tenant: str, key: bytes) -> KeyFacts:
+        """Check, verify and store a whole key; its id is its SHA-256."""
         check_key_size(len(key), self.max_key_bytes)
-        key_id = keys.key_id(key)
+        key_id = await asyncio.to_thread(keys.key_id, key)
         scope = self.scope(spec, tenant)
         if await asyncio.to_thread(self.registry.has, scope, key_id):
             return self._exists(spec, key_id, len(key))
-        check_key(key, spec.meta.eval_key_bytes, spec.meta.key_shape, spec.name)
+        await asyncio.to_thread(check_key, key, spec.meta.eval_key_bytes, spec.meta.key_shape, spec.name)
         path = staging.spool_path(self.staging, "upload")
         try:
             await asyncio.to_thread(path.write_bytes, key)
@@ -62,18 +76,18 @@ class KeyService:
 
     async def _store_verified(
         self, spec: ModelSpec, tenant: str, scope: str, key_id: str, path: Path
-    ) -> dict:
+    ) -> KeyFacts:
         size = await self._verify(str(path))
         info = {"model": spec.name, "bytes": size, "owner": tenant}
         created = await asyncio.to_thread(self.registry.put, scope, key_id, path, info)
         metrics.KEY_UPLOADS.labels(model=spec.name, outcome="created" if created else "exists").inc()
         log.info("key registered: model=%s key_id=%s bytes=%d created=%s", spec.name, key_id, size, created)
-        return {"key_id": key_id, "bytes": size, "created": created}
+        return KeyFacts(key_id=key_id, bytes=size, created=created)
 
     @staticmethod
-    def _exists(spec: ModelSpec, key_id: str, size: int) -> dict:
+    def _exists(spec: ModelSpec, key_id: str, size: int) -> KeyFacts:
         metrics.KEY_UPLOADS.labels(model=spec.name, outcome="exists").inc()
-        return {"key_id": key_id, "bytes": size, "created": False}
+        return KeyFacts(key_id=key_id, bytes=size, created=False)
 
     async def has(self, spec: ModelSpec, tenant: str, key_id: str) -> bool:
         return await asyncio.to_thread(self.registry.has, self.scope(spec, tenant), check_key_id(key_id))
@@ -94,12 +108,14 @@ class KeyService:
             raise FHEBentoError("unknown_key", f"key {key_id} is not registered {where}")
         log.info("key deleted: scope=%s key_id=%s", scope[:12], key_id)
 
-    async def listing(self) -> list[dict]:
+    async def listing(self) -> list[dict[str, Any]]:
         return await asyncio.to_thread(self.registry.listing)
 
     # --- chunked uploads ------------------------------------------------------------------------------
 
-    async def put_part(self, spec: ModelSpec, tenant: str, key_id: str, index: int, data: bytes) -> dict:
+    async def put_part(
+        self, spec: ModelSpec, tenant: str, key_id: str, index: int, data: bytes
+    ) -> PartStored:
         await asyncio.to_thread(
             self.registry.put_part,
             self.scope(spec, tenant),
@@ -110,13 +126,13 @@ class KeyService:
             key_bytes=spec.meta.eval_key_bytes,
         )
         metrics.PART_BYTES.labels(model=spec.name).inc(len(data))
-        return {"key_id": key_id, "part": index, "bytes": len(data)}
+        return PartStored(key_id=key_id, part=index, bytes=len(data))
 
-    async def parts(self, spec: ModelSpec, tenant: str, key_id: str) -> dict:
+    async def parts(self, spec: ModelSpec, tenant: str, key_id: str) -> PartsHeld:
         parts = await asyncio.to_thread(self.registry.parts, self.scope(spec, tenant), check_key_id(key_id))
-        return {"key_id": key_id, "parts": sorted(parts), "bytes": sum(parts.values())}
+        return PartsHeld(key_id=key_id, parts=sorted(parts), bytes=sum(parts.values()))
 
-    async def complete(self, spec: ModelSpec, tenant: str, key_id: str, count: int) -> dict:
+    async def complete(self, spec: ModelSpec, tenant: str, key_id: str, count: int) -> KeyFacts:
         """Join parts 0..count-1, check the SHA-256 against the key id, then register as a whole upload."""
         check_key_id(key_id)
         most = self.registry.max_parts(spec.meta.eval_key_bytes)

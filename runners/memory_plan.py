@@ -6,7 +6,7 @@ An instance's peak resident memory is at most (docs/operations.md, "Memory"):
     BASE_RESIDENT_BYTES                                    the server with its models loaded, no key
   + engines x key_cache_bytes                              warm keys (each costs its model's warm_key_bytes)
   + verifications x verify_cost                            uploads being deserialized in throwaway processes
-  + (verifications + queued_verifications) x 2 x key_bytes uploads held by the service and the runner worker
+  + (verifications + queued_verifications) x 2 x key_bytes uploads held by the routes and the key service
 
 where verify_cost is the largest model's warm_key_bytes + 2 x its key bytes. By default, verifications
 run at most one per core, and at most as many as a tenth of the memory above the base pays for; twice as
@@ -53,8 +53,8 @@ class MemoryPlan:
     memory: int
     verify_cost: int  # resident bytes one verification costs while it runs
     key_bytes: int  # the largest serialized key
-    verifications: int  # at once, per runner worker
-    queued_verifications: int  # waiting, per runner worker; past it: 503 overloaded
+    verifications: int  # at once, per worker
+    queued_verifications: int  # waiting, per worker; past it: 503 overloaded
     key_cache_bytes: int  # resident bytes of warm keys, per engine process
 
     def peak_bytes(self, workers: int, engines_per_worker: int) -> int:

@@ -1,6 +1,6 @@
 """A bound on key verifications: each deserializes an upload in a throwaway process, which costs about a
 warm key of resident memory (400 MB for the demo XGB), so unbounded they let a few concurrent uploads
-triple an instance's memory. At most `running` run at once per runner worker, at most `queued` wait, and
+triple an instance's memory. At most `running` run at once per worker, at most `queued` wait, and
 an upload past both gets 503 `overloaded` with a Retry-After, which the Python client honours."""
 
 from __future__ import annotations

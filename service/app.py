@@ -6,8 +6,11 @@ routes (`service/compat.py`) and SageMaker's `/ping` + `/invocations` (`service/
 them call the one `Operations` object (`service/operations.py`) that `FHEBento` below builds, so each
 behaviour exists once.
 
-This process only validates and routes: it never imports concrete, and all FHE work happens in the
-`FHERunner` worker processes it depends on.
+By default each worker of this service holds the FHE runner in process (`runners/runner.py`): it checks
+every request, then hands the rows to its engine processes, the only ones where client bytes reach
+concrete, so that a request costs one pipe hop besides its FHE. With `FHE_BENTO_RUNNER_URL` it calls a
+runner served on its own instead (`service/remote_runner.py`); both are one `RunnerAPI`
+(`core/runner_api.py`) to the operations.
 
 This module is the service's composition root. BentoML declares a service when its module is imported
 (`bentoml serve` imports it in the arbiter and in every worker), so the settings are read here, once, and
@@ -29,16 +32,17 @@ from fhe_bento.core import staging
 from fhe_bento.core.errors import FHEBentoError
 from fhe_bento.core.lifecycle import exit_nonzero_if_stopped
 from fhe_bento.core.model_repo import default_model, load_specs
+from fhe_bento.core.runner_api import RunnerAPI
 from fhe_bento.runners.fhe_runner import FHERunner
+from fhe_bento.runners.runner import Runner
 from fhe_bento.service.admission import Admission
 from fhe_bento.service.auth import parse_token_settings
 from fhe_bento.service.compat import router as compat_router
 from fhe_bento.service.limits import RequestLimits
 from fhe_bento.service.operations import Operations
+from fhe_bento.service.remote_runner import RemoteRunner
 from fhe_bento.service.routes import admin_router
 from fhe_bento.service.routes import router as native_router
-from fhe_bento.service.runner_connection import drop_idle_connections_first
-from fhe_bento.service.runner_health import RunnerHealth, heartbeat_probe, readyz_probe
 from fhe_bento.service.sagemaker import router as sagemaker_router
 from fhe_bento.service.settings import ServiceSettings
 
@@ -92,44 +96,50 @@ def build_app(settings: ServiceSettings) -> FastAPI:
 
 
 def declare_service(settings: ServiceSettings, app: FastAPI) -> type:
-    """The BentoML service serving `app`, with its FHE runner as a dependency."""
+    """The BentoML service serving `app`, with its FHE runner in process, or reached at
+    `FHE_BENTO_RUNNER_URL`."""
 
     # BentoML's own deadline comes a little later than RequestLimits', so that the JSON 504 gets out first.
-    @bentoml.service(name="fhe_bento", traffic={"timeout": settings.request_timeout + 5})
+    # Each worker holds a runner in process: the workers are the runner's. With a remote runner, one worker
+    # only relays.
+    @bentoml.service(
+        name="fhe_bento",
+        workers=1 if settings.runner_url else settings.workers,
+        traffic={"timeout": settings.request_timeout + 5},
+    )
     @bentoml.asgi_app(app, path="/")
     class FHEBento:
-        # FHE_BENTO_RUNNER_URL: a runner served elsewhere (`bentoml serve fhe_bento.runners.fhe_runner:FHERunner`),
-        # which `bentoml serve` of this service then does not start.
-        runner = bentoml.depends(FHERunner, url=settings.runner_url or None)
+        if settings.runner_url:  # `bentoml serve` of this service then starts no runner of its own
+            remote = bentoml.depends(FHERunner, url=settings.runner_url)
 
         def __init__(self) -> None:
             specs = load_specs(settings)
-            default = default_model(settings, specs)
             staging.clear_stale(settings)
+            runner: RunnerAPI
+            if settings.runner_url:
+                runner = RemoteRunner(self.remote, settings.runner_url, settings.request_timeout)
+            else:
+                self.runner = runner = Runner(settings, specs)
             admission = Admission(
                 settings.max_queue_rows,
                 settings.request_timeout,
                 parallelism=os.cpu_count() or 1,
                 batch_parallelism=settings.row_threads,
             )
-            # A runner served elsewhere is not this server's to replace: /ping turns 503 while it is down,
-            # nothing stops.
-            probe = (
-                readyz_probe(settings.runner_url)
-                if settings.runner_url
-                else heartbeat_probe(settings.workers)
-            )
-            self.health = RunnerHealth(
-                probe, settings.runner_down_seconds, stop_when_down=not settings.runner_url
-            )
-            drop_idle_connections_first(self.runner)
-            self.ops = Operations(self.runner, specs, default, settings, admission, self.health)
+            self.ops = Operations(runner, specs, default_model(settings, specs), settings, admission)
             log.info(
                 "serving models %s (default %s)%s",
                 sorted(specs),
-                default.name,
+                self.ops.default.name,
                 f" with the runner at {settings.runner_url}" if settings.runner_url else "",
             )
+
+        @bentoml.on_shutdown
+        def stop_engine(self) -> None:
+            """The worker is stopping: its engine processes end now, on purpose. Left to the interpreter's
+            exit, they would end under a running supervisor, which would take them for a crash."""
+            if not settings.runner_url:
+                self.runner.shutdown()
 
     return FHEBento
 

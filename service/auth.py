@@ -104,13 +104,14 @@ def parse_token_settings(predict_tokens: str, admin_tokens: str) -> TokenAuth:
     return TokenAuth(predict, admin)
 
 
-def predict_caller(request: Request) -> Caller:
+# FastAPI runs a plain `def` dependency in its thread pool: a thread hop per request. These are async.
+async def predict_caller(request: Request) -> Caller:
     """FastAPI dependency of every route that predicts or manages the caller's own keys."""
     auth: TokenAuth = request.app.state.auth
     return auth.caller(request.headers.get("authorization"), need_admin=False)
 
 
-def admin_caller(request: Request) -> Caller:
+async def admin_caller(request: Request) -> Caller:
     """FastAPI dependency of the routes that see or delete every caller's keys."""
     auth: TokenAuth = request.app.state.auth
     return auth.caller(request.headers.get("authorization"), need_admin=True)

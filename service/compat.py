@@ -16,7 +16,6 @@ from starlette.datastructures import FormData, UploadFile
 from starlette.formparsers import MultiPartParser
 
 from fhe_bento.core.errors import FHEBentoError
-from fhe_bento.core.key_rules import check_key_id
 from fhe_bento.protocol.names import OCTET_STREAM
 from fhe_bento.service.auth import Caller, predict_caller
 from fhe_bento.service.bodies import limited_chunks, require_content_type
@@ -69,8 +68,7 @@ async def get_client(caller: Caller = PREDICT, ops: Operations = OPS) -> FileRes
 async def add_key(request: Request, caller: Caller = PREDICT, ops: Operations = OPS) -> Response:
     async with _form(request, ops.settings.max_key_bytes + FORM_OVERHEAD) as form:
         key = await _file_bytes(form, "key", ops.settings.max_key_bytes)
-    answer, _status = await ops.register_key(ops.default, caller, key)
-    return JSONResponse({"uid": answer["key_id"]})
+    return JSONResponse({"uid": (await ops.register_key(ops.default, caller, key)).key_id})
 
 
 @router.post("/compute")
@@ -80,5 +78,5 @@ async def compute(request: Request, caller: Caller = PREDICT, ops: Operations = 
         if not isinstance(uid, str):
             raise FHEBentoError("missing_field", "the form needs a text field 'uid'")
         ciphertext = await _file_bytes(form, "model_input", ops.settings.max_ciphertext_bytes)
-    result = await ops.predict(ops.default, caller, check_key_id(uid.strip().lower()), ciphertext)
+    result = await ops.predict(ops.default, caller, uid.strip().lower(), ciphertext)
     return Response(result, media_type=OCTET_STREAM)

@@ -1,10 +1,11 @@
-"""Responses shared by the native and the Zama-compatible routes."""
+"""Responses shared by the native, SageMaker and Zama-compatible routes."""
 
 from __future__ import annotations
 
-from fastapi.responses import FileResponse
+from fastapi.responses import FileResponse, JSONResponse
 
 from fhe_bento.core.model_repo import ModelSpec
+from fhe_bento.core.runner_api import KeyFacts
 from fhe_bento.protocol.names import CLIENT_SHA_HEADER
 
 
@@ -14,4 +15,11 @@ def client_zip_response(spec: ModelSpec) -> FileResponse:
         media_type="application/zip",
         filename=f"{spec.name}-client.zip",
         headers={CLIENT_SHA_HEADER: spec.meta.client_sha256},
+    )
+
+
+def key_registered(facts: KeyFacts) -> JSONResponse:
+    """A key upload's answer: 201 when the key is new, 200 when it was registered already."""
+    return JSONResponse(
+        {"key_id": facts.key_id, "bytes": facts.bytes}, status_code=201 if facts.created else 200
     )

@@ -4,17 +4,19 @@ before any body is read; the operations come by dependency too (`current_operati
 
 from __future__ import annotations
 
+from typing import Any
+
 from fastapi import APIRouter, Depends, Request
-from fastapi.responses import FileResponse, JSONResponse, Response
+from fastapi.responses import FileResponse, Response
 
 from fhe_bento.core.errors import FHEBentoError
-from fhe_bento.core.key_rules import check_key_id
+from fhe_bento.core.runner_api import PartsHeld, PartStored
 from fhe_bento.protocol import wire
 from fhe_bento.protocol.names import KEY_ID_HEADER, OCTET_STREAM
 from fhe_bento.service import bodies
 from fhe_bento.service.auth import Caller, admin_caller, predict_caller
 from fhe_bento.service.operations import Operations, current_operations, decode_rows
-from fhe_bento.service.responses import client_zip_response
+from fhe_bento.service.responses import client_zip_response, key_registered
 
 router = APIRouter(prefix="/v1/models")
 admin_router = APIRouter(prefix="/v1/keys")
@@ -25,7 +27,7 @@ OPS = Depends(current_operations)
 
 def key_id_header(request: Request) -> str | None:
     key_id = request.headers.get(KEY_ID_HEADER)
-    return check_key_id(key_id.strip().lower()) if key_id else None
+    return key_id.strip().lower() if key_id else None
 
 
 @router.get("")
@@ -48,8 +50,7 @@ async def upload_key(
     name: str, request: Request, caller: Caller = PREDICT, ops: Operations = OPS
 ) -> Response:
     spec = ops.spec(name)
-    answer, status = await ops.register_key(spec, caller, await bodies.KEY.read_bytes(request))
-    return JSONResponse(answer, status_code=status)
+    return key_registered(await ops.register_key(spec, caller, await bodies.KEY.read_bytes(request)))
 
 
 @router.head("/{name}/keys/{key_id}")
@@ -68,13 +69,13 @@ async def delete_key(name: str, key_id: str, caller: Caller = PREDICT, ops: Oper
 @router.put("/{name}/keys/{key_id}/parts/{index}")
 async def put_key_part(
     name: str, key_id: str, index: int, request: Request, caller: Caller = PREDICT, ops: Operations = OPS
-) -> dict:
+) -> PartStored:
     spec = ops.spec(name)
     return await ops.put_key_part(spec, caller, key_id, index, await bodies.KEY_PART.read_bytes(request))
 
 
 @router.get("/{name}/keys/{key_id}/parts")
-async def key_parts(name: str, key_id: str, caller: Caller = PREDICT, ops: Operations = OPS) -> dict:
+async def key_parts(name: str, key_id: str, caller: Caller = PREDICT, ops: Operations = OPS) -> PartsHeld:
     return await ops.key_parts(ops.spec(name), caller, key_id)
 
 
@@ -82,8 +83,7 @@ async def key_parts(name: str, key_id: str, caller: Caller = PREDICT, ops: Opera
 async def complete_key(
     name: str, key_id: str, parts: int, caller: Caller = PREDICT, ops: Operations = OPS
 ) -> Response:
-    answer, status = await ops.complete_key(ops.spec(name), caller, key_id, parts)
-    return JSONResponse(answer, status_code=status)
+    return key_registered(await ops.complete_key(ops.spec(name), caller, key_id, parts))
 
 
 @router.post("/{name}/predict")
@@ -106,7 +106,7 @@ async def predict_batch(
 
 
 @admin_router.get("")
-async def list_keys(caller: Caller = ADMIN, ops: Operations = OPS) -> list[dict]:
+async def list_keys(caller: Caller = ADMIN, ops: Operations = OPS) -> list[dict[str, Any]]:
     return await ops.list_keys()
 
 

@@ -28,8 +28,7 @@ from fhe_bento.service import bodies
 from fhe_bento.service.auth import Caller, predict_caller
 from fhe_bento.service.bodies import media_type
 from fhe_bento.service.operations import Operations, current_operations, decode_rows
-from fhe_bento.service.responses import client_zip_response
-from fhe_bento.service.runner_health import RunnerHealth, current_health
+from fhe_bento.service.responses import client_zip_response, key_registered
 from fhe_bento.service.sessions import session_for
 
 router = APIRouter()
@@ -79,8 +78,8 @@ def require(value, name: str):
 
 
 @router.get("/ping")
-async def ping(health: RunnerHealth = Depends(current_health)) -> Response:
-    if await health.is_ready():
+async def ping(ops: Operations = Depends(current_operations)) -> Response:
+    if await ops.ready():
         return Response(status_code=200)
     return JSONResponse(FHEBentoError("not_ready", "models are still loading").body(), status_code=503)
 
@@ -123,24 +122,26 @@ async def _has_key(ops: Operations, caller: Caller, attrs: Attributes, body: Non
 
 
 async def _key_parts(ops: Operations, caller: Caller, attrs: Attributes, body: None) -> Response:
-    return JSONResponse(await ops.key_parts(ops.spec(attrs.model), caller, require(attrs.key, "key")))
+    parts = await ops.key_parts(ops.spec(attrs.model), caller, require(attrs.key, "key"))
+    return JSONResponse(parts.model_dump())
 
 
 async def _complete_key(ops: Operations, caller: Caller, attrs: Attributes, body: None) -> Response:
-    answer, status = await ops.complete_key(
-        ops.spec(attrs.model), caller, require(attrs.key, "key"), require(attrs.parts, "parts")
+    return key_registered(
+        await ops.complete_key(
+            ops.spec(attrs.model), caller, require(attrs.key, "key"), require(attrs.parts, "parts")
+        )
     )
-    return JSONResponse(answer, status_code=status)
 
 
 async def _put_key(ops: Operations, caller: Caller, attrs: Attributes, key: bytes) -> Response:
-    answer, status = await ops.register_key(ops.spec(attrs.model), caller, key)
-    return JSONResponse(answer, status_code=status)
+    return key_registered(await ops.register_key(ops.spec(attrs.model), caller, key))
 
 
 async def _put_key_part(ops: Operations, caller: Caller, attrs: Attributes, data: bytes) -> Response:
     key_id, index = require(attrs.key, "key"), require(attrs.part, "part")
-    return JSONResponse(await ops.put_key_part(ops.spec(attrs.model), caller, key_id, index, data))
+    stored = await ops.put_key_part(ops.spec(attrs.model), caller, key_id, index, data)
+    return JSONResponse(stored.model_dump())
 
 
 async def _predict(ops: Operations, caller: Caller, attrs: Attributes, ciphertext: bytes) -> Response:

@@ -145,51 +145,35 @@ def realistic_xgb(demo: Demo) -> str:
     return REALISTIC_XGB
 
 
-@dataclass
-class InProcess:
-    """A real `FHERunner` in this process (its engine processes and concrete), and the operations and
-    runner health the service builds around it: what in-process route tests inject into an app."""
-
-    ops: Any
-    health: Any
-
-
 @pytest.fixture(scope="session")
 def in_process(demo: Demo):
+    """The operations a served worker builds, around a real `Runner` in this process (its engine processes
+    and concrete): what in-process route tests inject into an app."""
     from fhe_bento.core.model_repo import default_model, load_specs
-    from fhe_bento.runners.fhe_runner import FHERunner
+    from fhe_bento.runners.runner import Runner
     from fhe_bento.service.admission import Admission
     from fhe_bento.service.operations import Operations
-    from fhe_bento.service.runner_health import RunnerHealth
     from fhe_bento.service.settings import ServiceSettings
 
     settings = ServiceSettings()
-    runner = FHERunner()
     specs = load_specs(settings)
-
-    async def engine_ready() -> bool:  # the runner is this process: only its engine can be down
-        return runner.engine.ready()
-
-    health = RunnerHealth(engine_ready, settings.runner_down_seconds, stop_when_down=False)
+    runner = Runner(settings, specs)
     admission = Admission(
         settings.max_queue_rows, settings.request_timeout, parallelism=2, batch_parallelism=1
     )
-    ops = Operations(runner, specs, default_model(settings, specs), settings, admission, health)
-    yield InProcess(ops, health)
-    runner.engine.shutdown()
+    yield Operations(runner, specs, default_model(settings, specs), settings, admission)
+    runner.shutdown()
 
 
 @contextmanager
-def serve_in_process(app: Any, parts: InProcess) -> Iterator[Any]:
-    """`app` through Starlette's TestClient, its operations and health injected (FastAPI dependency
-    overrides), once the in-process engine has loaded its models."""
+def serve_in_process(app: Any, ops: Any) -> Iterator[Any]:
+    """`app` through Starlette's TestClient, with `ops` injected (a FastAPI dependency override), once the
+    in-process engine has loaded its models."""
     from fastapi.testclient import TestClient
 
     from fhe_bento.service.operations import current_operations
-    from fhe_bento.service.runner_health import current_health
 
-    app.dependency_overrides[current_operations] = lambda: parts.ops
-    app.dependency_overrides[current_health] = lambda: parts.health
+    app.dependency_overrides[current_operations] = lambda: ops
     try:
         with TestClient(app) as client:
             deadline = time.monotonic() + 300

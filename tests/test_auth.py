@@ -83,8 +83,8 @@ def routes(logreg_ct: bytes) -> list[tuple[str, str, dict]]:
 
 
 # What a predict token gets on each route above: the route's own answer, not an auth error (/compute's
-# one-byte model_input is refused by the ciphertext check before any key lookup).
-PREDICT_ANSWERS = [200, 200, 200, 400, 404, 404, 200, 200, 400, 200, 200, 200, 400, 400, 200]
+# key is looked up before its one-byte model_input is looked at: 404 unknown_key).
+PREDICT_ANSWERS = [200, 200, 200, 400, 404, 404, 200, 200, 400, 200, 200, 200, 400, 404, 200]
 ADMIN_ROUTES = [("GET", "/v1/keys"), ("DELETE", f"/v1/keys/{'ef' * 32}/{KEY_ID}")]
 
 

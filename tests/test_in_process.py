@@ -1,9 +1,10 @@
-"""Operations and routes in process: the service's FastAPI app through Starlette's TestClient, its
-operations and runner health injected (FastAPI dependency overrides) around a real `FHERunner` running in
+"""Operations, routes and the typed runner boundary in process: the service's FastAPI app through
+Starlette's TestClient, its operations injected (a FastAPI dependency override) around a real `Runner` in
 this process, with its real engine processes and concrete (conftest's `in_process`). No `bentoml serve`,
 no mocks.
 
-These reach the branches of key uploads and `/invocations` directly, much faster than through a server.
+These reach the branches of key uploads, `/invocations` and every runner operation directly, much faster
+than through a server.
 """
 
 from __future__ import annotations
@@ -11,6 +12,7 @@ from __future__ import annotations
 import hashlib
 import time
 
+import numpy as np
 import pytest
 from conftest import LOGREG, XGB, assert_error, serve_in_process
 
@@ -225,3 +227,139 @@ def test_a_client_whose_session_is_refused_opens_a_new_one(http, demo, owner):
     x = demo.x_test[:1]
     assert model.predict(x)[0] == demo.clear_predict(XGB, x)[0]
     assert transport.sessions[key_id] != ended and not transport.sessions[key_id].expired(margin_seconds=1000)
+
+
+# --- the typed boundary (core/runner_api.py) --------------------------------------------------------
+
+
+def _on_app_loop(http, work, *args):
+    """`await work(*args)` on the event loop that serves the app, as its routes would."""
+    return http.portal.call(work, *args)
+
+
+def test_each_runner_operation_takes_and_answers_its_own_types(http, in_process, demo, owner):
+    from fhe_bento.core.runner_api import (
+        KeyCompletion,
+        KeyFacts,
+        KeyPart,
+        KeyRef,
+        KeyUpload,
+        PartsHeld,
+        PartStored,
+        RowResults,
+        Rows,
+        ScopedKey,
+    )
+
+    runner = in_process.runner
+    key = owner.evaluation_key()
+    key_id = hashlib.sha256(key).hexdigest()
+    whole, parted = (
+        KeyRef(model=XGB, tenant="whole", key_id=key_id),
+        KeyRef(model=XGB, tenant="parts", key_id=key_id),
+    )
+
+    facts = _on_app_loop(http, runner.register_key, KeyUpload(model=XGB, tenant="whole", key=key))
+    assert facts == KeyFacts(key_id=key_id, bytes=len(key), created=True)
+    assert _on_app_loop(http, runner.has_key, whole) is True
+    x = demo.x_test[:2]
+    rows = Rows(
+        model=XGB, tenant="whole", key_id=key_id, ciphertexts=owner.encrypt(x), deadline=time.time() + 600
+    )
+    done = _on_app_loop(http, runner.predict, rows)
+    assert isinstance(done, RowResults) and done.row_seconds > 0
+    assert list(owner.labels(np.vstack([owner.decrypt(r) for r in done.results]))) == list(
+        demo.clear_predict(XGB, x)
+    )
+
+    chunks = [key[i : i + PART_BYTES] for i in range(0, len(key), PART_BYTES)]
+    for index, chunk in enumerate(chunks):
+        stored = _on_app_loop(
+            http, runner.put_key_part, KeyPart(**parted.model_dump(), index=index, data=chunk)
+        )
+        assert stored == PartStored(key_id=key_id, part=index, bytes=len(chunk))
+    held = _on_app_loop(http, runner.key_parts, parted)
+    assert held == PartsHeld(key_id=key_id, parts=list(range(len(chunks))), bytes=len(key))
+    completed = _on_app_loop(
+        http, runner.complete_key, KeyCompletion(**parted.model_dump(), count=len(chunks))
+    )
+    assert completed == KeyFacts(key_id=key_id, bytes=len(key), created=True)
+
+    listing = _on_app_loop(http, runner.list_keys)
+    owners = {k["owner"] for k in listing if k["key_id"] == key_id}  # and the anonymous owner's, if kept
+    assert {"parts", "whole"} <= owners
+    assert _on_app_loop(http, runner.delete_key, whole) is None
+    assert _on_app_loop(http, runner.has_key, whole) is False
+    (scope,) = [k["scope"] for k in listing if k["key_id"] == key_id and k["owner"] == "parts"]
+    assert _on_app_loop(http, runner.delete_any_key, ScopedKey(scope=scope, key_id=key_id)) is None
+    left = {k["owner"] for k in _on_app_loop(http, runner.list_keys) if k["key_id"] == key_id}
+    assert not left & {"parts", "whole"}
+
+
+@pytest.mark.parametrize(
+    ("rows", "code"),
+    [
+        ({"model": "no-such-model"}, "unknown_model"),
+        ({"key_id": None}, "missing_key_id"),
+        ({"key_id": "not-a-key-id"}, "invalid_key_id"),
+        ({"key_id": "0" * 64}, "unknown_key"),
+        ({"model": LOGREG, "key_id": None}, "invalid_ciphertext"),  # a model with its key built in
+    ],
+)
+def test_a_refusal_crosses_the_boundary_once_with_its_documented_status(http, in_process, owner, rows, code):
+    """The runner raises; the standalone runner puts the error in an `Outcome` and the service's client
+    raises it back (here through their JSON, as across the network); the app answers its status."""
+    from fhe_bento.core.errors import FHEBentoError
+    from fhe_bento.core.runner_api import Outcome, RowResults, Rows
+    from fhe_bento.protocol.errors import ERROR_CODES
+
+    ops = in_process
+    call = Rows(
+        **{
+            "model": XGB,
+            "tenant": "anyone",
+            "key_id": "1" * 64,
+            "ciphertexts": [b"\x00" * 64],
+            "deadline": time.time() + 60,
+            **rows,
+        }
+    )
+    with pytest.raises(FHEBentoError) as raised:
+        _on_app_loop(http, ops.runner.predict, call)
+    assert raised.value.code == code and raised.value.status == ERROR_CODES[code]
+    sent = Outcome[RowResults].failed(raised.value).model_dump_json()
+    with pytest.raises(FHEBentoError) as received:
+        Outcome[RowResults].model_validate_json(sent).unwrap()
+    assert (received.value.code, received.value.message) == (code, raised.value.message)
+
+    headers = {**OCTET, **({KEY_ID_HEADER: call.key_id} if call.key_id else {})}
+    answer = http.post(f"/v1/models/{call.model}/predict", content=call.ciphertexts[0], headers=headers)
+    assert_error(answer, ERROR_CODES[code], code)
+
+
+def test_a_batch_with_a_bad_key_id_is_refused_before_any_row_is_checked(http, owner):
+    from fhe_bento.protocol import transform
+
+    garbage = [b"\x00" * 64, b"not a ciphertext"]  # each would be refused as invalid_ciphertext
+    for key, code, status in (("not-a-key-id", "invalid_key_id", 400), ("2" * 64, "unknown_key", 404)):
+        native = http.post(
+            f"/v1/models/{XGB}/predict_batch",
+            content=wire.encode_batch(garbage),
+            headers={"Content-Type": wire.CONTENT_TYPE, KEY_ID_HEADER: key},
+        )
+        assert_error(native, status, code)
+        invocation = http.post(
+            "/invocations",
+            content=wire.encode_batch(garbage),
+            headers={
+                "Content-Type": wire.CONTENT_TYPE,
+                ATTRIBUTES_HEADER: f"op=predict_batch; model={XGB}; key={key}",
+            },
+        )
+        assert_error(invocation, status, code)
+        records = b"".join(transform.encode_record(row, key, XGB) + b"\n" for row in garbage)
+        lines = http.post("/invocations", content=records, headers={"Content-Type": transform.CONTENT_TYPE})
+        assert lines.status_code == 200, lines.text
+        assert [transform.decode_answer(line)["code"] for line in transform.lines(lines.content)] == [
+            code
+        ] * 2

@@ -1,10 +1,10 @@
-"""Load that must not take an instance out of service: a burst keeps `/ping` honest, concurrent key uploads
-stay within the documented memory bound, and the service-to-runner hop loses and repeats no call."""
+"""Load that must not take an instance out of service: a burst keeps `/ping` honest, and concurrent key
+uploads stay within the documented memory bound. (The hop to a runner served alone is checked under load in
+tests/test_standalone_runner.py.)"""
 
 from __future__ import annotations
 
 import multiprocessing
-import re
 import threading
 import time
 from concurrent.futures import ThreadPoolExecutor
@@ -17,12 +17,11 @@ from harness.burst import burst
 from harness.devserver import Server
 
 OCTET = {"Content-Type": "application/octet-stream"}
-HOP_FAILURE = re.compile(r"runner call \w+ failed")
 
 
 def test_ping_stays_200_within_a_second_through_a_burst(server, demo, tmp_path):
     """50 connections for 20 s, half HEADs of unknown keys and half logreg predictions, on a server with
-    two runner workers: every /ping is 200 within 1 s, and the server is still up after."""
+    two workers: every /ping is 200 within 1 s, and the server is still up after."""
     ciphertext = (
         FHEClient(server.url, cache_dir=tmp_path, progress=False).model(LOGREG).encrypt(demo.x_test[:1])[0]
     )
@@ -42,31 +41,6 @@ def test_ping_stays_200_within_a_second_through_a_burst(server, demo, tmp_path):
     assert all(status == 200 and seconds < 1.0 for status, seconds in probes), probes
     assert server.proc.poll() is None and "stopping the server" not in server.log()[log_start:]
     print(f"burst answers {dict(statuses)}; slowest /ping {max(s for _, s in probes) * 1000:.0f} ms")
-
-
-def test_the_runner_hop_loses_and_repeats_no_call_across_idle_periods(server, demo, tmp_path):
-    """More calls than BentoML's default connection-pool lifetime (100), from 4 threads, then idle periods
-    longer than the runner's keep-alive (5 s): every request is answered 200 once, the runner computed each
-    row exactly once, and no call on the hop failed or was retried."""
-    logreg = FHEClient(server.url, cache_dir=tmp_path, progress=False).model(LOGREG)
-    ciphertext = logreg.encrypt(demo.x_test[:1])[0]
-    log_start = len(server.log())
-    computed = server.metric("fhe_bento_rows_total", model=LOGREG, outcome="ok")
-
-    def predict(_: int) -> int:
-        return httpx.post(
-            f"{server.url}/v1/models/{LOGREG}/predict", content=ciphertext, headers=OCTET, timeout=60
-        ).status_code
-
-    statuses = []
-    with ThreadPoolExecutor(4) as pool:
-        for requests, idle in ((160, 6.5), (20, 6.5), (20, 0)):
-            statuses += pool.map(predict, range(requests))
-            time.sleep(idle)
-    assert statuses == [200] * 200
-    assert server.metric("fhe_bento_rows_total", model=LOGREG, outcome="ok") - computed == 200
-    failures = [line for line in server.log()[log_start:].splitlines() if HOP_FAILURE.search(line)]
-    assert not failures
 
 
 def test_concurrent_key_uploads_stay_within_the_documented_memory_bound(demo, tmp_path):

@@ -3,18 +3,22 @@
 store on moto's server. Nothing but the runner's API connects them: no shared disk.
 
 The full flow: a whole key upload through one HTTP service, a key upload in parts sent half to each,
-predictions (sent as batches) through the other, delete, and nothing left in any staging folder.
+predictions (sent as batches) through the other, delete, and nothing left in any staging folder. And the
+hop under load: across BentoML's connection-pool lifetime and the runner's keep-alive, no call is lost or
+repeated.
 """
 
 from __future__ import annotations
 
 import hashlib
+import re
+import time
+from concurrent.futures import ThreadPoolExecutor
 
 import boto3
 import httpx
-import psutil
 import pytest
-from conftest import XGB
+from conftest import LOGREG, XGB
 
 from fhe_bento.client import FHEClient
 from fhe_bento.protocol.names import OCTET_STREAM, PART_BYTES
@@ -22,6 +26,7 @@ from harness.devserver import MotoServer, Server
 
 BUCKET = "fhe-bento-standalone"
 OCTET = {"Content-Type": OCTET_STREAM}
+HOP_FAILURE = re.compile(r"runner call \w+ failed")
 
 
 @pytest.fixture(scope="module")
@@ -35,7 +40,11 @@ def split(demo, tmp_path_factory):
         aws_access_key_id="testing",
         aws_secret_access_key="testing",
     ).create_bucket(Bucket=BUCKET)
-    common = {**moto.env(), "FHE_BENTO_MODELS": f"{XGB}:latest", "FHE_BENTO_KEY_STORE": f"s3://{BUCKET}/keys"}
+    common = {
+        **moto.env(),
+        "FHE_BENTO_MODELS": f"{XGB}:latest,{LOGREG}:latest",
+        "FHE_BENTO_KEY_STORE": f"s3://{BUCKET}/keys",
+    }
     runner = Server(
         root / "runner",
         {**common, "FHE_BENTO_STAGING_DIR": str(root / "runner" / "staging")},
@@ -63,18 +72,10 @@ def split(demo, tmp_path_factory):
         moto.stop()
 
 
-def _runner_workers(server: Server) -> list:
-    return [
-        p
-        for p in psutil.Process(server.proc.pid).children(recursive=True)
-        if "fhe_runner" in " ".join(p.cmdline())
-    ]
-
-
 def test_http_services_start_no_runner_of_their_own(split):
     runner, a, b = split
-    assert _runner_workers(runner)
-    assert not _runner_workers(a) and not _runner_workers(b)
+    assert runner.engines()
+    assert not a.engines() and not b.engines()
     assert httpx.get(f"{a.url}/ping").status_code == httpx.get(f"{b.url}/ping").status_code == 200
 
 
@@ -123,3 +124,29 @@ def test_whole_and_part_uploads_predict_and_delete_through_a_remote_runner(split
     assert httpx.head(f"{a.url}/v1/models/{XGB}/keys/{second_id}").status_code == 200
     for server in (runner, a, b):
         assert not list((server.workdir / "staging").iterdir()), server.workdir
+
+
+def test_the_runner_hop_loses_and_repeats_no_call_across_idle_periods(split, demo, tmp_path):
+    """More calls than BentoML's default connection-pool lifetime (100), from 4 threads, then idle periods
+    longer than the runner's keep-alive (5 s): every request is answered 200 once, the runner computed each
+    row exactly once, and no call on the hop failed or was retried."""
+    runner, server, _ = split
+    logreg = FHEClient(server.url, cache_dir=tmp_path, progress=False).model(LOGREG)
+    ciphertext = logreg.encrypt(demo.x_test[:1])[0]
+    log_start = len(server.log())
+    computed = runner.metric("fhe_bento_rows_total", model=LOGREG, outcome="ok")
+
+    def predict(_: int) -> int:
+        return httpx.post(
+            f"{server.url}/v1/models/{LOGREG}/predict", content=ciphertext, headers=OCTET, timeout=60
+        ).status_code
+
+    statuses = []
+    with ThreadPoolExecutor(4) as pool:
+        for requests, idle in ((160, 6.5), (20, 6.5), (20, 0)):
+            statuses += pool.map(predict, range(requests))
+            time.sleep(idle)
+    assert statuses == [200] * 200
+    assert runner.metric("fhe_bento_rows_total", model=LOGREG, outcome="ok") - computed == 200
+    failures = [line for line in server.log()[log_start:].splitlines() if HOP_FAILURE.search(line)]
+    assert not failures

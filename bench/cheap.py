@@ -1,0 +1,402 @@
+"""Cheap circuits: what serving costs where FHE takes milliseconds, measured side by side in one run.
+
+    .venv/bin/python bench/cheap.py [--rows 400] [--profile-seconds 15] [--smoke]
+
+Two models whose rows take a few milliseconds: the demo logistic regression, and one linear layer
+(16 to 32) of a concrete-ml `HybridFHEModel`, saved with `save_and_clear_private_info` and imported with
+`fhe-bento import`. For each, on the same ciphertext (the client reuses one, so no client-side crypto is
+counted):
+- in process: `FHEModelServer.run` in a loop (one thread: latency and CPU per row; two threads:
+  throughput), OpenMP at one thread per row as in the served execution model;
+- served by fhe-bento (`bentoml serve`, one worker, two engine processes of one OpenMP thread each): one
+  client (latency, server CPU per row: every process of the server's tree), then 8 clients (throughput);
+- served by a server built like Zama's reference deployment server (`bench/reference_server.py`);
+- with `--profile-seconds`, where fhe-bento's server CPU goes, stage by stage (py-spy samples of every
+  server process while one client sends rows).
+The clients are raw `http.client` connections with prebuilt bodies, the cheapest client there is, so that
+the machine's two cores go to the servers. Writes bench/results/cheap.json and the "Cheap circuits"
+section of docs/benchmarks.md (`--smoke`: a few rows, no report).
+"""
+
+from __future__ import annotations
+
+import argparse
+import http.client
+import json
+import os
+import statistics
+import subprocess
+import sys
+import tempfile
+import threading
+import time
+from collections import Counter
+from concurrent.futures import ThreadPoolExecutor
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Any
+
+from common import ROOT, report, throwaway_home, write_sections
+
+LOGREG = "breast-cancer-logreg"
+HYBRID = "hybrid-linear"
+CLIENTS = 8
+ENGINE_ENV = {"FHE_BENTO_WORKERS": "1", "FHE_BENTO_ROW_THREADS": "2", "FHE_BENTO_OMP_THREADS": "1"}
+
+
+def import_models() -> dict[str, Path]:
+    """The two models in the model store: name -> folder."""
+    import bentoml
+    import torch
+    from concrete.ml.torch.hybrid_model import HybridFHEModel
+
+    from fhe_bento.modelkit.demo import build_and_import
+    from fhe_bento.modelkit.importer import import_model
+
+    build_and_import([LOGREG])
+
+    class Block(torch.nn.Module):
+        def __init__(self) -> None:
+            super().__init__()
+            self.fc = torch.nn.Linear(16, 32)
+            self.out = torch.nn.Linear(32, 2)
+
+        def forward(self, x: torch.Tensor) -> torch.Tensor:
+            return self.out(torch.relu(self.fc(x)))
+
+    torch.manual_seed(0)
+    hybrid = HybridFHEModel(Block(), ["fc"])
+    hybrid.compile_model(torch.randn(64, 16), n_bits=8)
+    saved = Path(tempfile.mkdtemp(prefix="hybrid-"))
+    hybrid.save_and_clear_private_info(saved)
+    (shape_dir,) = (saved / "fc").iterdir()
+    import_model(shape_dir, HYBRID)
+    return {name: Path(bentoml.models.get(f"{name}:latest").path) for name in (LOGREG, HYBRID)}
+
+
+@dataclass
+class Row:
+    """One model's ciphertext, and its evaluation key (serialized) as the client would upload it."""
+
+    ciphertext: bytes
+    key: bytes
+
+
+def client_row(folder: Path, keys: Path) -> Row:
+    import numpy as np
+    from concrete.ml.deployment import FHEModelClient
+
+    from fhe_bento.core.model_repo import ModelMetadata
+
+    client = FHEModelClient(str(folder), key_dir=str(keys))
+    client.generate_private_and_evaluation_keys()
+    meta = ModelMetadata.model_validate_json((folder / "fhe-bento.json").read_text())
+    ciphertext = client.quantize_encrypt_serialize(np.random.default_rng(0).normal(size=(1, meta.n_features)))
+    return Row(ciphertext, client.get_serialized_evaluation_keys())
+
+
+# --- in process -------------------------------------------------------------------------------------
+
+
+def in_process(folder: Path, row: Row, rows: int) -> dict[str, float]:
+    from concrete import fhe
+    from concrete.ml.deployment import FHEModelServer
+    from threadpoolctl import threadpool_limits
+
+    threadpool_limits(1, user_api="openmp")
+    server = FHEModelServer(str(folder))
+    key = fhe.EvaluationKeys.deserialize(row.key)
+    for _ in range(20):  # warm-up
+        server.run(row.ciphertext, key)
+    latencies = []
+    cpu = time.process_time()
+    for _ in range(rows):
+        started = time.perf_counter()
+        server.run(row.ciphertext, key)
+        latencies.append(time.perf_counter() - started)
+    cpu_per_row = (time.process_time() - cpu) / rows
+    started = time.perf_counter()
+    with ThreadPoolExecutor(2) as pool:
+        list(pool.map(lambda _: server.run(row.ciphertext, key), range(rows)))
+    return {
+        "latency_ms": 1000 * statistics.median(latencies),
+        "cpu_ms_per_row": 1000 * cpu_per_row,
+        "rows_per_s_2_threads": rows / (time.perf_counter() - started),
+    }
+
+
+# --- served -----------------------------------------------------------------------------------------
+
+
+@dataclass
+class Endpoint:
+    """A served model: where to POST, with what body and headers."""
+
+    port: int
+    path: str
+    body: bytes
+    headers: dict[str, str]
+    pid: int  # the server's top process
+    worker_pid: int | None = None  # fhe-bento's worker: HTTP, checks and the engines' supervisor
+
+
+def tree_cpu(pid: int, recursive: bool = True) -> float:
+    """CPU seconds so far of a process and (`recursive`) all its descendants alive."""
+    import psutil
+
+    top = psutil.Process(pid)
+    total = 0.0
+    for proc in [top, *(top.children(recursive=True) if recursive else [])]:
+        try:
+            times = proc.cpu_times()
+            total += times.user + times.system
+        except psutil.NoSuchProcess:
+            pass
+    return total
+
+
+def load(endpoint: Endpoint, rows: int, clients: int) -> dict[str, float]:
+    """`rows` requests from `clients` connections at once: latency, throughput, server CPU per row."""
+    remaining = iter(range(rows))
+    lock = threading.Lock()
+    latencies: list[float] = []
+
+    def client() -> None:
+        conn = http.client.HTTPConnection("127.0.0.1", endpoint.port, timeout=120)
+        while True:
+            with lock:
+                if next(remaining, None) is None:
+                    break
+            started = time.perf_counter()
+            conn.request("POST", endpoint.path, body=endpoint.body, headers=endpoint.headers)
+            response = conn.getresponse()
+            answer = response.read()
+            assert response.status == 200, (response.status, answer[:300])
+            latencies.append(time.perf_counter() - started)
+        conn.close()
+
+    cpu = tree_cpu(endpoint.pid)
+    worker_cpu = tree_cpu(endpoint.worker_pid, recursive=False) if endpoint.worker_pid else 0.0
+    started = time.perf_counter()
+    threads = [threading.Thread(target=client) for _ in range(clients)]
+    for thread in threads:
+        thread.start()
+    for thread in threads:
+        thread.join()
+    elapsed = time.perf_counter() - started
+    figures = {
+        "latency_ms": 1000 * statistics.median(latencies),
+        "rows_per_s": rows / elapsed,
+        "cpu_ms_per_row": 1000 * (tree_cpu(endpoint.pid) - cpu) / rows,
+    }
+    if endpoint.worker_pid:
+        figures["worker_cpu_ms_per_row"] = (
+            1000 * (tree_cpu(endpoint.worker_pid, recursive=False) - worker_cpu) / rows
+        )
+    return figures
+
+
+def measure_served(endpoint: Endpoint, rows: int) -> dict[str, float]:
+    load(endpoint, max(20, rows // 10), CLIENTS)  # warm-up: connections, caches, engines
+    one = load(endpoint, rows, 1)
+    many = load(endpoint, rows, CLIENTS)
+    return {
+        **({"worker_cpu_ms_per_row": one["worker_cpu_ms_per_row"]} if endpoint.worker_pid else {}),
+        "latency_ms": one["latency_ms"],
+        "cpu_ms_per_row": one["cpu_ms_per_row"],
+        "rows_per_s_8_clients": many["rows_per_s"],
+        "cpu_ms_per_row_8_clients": many["cpu_ms_per_row"],
+    }
+
+
+def multipart(fields: dict[str, bytes | str]) -> tuple[bytes, str]:
+    from urllib3 import encode_multipart_formdata
+
+    return encode_multipart_formdata({k: (k, v) if isinstance(v, bytes) else v for k, v in fields.items()})
+
+
+def reference_endpoint(folder: Path, row: Row, port: int) -> tuple[subprocess.Popen, Endpoint]:
+    import httpx
+
+    proc = subprocess.Popen(
+        [sys.executable, str(ROOT / "bench" / "reference_server.py"), str(folder), str(port)]
+    )
+    url = f"http://127.0.0.1:{port}"
+    deadline = time.monotonic() + 120
+    while True:
+        try:
+            uid = httpx.post(f"{url}/add_key", files={"key": row.key}, timeout=60).json()["uid"]
+            break
+        except httpx.TransportError:
+            assert time.monotonic() < deadline and proc.poll() is None, "the reference server did not start"
+            time.sleep(0.5)
+    body, content_type = multipart({"model_input": row.ciphertext, "uid": uid})
+    return proc, Endpoint(port, "/compute", body, {"Content-Type": content_type}, proc.pid)
+
+
+# --- where the CPU goes -----------------------------------------------------------------------------
+
+# (stage, substrings of a sampled stack's frames): the first stage whose substring is in the stack wins.
+STAGES = [
+    ("FHE (concrete)", ("server.py", "concrete/fhe", "concrete/ml/deployment")),
+    ("Cap'n Proto checks", ("payload_check", "capnp_wire")),
+    ("runner-to-engine hop (supervisor, pipe, pickle)", ("runners/engine.py", "multiprocessing/connection")),
+    (
+        "service-to-runner hop",
+        ("runner_api", "_bentoml_sdk/method", "bentoml/_internal/client", "_bentoml_impl/client"),
+    ),
+    ("body reading", ("service/bodies",)),
+    ("metrics and logs", ("prometheus_client", "logging/__init__", "opentelemetry")),
+    ("operations and checks", ("fhe_bento/",)),
+    (
+        "HTTP and framework",
+        ("uvicorn", "starlette", "fastapi", "_bentoml_impl", "bentoml", "h11", "httptools"),
+    ),
+]
+
+
+def profile(pid: int, endpoint: Endpoint, seconds: int) -> dict[str, float]:
+    """Share of the server's sampled CPU per stage, while one client sends rows for `seconds`."""
+    out = Path(tempfile.mkdtemp()) / "profile.txt"
+    spy = subprocess.Popen(
+        [
+            "py-spy",
+            "record",
+            "--pid",
+            str(pid),
+            "--subprocesses",
+            "--nonblocking",
+            "--rate",
+            "250",
+            "--duration",
+            str(seconds),
+            "--format",
+            "raw",
+            "--output",
+            str(out),
+        ],
+        stdout=subprocess.DEVNULL,
+        stderr=subprocess.DEVNULL,
+    )
+    stop = time.monotonic() + seconds
+    while time.monotonic() < stop:
+        load(endpoint, 20, 1)
+    spy.wait(timeout=seconds + 120)
+    counts: Counter[str] = Counter()
+    for line in out.read_text().splitlines():
+        stack, _, count = line.rpartition(" ")
+        stage = next(
+            (name for name, marks in STAGES if any(m in stack for m in marks)), "other (interpreter)"
+        )
+        counts[stage] += int(count)
+    total = sum(counts.values()) or 1
+    return {stage: counts[stage] / total for stage, _ in [*STAGES, ("other (interpreter)", ())]}
+
+
+# --- the run ----------------------------------------------------------------------------------------
+
+
+def main() -> None:
+    parser = argparse.ArgumentParser()
+    parser.add_argument("--rows", type=int, default=400)
+    parser.add_argument("--profile-seconds", type=int, default=15)
+    parser.add_argument("--smoke", action="store_true", help="a few rows, figures printed, no report")
+    args = parser.parse_args()
+    rows = 12 if args.smoke else args.rows
+    home = throwaway_home()
+    from harness.devserver import Server, free_port
+
+    folders = import_models()
+    row_of = {name: client_row(folder, home / "client-keys" / name) for name, folder in folders.items()}
+    results: dict[str, Any] = {}
+    for name, folder in folders.items():
+        results[name] = {"in_process": in_process(folder, row_of[name], rows)}
+
+    server = Server(home / "server", {"FHE_BENTO_MODELS": f"{LOGREG}:latest,{HYBRID}:latest", **ENGINE_ENV})
+    server.start()
+    try:
+        for name in folders:
+            endpoint = Endpoint(
+                server.port,
+                f"/v1/models/{name}/predict",
+                row_of[name].ciphertext,
+                {"Content-Type": "application/octet-stream"},
+                server.proc.pid,
+                server.worker().pid,
+            )
+            results[name]["fhe_bento"] = measure_served(endpoint, rows)
+            if args.profile_seconds and not args.smoke:
+                results[name]["stages"] = profile(server.proc.pid, endpoint, args.profile_seconds)
+    finally:
+        server.stop()
+
+    for name, folder in folders.items():
+        proc, endpoint = reference_endpoint(folder, row_of[name], free_port())
+        try:
+            results[name]["reference"] = measure_served(endpoint, rows)
+        finally:
+            proc.terminate()
+            proc.wait()
+
+    flat = {f"{m}.{where}.{k}": v for m, r in results.items() for where, d in r.items() for k, v in d.items()}
+    if args.smoke:
+        print(json.dumps(flat))  # the last line: what tests/test_bench.py reads
+        return
+    report("cheap", flat)
+    write_sections(
+        ROOT / "docs" / "benchmarks.md", {"Cheap circuits": markdown(results, os.cpu_count() or 1)}
+    )
+
+
+GOALS = "server CPU per row <= 1.3x in process; one row <= in process + 2 ms; 8 clients >= 0.8 of in process"
+
+
+def markdown(results: dict[str, Any], cores: int) -> str:
+    lines = [
+        f"Produced by `bench/cheap.py` in one run on {cores} cores: the demo logistic regression and one linear",
+        "layer (16 to 32) of a concrete-ml `HybridFHEModel` imported with `fhe-bento import`, on one reused",
+        "ciphertext. In process: `FHEModelServer.run` in a loop, one OpenMP thread per row. fhe-bento: one",
+        "worker, two engine processes of one OpenMP thread (`FHE_BENTO_ROW_THREADS=2`, `FHE_BENTO_OMP_THREADS=1`).",
+        "Reference: a server built like Zama's reference deployment server (`bench/reference_server.py`: one",
+        "process, concrete's default OpenMP threads, no checks). Server CPU per row counts every process of the",
+        "server, with one client; the worker's share is its HTTP stack, its checks and the engines' supervisor.",
+        "Clients are raw `http.client` connections. Goals (issue 19): " + GOALS + ".",
+        "",
+        "| model | server | one row, ms | vs in process | server CPU per row, ms | / in process | of it, worker | "
+        "8 clients, rows/s | / in process on 2 threads |",
+        "| --- | --- | --- | --- | --- | --- | --- | --- | --- |",
+    ]
+    for name, r in results.items():
+        base = r["in_process"]
+        lines.append(
+            f"| {name} | in process | {base['latency_ms']:.2f} | | {base['cpu_ms_per_row']:.2f} | | | "
+            f"{base['rows_per_s_2_threads']:.0f} | |"
+        )
+        for where in ("fhe_bento", "reference"):
+            s = r[where]
+            worker = f"{s['worker_cpu_ms_per_row']:.2f}" if "worker_cpu_ms_per_row" in s else ""
+            lines.append(
+                f"| {name} | {where.replace('_', '-')} | {s['latency_ms']:.2f} | "
+                f"+{s['latency_ms'] - base['latency_ms']:.2f} | {s['cpu_ms_per_row']:.2f} | "
+                f"{s['cpu_ms_per_row'] / base['cpu_ms_per_row']:.2f}x | {worker} | {s['rows_per_s_8_clients']:.0f} | "
+                f"{s['rows_per_s_8_clients'] / base['rows_per_s_2_threads']:.2f} |"
+            )
+    stages = {name: r["stages"] for name, r in results.items() if "stages" in r}
+    if stages:
+        names = list(stages)
+        lines += [
+            "",
+            "Where fhe-bento's server CPU goes: py-spy samples of every server process while one client sends",
+            "rows. py-spy sees Python stacks only, so time in syscalls, thread wake-ups and the GIL is undercounted;",
+            "the worker's CPU above is the measured total.",
+            "",
+            "| stage | " + " | ".join(names) + " |",
+            "| --- | " + " | ".join("---" for _ in names) + " |",
+        ]
+        for stage in next(iter(stages.values())):
+            lines.append(f"| {stage} | " + " | ".join(f"{stages[n][stage]:.0%}" for n in names) + " |")
+    return "\n".join(lines)
+
+
+if __name__ == "__main__":
+    main()

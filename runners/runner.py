@@ -1,0 +1,137 @@
+"""The FHE runner: every operation of `RunnerAPI` (`core/runner_api.py`), carried out in this process.
+
+It checks what a request carries before concrete sees any of it: the model, then the key (its id, that it
+is registered for this tenant and not expired: once per request, not per row), then every ciphertext's
+Cap'n Proto layout. Only then do the rows go to the supervised engine processes (`runners/engine.py`),
+the only processes where client bytes reach concrete, so a crash there costs only the rows in flight in
+that process. Keys are the key service's (`runners/key_service.py`).
+
+The HTTP service holds one `Runner` in process (the usual co-located case: no hop but the engine's pipe);
+`runners/fhe_runner.py` serves one on its own for an HTTP service elsewhere (`FHE_BENTO_RUNNER_URL`).
+"""
+
+from __future__ import annotations
+
+import logging
+from collections.abc import Iterator
+from contextlib import contextmanager
+from typing import Any
+
+from fhe_bento.core import metrics
+from fhe_bento.core.errors import FHEBentoError
+from fhe_bento.core.lifecycle import stop_server
+from fhe_bento.core.model_repo import ModelSpec
+from fhe_bento.core.payload_check import check_ciphertext
+from fhe_bento.core.runner_api import (
+    KeyCompletion,
+    KeyFacts,
+    KeyPart,
+    KeyRef,
+    KeyUpload,
+    PartsHeld,
+    PartStored,
+    RowResults,
+    Rows,
+    ScopedKey,
+)
+from fhe_bento.core.settings import Settings
+from fhe_bento.runners.engine import Engine
+from fhe_bento.runners.key_service import KeyService
+from fhe_bento.runners.memory_plan import plan_memory
+from fhe_bento.runners.verify_slots import VerifySlots
+
+log = logging.getLogger("bentoml.fhe_bento.runner")
+
+
+class Runner:
+    def __init__(self, settings: Settings, specs: dict[str, ModelSpec]) -> None:
+        self.specs = specs
+        memory = plan_memory(settings, specs)
+        self.engine = Engine(
+            settings,
+            specs,
+            give_up=stop_server,
+            verify_slots=VerifySlots(memory.verifications, memory.queued_verifications),
+        )
+        self.keys = KeyService(settings, verify=self.engine.verify_key)
+        log.info(
+            "FHE runner started: models=%s engine processes=%d omp_threads=%s memory=%d MB warm-key bound "
+            "per engine=%d MB verifications=%d (+%d queued)",
+            sorted(specs),
+            settings.row_threads,
+            settings.omp_threads_per_row(),
+            memory.memory // 10**6,
+            memory.key_cache_bytes // 10**6,
+            memory.verifications,
+            memory.queued_verifications,
+        )
+
+    async def ready(self) -> bool:
+        return self.engine.ready()
+
+    def shutdown(self) -> None:
+        self.engine.shutdown()
+
+    def _spec(self, name: str) -> ModelSpec:
+        try:
+            return self.specs[name]
+        except KeyError:
+            raise FHEBentoError("unknown_model", f"no model named {name!r} is served") from None
+
+    async def predict(self, rows: Rows) -> RowResults:
+        """The rows' results in order. Rows not started by the deadline, or when this call is cancelled
+        (its caller went away), are dropped."""
+        spec = self._spec(rows.model)
+        scope = self.keys.scope(spec, rows.tenant)
+        key_id = await self.keys.usable(spec, scope, rows.key_id)
+        meta = spec.meta
+        for ciphertext in rows.ciphertexts:  # all of them before any row runs
+            check_ciphertext(ciphertext, meta.ciphertext_bytes, meta.ciphertext_shape, spec.name)
+        done = await self.engine.run(spec.name, scope, key_id, rows.ciphertexts, rows.deadline)
+        if len(done) < len(rows.ciphertexts):
+            raise FHEBentoError("request_timeout", "the request's time ran out before all its rows started")
+        return RowResults(results=[r for r, _ in done], row_seconds=sum(s for _, s in done) / len(done))
+
+    # --- keys -----------------------------------------------------------------------------------------
+
+    async def register_key(self, upload: KeyUpload) -> KeyFacts:
+        """Check a whole key, deserialize it once in a throwaway process, then store it for the tenant."""
+        with _counted_rejection(upload.model):
+            return await self.keys.register(self._spec(upload.model), upload.tenant, upload.key)
+
+    async def put_key_part(self, part: KeyPart) -> PartStored:
+        return await self.keys.put_part(
+            self._spec(part.model), part.tenant, part.key_id, part.index, part.data
+        )
+
+    async def key_parts(self, key: KeyRef) -> PartsHeld:
+        return await self.keys.parts(self._spec(key.model), key.tenant, key.key_id)
+
+    async def complete_key(self, completion: KeyCompletion) -> KeyFacts:
+        with _counted_rejection(completion.model):
+            return await self.keys.complete(
+                self._spec(completion.model), completion.tenant, completion.key_id, completion.count
+            )
+
+    async def has_key(self, key: KeyRef) -> bool:
+        return await self.keys.has(self._spec(key.model), key.tenant, key.key_id)
+
+    async def delete_key(self, key: KeyRef) -> None:
+        await self.keys.delete(self._spec(key.model), key.tenant, key.key_id)
+
+    async def list_keys(self) -> list[dict[str, Any]]:
+        return await self.keys.listing()
+
+    async def delete_any_key(self, key: ScopedKey) -> None:
+        await self.keys.delete_in_scope(key.scope, key.key_id)
+
+
+@contextmanager
+def _counted_rejection(model: str) -> Iterator[None]:
+    """Count and log a key upload that is refused."""
+    try:
+        yield
+    except FHEBentoError as exc:
+        metrics.KEY_UPLOADS.labels(model=model, outcome="rejected").inc()
+        log.info("key upload rejected: model=%s code=%s", model, exc.code)
+        raise
