@@ -15,6 +15,7 @@ from typing import Any, TypeVar
 
 import bentoml
 
+from fhe_bento.core import staging
 from fhe_bento.core.errors import FHEBentoError
 from fhe_bento.core.lifecycle import exit_nonzero_if_stopped
 from fhe_bento.core.model_repo import load_specs
@@ -74,6 +75,7 @@ async def _until_caller_leaves(ctx: bentoml.Context | None, work: Awaitable[T]) 
 )
 class FHERunner:
     def __init__(self) -> None:
+        staging.clear_stale(settings)  # the spool files a crashed process of this runner left behind
         self.runner = Runner(settings, load_specs(settings))
 
     def __is_ready__(self) -> bool:  # BentoML's /readyz

@@ -38,7 +38,6 @@ class KeyService:
         self.staging = settings.staging_path()
         self.max_key_bytes = settings.max_key_bytes
         self._verify = verify
-        staging.clear_stale(settings)
 
     @staticmethod
     def scope(spec: ModelSpec, tenant: str) -> str:
