@@ -1,8 +1,12 @@
 """Where served models come from and what we know about them.
 
 A served model is a folder with concrete-ml's `client.zip` + `server.zip` and our `fhe-bento.json`
-(written by `fhe-bento import`). Folders come from the BentoML model store (`FHE_BENTO_MODELS`) or from a
-plain directory of model folders (`FHE_BENTO_MODEL_DIR`, `/opt/ml/model` in the SageMaker image).
+(written by `fhe-bento import`). A hybrid model (concrete-ml's `HybridFHEModel`: chosen layers of a torch
+model in FHE) is a folder of such circuit folders, one per (module, input shape), listed by its
+`fhe-bento-hybrid.json`; each circuit is served as a model of its own, named `MODEL/MODULE/SHAPE`
+(`circuit_name`), with its own keys, limits and metrics. Folders come from the BentoML model store
+(`FHE_BENTO_MODELS`) or from a plain directory of model folders (`FHE_BENTO_MODEL_DIR`, `/opt/ml/model` in
+the SageMaker image).
 
 This module reads only JSON and zip entries: it must stay importable without concrete, so the HTTP
 process starts fast and never loads FHE code.
@@ -23,6 +27,7 @@ from fhe_bento.core.payload_check import check_keyset_params
 from fhe_bento.core.settings import Settings
 
 METADATA_FILE = "fhe-bento.json"
+HYBRID_FILE = "fhe-bento-hybrid.json"
 CHECKED_PACKAGES = ("concrete-python", "concrete-ml")
 
 
@@ -51,11 +56,33 @@ class ModelMetadata(BaseModel):
     machine: str
 
 
+class HybridLayout(BaseModel):
+    """A hybrid model's circuits: module name -> input shape as concrete-ml's client writes it (the repr
+    of a tuple, `(1, 6, 32)`) -> the circuit's folder, relative to the model's."""
+
+    modules: dict[str, dict[str, str]]
+
+
+class Circuit(BaseModel):
+    """Where a hybrid model's circuit belongs: concrete-ml's `model_name`, `module_name`, `input_shape`."""
+
+    model: str
+    module: str
+    shape: str
+
+
+def circuit_name(model: str, module: str, shape: str) -> str:
+    """The served name of one circuit of a hybrid model: `tinygpt/h0.attn.c_attn/1x6x32`."""
+    dims = "x".join(part.strip() for part in shape.strip("()").split(",") if part.strip())
+    return f"{model}/{module}/{dims}"
+
+
 class ModelSpec(BaseModel):
     name: str
     version: str
     path: Path
     meta: ModelMetadata
+    circuit: Circuit | None = None  # set for each circuit of a hybrid model
 
     def public(self) -> dict:
         """The model as `GET /v1/models` shows it."""
@@ -71,6 +98,7 @@ class ModelSpec(BaseModel):
             "eval_key_bytes": self.meta.eval_key_bytes,
             "warm_key_bytes": self.meta.warm_key_bytes,
             "row_seconds": self.meta.row_seconds,
+            **({"hybrid": self.circuit.model_dump()} if self.circuit else {}),
         }
 
     @property
@@ -140,7 +168,24 @@ def load_folder(folder: Path, name: str, model_version: str | None = None) -> Mo
     return ModelSpec(name=name, version=model_version or meta.client_sha256[:12], path=folder, meta=meta)
 
 
-def _from_bentoml_store(tag: str) -> ModelSpec:
+def load_model(folder: Path, name: str, model_version: str | None = None) -> list[ModelSpec]:
+    """The served specs of one imported model folder: itself, or each circuit of a hybrid model."""
+    if not (folder / HYBRID_FILE).is_file():
+        return [load_folder(folder, name, model_version)]
+    try:
+        layout = HybridLayout.model_validate_json((folder / HYBRID_FILE).read_text())
+    except ValidationError as exc:
+        raise ModelLoadError(f"model {name!r}: {folder / HYBRID_FILE} is not valid: {exc}") from None
+    return [
+        load_folder(folder / relative, circuit_name(name, module, shape), model_version).model_copy(
+            update={"circuit": Circuit(model=name, module=module, shape=shape)}
+        )
+        for module, shapes in layout.modules.items()
+        for shape, relative in shapes.items()
+    ]
+
+
+def _from_bentoml_store(tag: str) -> list[ModelSpec]:
     import bentoml
 
     try:
@@ -150,13 +195,13 @@ def _from_bentoml_store(tag: str) -> ModelSpec:
             f"model {tag!r} is not in the BentoML model store; run `fhe-bento demo-models` "
             "or `fhe-bento import DIR --name NAME`"
         ) from exc
-    return load_folder(Path(model.path), model.tag.name, model.tag.version)
+    return load_model(Path(model.path), model.tag.name, model.tag.version)
 
 
 def _from_model_dir(root: Path) -> list[ModelSpec]:
     if not root.is_dir():
         raise ModelLoadError(f"model dir {root} does not exist")
-    specs = [load_folder(p, p.name) for p in sorted(root.iterdir()) if p.is_dir()]
+    specs = [spec for p in sorted(root.iterdir()) if p.is_dir() for spec in load_model(p, p.name)]
     if not specs:
         raise ModelLoadError(f"model dir {root} holds no model folders")
     return specs
@@ -167,15 +212,18 @@ def load_specs(settings: Settings) -> dict[str, ModelSpec]:
     if settings.model_dir is not None:
         specs = _from_model_dir(settings.model_dir)
     else:
-        specs = [_from_bentoml_store(tag) for tag in settings.model_tags()]
+        specs = [spec for tag in settings.model_tags() for spec in _from_bentoml_store(tag)]
     if not specs:
         raise ModelLoadError("no models configured: set FHE_BENTO_MODELS or FHE_BENTO_MODEL_DIR")
     return {spec.name: spec for spec in specs}
 
 
 def default_model(settings: Settings, specs: dict[str, ModelSpec]) -> ModelSpec:
+    """The model of requests that name none: FHE_BENTO_DEFAULT_MODEL, else the first single model (a hybrid
+    model's circuits are always named by its client), else the first circuit."""
     if settings.default_model is None:
-        return next(iter(specs.values()))
+        singles = [spec for spec in specs.values() if spec.circuit is None]
+        return (singles or list(specs.values()))[0]
     if settings.default_model not in specs:
         raise ModelLoadError(f"FHE_BENTO_DEFAULT_MODEL={settings.default_model!r} is not served")
     return specs[settings.default_model]

@@ -1,4 +1,5 @@
-"""`fhe-bento import`: describe a concrete-ml `FHEModelDev` folder and put it in the BentoML model store.
+"""`fhe-bento import`: describe a concrete-ml `FHEModelDev` folder, or a `HybridFHEModel` folder written by
+`save_and_clear_private_info`, and put it in the BentoML model store.
 
 This is model-owner tooling. It uses concrete-ml's client side once, with two throwaway key sets that are
 deleted right away, to learn the exact layout of the circuit's keys and ciphertexts and the memory a warm
@@ -19,7 +20,14 @@ import bentoml
 import numpy as np
 
 from fhe_bento.core.capnp_wire import first_difference, read_shape
-from fhe_bento.core.model_repo import METADATA_FILE, ModelMetadata, sha256_file, zip_versions
+from fhe_bento.core.model_repo import (
+    HYBRID_FILE,
+    METADATA_FILE,
+    HybridLayout,
+    ModelMetadata,
+    sha256_file,
+    zip_versions,
+)
 from fhe_bento.core.payload_check import check_keyset_params
 
 
@@ -74,10 +82,10 @@ def describe(folder: Path, classes: list | None = None) -> ModelMetadata:
         client, keys = _throwaway_keys(folder, Path(key_dir), 2)
         with zipfile.ZipFile(folder / "client.zip") as archive:
             circuit = json.loads(archive.read("client.specs.json"))["circuits"][0]
-        (input_gate,) = circuit["inputs"]  # concrete-ml built-in models take one encrypted row
-        n_features = input_gate["typeInfo"]["lweCiphertext"]["abstractShape"]["dimensions"][-1]
-        n_outputs = circuit["outputs"][0]["typeInfo"]["lweCiphertext"]["abstractShape"]["dimensions"][-1]
-        ciphertext = client.quantize_encrypt_serialize(np.zeros((1, n_features)))
+        (input_gate,) = circuit["inputs"]  # concrete-ml circuits take one encrypted tensor
+        dims = _dimensions(input_gate)
+        n_outputs = _dimensions(circuit["outputs"][0])[-1]
+        ciphertext = client.quantize_encrypt_serialize(np.zeros(dims))
         key_shape = read_shape(keys[0])
         if first_difference(read_shape(keys[1]), key_shape) or len(keys[1]) != len(keys[0]):
             raise ValueError(
@@ -89,7 +97,7 @@ def describe(folder: Path, classes: list | None = None) -> ModelMetadata:
         warm_key_bytes, row_seconds = _measure_in_fresh_process(folder, ciphertext, keys)
     return ModelMetadata(
         model_class=type(client.model).__name__,
-        n_features=n_features,
+        n_features=dims[-1],
         classes=classes,
         n_outputs=len(classes) if classes else n_outputs,
         client_sha256=sha256_file(folder / "client.zip"),
@@ -106,6 +114,27 @@ def describe(folder: Path, classes: list | None = None) -> ModelMetadata:
     )
 
 
+def _dimensions(gate: dict) -> list[int]:
+    return gate["typeInfo"]["lweCiphertext"]["abstractShape"]["dimensions"]
+
+
+def circuit_shape(folder: Path) -> str:
+    """A circuit's input shape as concrete-ml's hybrid client names it: the repr of a tuple, `(1, 6, 32)`."""
+    with zipfile.ZipFile(folder / "client.zip") as archive:
+        circuit = json.loads(archive.read("client.specs.json"))["circuits"][0]
+    return str(tuple(_dimensions(circuit["inputs"][0])))
+
+
+def hybrid_circuits(source: Path) -> dict[str, dict[str, Path]]:
+    """The circuits of a `save_and_clear_private_info` folder: module -> input shape -> circuit folder.
+    Empty if `source` is not one."""
+    circuits: dict[str, dict[str, Path]] = {}
+    for module in sorted(p for p in source.iterdir() if p.is_dir()):
+        for shape_dir in sorted(p for p in module.iterdir() if (p / "client.zip").is_file()):
+            circuits.setdefault(module.name, {})[circuit_shape(shape_dir)] = shape_dir
+    return circuits
+
+
 def write_model_folder(source: Path, target: Path, meta: ModelMetadata) -> None:
     """Lay out one served model folder: client.zip, server.zip and fhe-bento.json."""
     target.mkdir(parents=True, exist_ok=True)
@@ -115,6 +144,8 @@ def write_model_folder(source: Path, target: Path, meta: ModelMetadata) -> None:
 
 
 def import_model(source: Path, name: str, classes: list | None = None) -> bentoml.Tag:
+    if not (source / "client.zip").is_file() and (circuits := hybrid_circuits(source)):
+        return import_hybrid(circuits, name)
     for name_ in ("client.zip", "server.zip"):
         if not (source / name_).is_file():
             raise FileNotFoundError(f"{source / name_} is missing: pass a concrete-ml FHEModelDev folder")
@@ -123,4 +154,28 @@ def import_model(source: Path, name: str, classes: list | None = None) -> bentom
     metadata = meta.model_dump(exclude={"key_shape", "ciphertext_shape", "builtin_key"}, exclude_none=True)
     with bentoml.models.create(name, labels=labels, metadata=metadata) as ref:
         write_model_folder(source, Path(ref.path), meta)
+    return ref.tag
+
+
+def import_hybrid(circuits: dict[str, dict[str, Path]], name: str) -> bentoml.Tag:
+    """A hybrid model: each (module, shape) circuit described and laid out as a model folder of its own,
+    under `MODULE/SHAPE_DIR`, and listed in `fhe-bento-hybrid.json`. The weights (`model.pth`, and
+    `complete_model.pth`, which holds the private ones) stay behind: the server needs only the circuits."""
+    layout = HybridLayout(
+        modules={
+            module: {shape: f"{module}/{folder.name}" for shape, folder in shapes.items()}
+            for module, shapes in circuits.items()
+        }
+    )
+    metas = {
+        (module, shape): describe(folder)
+        for module, shapes in circuits.items()
+        for shape, folder in shapes.items()
+    }
+    labels = {"framework": "concrete-ml", "fhe-bento": "1", "kind": "hybrid"}
+    metadata = {"modules": sorted(circuits), "circuits": len(metas)}
+    with bentoml.models.create(name, labels=labels, metadata=metadata) as ref:
+        for (module, shape), meta in metas.items():
+            write_model_folder(circuits[module][shape], Path(ref.path) / layout.modules[module][shape], meta)
+        (Path(ref.path) / HYBRID_FILE).write_text(layout.model_dump_json(indent=2))
     return ref.tag

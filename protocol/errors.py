@@ -33,6 +33,8 @@ ERROR_CODES: dict[str, int] = {
     "forbidden": 403,
     "unknown_model": 404,
     "unknown_key": 404,
+    "unknown_module": 404,
+    "unknown_shape": 404,
     "method_not_allowed": 405,
     "body_timeout": 408,
     "payload_too_large": 413,

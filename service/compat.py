@@ -1,8 +1,13 @@
-"""Routes of Zama's reference deployment server, so its unmodified clients work against the default model.
+"""Routes of Zama's reference servers, so that their unmodified clients work: the deployment client
+(`FHEModelClient`, the default model) and the hybrid client (`HybridFHEModel` in remote mode, a hybrid
+model's circuits).
 
 `GET /get_client`, `POST /add_key` (multipart file `key` -> `{"uid": ...}`) and `POST /compute`
 (multipart file `model_input` + form field `uid` -> raw encrypted result). Here `uid` is the key id.
-The form is parsed as its body streams in, within the body size and idle limits (see `service.bodies`).
+The hybrid client adds form fields `model_name`, `module_name` and `input_shape` (the repr of a tuple) to
+these, in the body even of a GET, and lists what is served with `GET /list_models`, `/list_modules` and
+`/list_shapes`; a request without `model_name` is the deployment client's. Forms are parsed as their
+body streams in, within the body size and idle limits (see `service.bodies`).
 """
 
 from __future__ import annotations
@@ -13,27 +18,39 @@ from contextlib import asynccontextmanager
 from fastapi import APIRouter, Depends, Request
 from fastapi.responses import FileResponse, JSONResponse, Response
 from starlette.datastructures import FormData, UploadFile
-from starlette.formparsers import MultiPartParser
+from starlette.formparsers import FormParser, MultiPartParser
 
 from fhe_bento.core.errors import FHEBentoError
+from fhe_bento.core.model_repo import ModelSpec
 from fhe_bento.protocol.names import OCTET_STREAM
 from fhe_bento.service.auth import Caller, predict_caller
-from fhe_bento.service.bodies import limited_chunks, require_content_type
+from fhe_bento.service.bodies import limited_chunks, media_type, require_content_type
 from fhe_bento.service.operations import Operations, current_operations
 from fhe_bento.service.responses import client_zip_response
 
 router = APIRouter()
 PREDICT = Depends(predict_caller)
 OPS = Depends(current_operations)
-FORM_OVERHEAD = 64 * 1024  # bytes a form may hold beyond its file's limit: boundaries, part headers, uid
+FORM_OVERHEAD = 64 * 1024  # bytes a form may hold beyond its file's limit: boundaries, part headers, names
+FORM = "application/x-www-form-urlencoded"
+MULTIPART = "multipart/form-data"
 
 
 @asynccontextmanager
 async def _form(request: Request, limit: int) -> AsyncIterator[FormData]:
-    """The parsed form of a body of at most `limit` bytes; its spooled files are closed on exit.
-    starlette's parser reads `limited_chunks`, so the size and idle limits hold while it streams."""
-    require_content_type(request, "multipart/form-data")
-    parser = MultiPartParser(request.headers, limited_chunks(request, limit), max_files=1, max_fields=2)
+    """The parsed form of a body of at most `limit` bytes (none: an empty form); its spooled files are
+    closed on exit. starlette's parsers read `limited_chunks`, so the size and idle limits hold while they
+    stream."""
+    if not _has_body(request):
+        yield FormData()
+        return
+    require_content_type(request, MULTIPART, FORM)
+    chunks = limited_chunks(request, limit)
+    parser = (
+        FormParser(request.headers, chunks)
+        if media_type(request) == FORM
+        else MultiPartParser(request.headers, chunks, max_files=1, max_fields=4)
+    )
     try:
         form = await parser.parse()
     except FHEBentoError:  # 413, 408, 400 incomplete_body from the body stream
@@ -44,6 +61,47 @@ async def _form(request: Request, limit: int) -> AsyncIterator[FormData]:
         yield form
     finally:
         await form.close()
+
+
+def _has_body(request: Request) -> bool:
+    return request.headers.get("content-length", "0") != "0" or "transfer-encoding" in request.headers
+
+
+def _text(form: FormData, field: str) -> str | None:
+    value = form.get(field)
+    if value is not None and not isinstance(value, str):
+        raise FHEBentoError("missing_field", f"the form's {field!r} must be a text field")
+    return value
+
+
+def _required(form: FormData, field: str) -> str:
+    value = _text(form, field)
+    if value is None:
+        raise FHEBentoError("missing_field", f"the form needs a text field {field!r}")
+    return value
+
+
+def _model(ops: Operations, form: FormData) -> ModelSpec:
+    """The circuit that a hybrid client's form names, or the default model for the deployment client."""
+    model = _text(form, "model_name")
+    if model is None:
+        return ops.default
+    return ops.circuit(model, _required(form, "module_name"), _required(form, "input_shape"))
+
+
+def _shapes(shapes: dict[str, ModelSpec]) -> dict[str, dict[str, str]]:
+    """What Zama's hybrid server lists for each shape (the client iterates its keys), and the circuit's
+    served name, for the native routes."""
+    return {
+        shape: {
+            "model_name": spec.circuit.model,
+            "module_name": spec.circuit.module,
+            "shape": shape,
+            "name": spec.name,
+        }
+        for shape, spec in shapes.items()
+        if spec.circuit
+    }
 
 
 async def _file_bytes(form: FormData, field: str, limit: int) -> bytes:
@@ -59,24 +117,46 @@ async def _file_bytes(form: FormData, field: str, limit: int) -> bytes:
     return data
 
 
+@router.get("/list_models")
+async def list_models(caller: Caller = PREDICT, ops: Operations = OPS) -> dict:
+    return {
+        model: {module: _shapes(shapes) for module, shapes in modules.items()}
+        for model, modules in ops.hybrids.items()
+    }
+
+
+@router.get("/list_modules")
+async def list_modules(request: Request, caller: Caller = PREDICT, ops: Operations = OPS) -> dict:
+    async with _form(request, FORM_OVERHEAD) as form:
+        modules = ops.hybrid(_required(form, "model_name"))
+    return {module: _shapes(shapes) for module, shapes in modules.items()}
+
+
+@router.get("/list_shapes")
+async def list_shapes(request: Request, caller: Caller = PREDICT, ops: Operations = OPS) -> dict:
+    async with _form(request, FORM_OVERHEAD) as form:
+        return _shapes(ops.module(_required(form, "model_name"), _required(form, "module_name")))
+
+
 @router.get("/get_client")
-async def get_client(caller: Caller = PREDICT, ops: Operations = OPS) -> FileResponse:
-    return client_zip_response(ops.default)
+async def get_client(request: Request, caller: Caller = PREDICT, ops: Operations = OPS) -> FileResponse:
+    async with _form(request, FORM_OVERHEAD) as form:
+        return client_zip_response(_model(ops, form))
 
 
 @router.post("/add_key")
 async def add_key(request: Request, caller: Caller = PREDICT, ops: Operations = OPS) -> Response:
     async with _form(request, ops.settings.max_key_bytes + FORM_OVERHEAD) as form:
+        spec = _model(ops, form)
         key = await _file_bytes(form, "key", ops.settings.max_key_bytes)
-    return JSONResponse({"uid": (await ops.register_key(ops.default, caller, key)).key_id})
+    return JSONResponse({"uid": (await ops.register_key(spec, caller, key)).key_id})
 
 
 @router.post("/compute")
 async def compute(request: Request, caller: Caller = PREDICT, ops: Operations = OPS) -> Response:
     async with _form(request, ops.settings.max_ciphertext_bytes + FORM_OVERHEAD) as form:
-        uid = form.get("uid")
-        if not isinstance(uid, str):
-            raise FHEBentoError("missing_field", "the form needs a text field 'uid'")
+        spec = _model(ops, form)
+        uid = _required(form, "uid")
         ciphertext = await _file_bytes(form, "model_input", ops.settings.max_ciphertext_bytes)
-    result = await ops.predict(ops.default, caller, uid.strip().lower(), ciphertext)
+    result = await ops.predict(spec, caller, uid.strip().lower(), ciphertext)
     return Response(result, media_type=OCTET_STREAM)

@@ -62,6 +62,12 @@ class Operations:
         self.default = default
         self.settings = settings
         self.admission = admission
+        # hybrid model -> module -> input shape (as concrete-ml's client writes it) -> its circuit
+        self.hybrids: dict[str, dict[str, dict[str, ModelSpec]]] = {}
+        for spec in specs.values():
+            if spec.circuit:
+                modules = self.hybrids.setdefault(spec.circuit.model, {})
+                modules.setdefault(spec.circuit.module, {})[spec.circuit.shape] = spec
 
     def spec(self, name: str | None) -> ModelSpec:
         if name is None:
@@ -73,6 +79,47 @@ class Operations:
 
     def list_models(self) -> list[dict[str, Any]]:
         return [spec.public() for spec in self.specs.values()]
+
+    def describe(self, name: str) -> dict[str, Any]:
+        """`GET /v1/models/{name}`: a model, or a hybrid model's modules and shapes with their circuits."""
+        if name in self.hybrids:
+            return {
+                "name": name,
+                "hybrid": True,
+                "modules": {
+                    module: {shape: spec.public() for shape, spec in shapes.items()}
+                    for module, shapes in self.hybrids[name].items()
+                },
+            }
+        return self.spec(name).public()
+
+    def hybrid(self, model: str) -> dict[str, dict[str, ModelSpec]]:
+        """A hybrid model's circuits: module -> input shape -> spec."""
+        try:
+            return self.hybrids[model]
+        except KeyError:
+            raise FHEBentoError("unknown_model", f"no hybrid model named {model!r} is served") from None
+
+    def module(self, model: str, module: str) -> dict[str, ModelSpec]:
+        """One module's circuits: input shape -> spec."""
+        try:
+            return self.hybrid(model)[module]
+        except KeyError:
+            raise FHEBentoError(
+                "unknown_module", f"hybrid model {model!r} has no module {module!r} in FHE"
+            ) from None
+
+    def circuit(self, model: str, module: str, shape: str) -> ModelSpec:
+        """The circuit of one module for one input shape (`(1, 6, 32)`, as concrete-ml's client writes it)."""
+        shapes = self.module(model, module)
+        try:
+            return shapes[shape]
+        except KeyError:
+            raise FHEBentoError(
+                "unknown_shape",
+                f"module {module!r} of {model!r} is not compiled for input shape {shape[:64]!r}; "
+                f"it is for {sorted(shapes)}",
+            ) from None
 
     async def ready(self) -> bool:
         return await self.runner.ready()

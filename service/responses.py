@@ -13,7 +13,7 @@ def client_zip_response(spec: ModelSpec) -> FileResponse:
     return FileResponse(
         spec.path / "client.zip",
         media_type="application/zip",
-        filename=f"{spec.name}-client.zip",
+        filename=f"{spec.name.replace('/', '_')}-client.zip",
         headers={CLIENT_SHA_HEADER: spec.meta.client_sha256},
     )
 

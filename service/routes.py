@@ -1,6 +1,9 @@
 """Native v1 routes. Each one checks the caller's token, reads its body by its operation's declaration
 (`service/bodies.py`), then calls the operation. Token checks are FastAPI dependencies, so they run
-before any body is read; the operations come by dependency too (`current_operations`)."""
+before any body is read; the operations come by dependency too (`current_operations`).
+
+A model name may hold slashes: a hybrid model's circuit is served as `MODEL/MODULE/SHAPE`
+(`core/model_repo.py`), so `{name:path}`, and the bare `GET /v1/models/{name}` comes last."""
 
 from __future__ import annotations
 
@@ -35,17 +38,12 @@ async def list_models(caller: Caller = PREDICT, ops: Operations = OPS) -> list[d
     return ops.list_models()
 
 
-@router.get("/{name}")
-async def get_model(name: str, caller: Caller = PREDICT, ops: Operations = OPS) -> dict:
-    return ops.spec(name).public()
-
-
-@router.get("/{name}/client.zip")
+@router.get("/{name:path}/client.zip")
 async def get_client_zip(name: str, caller: Caller = PREDICT, ops: Operations = OPS) -> FileResponse:
     return client_zip_response(ops.spec(name))
 
 
-@router.post("/{name}/keys")
+@router.post("/{name:path}/keys")
 async def upload_key(
     name: str, request: Request, caller: Caller = PREDICT, ops: Operations = OPS
 ) -> Response:
@@ -53,20 +51,20 @@ async def upload_key(
     return key_registered(await ops.register_key(spec, caller, await bodies.KEY.read_bytes(request)))
 
 
-@router.head("/{name}/keys/{key_id}")
+@router.head("/{name:path}/keys/{key_id}")
 async def has_key(name: str, key_id: str, caller: Caller = PREDICT, ops: Operations = OPS) -> Response:
     if not await ops.has_key(ops.spec(name), caller, key_id):
         raise FHEBentoError("unknown_key", f"key {key_id} is not registered for model {name!r}")
     return Response(status_code=200)
 
 
-@router.delete("/{name}/keys/{key_id}")
+@router.delete("/{name:path}/keys/{key_id}")
 async def delete_key(name: str, key_id: str, caller: Caller = PREDICT, ops: Operations = OPS) -> Response:
     await ops.delete_key(ops.spec(name), caller, key_id)
     return Response(status_code=204)
 
 
-@router.put("/{name}/keys/{key_id}/parts/{index}")
+@router.put("/{name:path}/keys/{key_id}/parts/{index}")
 async def put_key_part(
     name: str, key_id: str, index: int, request: Request, caller: Caller = PREDICT, ops: Operations = OPS
 ) -> PartStored:
@@ -74,19 +72,19 @@ async def put_key_part(
     return await ops.put_key_part(spec, caller, key_id, index, await bodies.KEY_PART.read_bytes(request))
 
 
-@router.get("/{name}/keys/{key_id}/parts")
+@router.get("/{name:path}/keys/{key_id}/parts")
 async def key_parts(name: str, key_id: str, caller: Caller = PREDICT, ops: Operations = OPS) -> PartsHeld:
     return await ops.key_parts(ops.spec(name), caller, key_id)
 
 
-@router.post("/{name}/keys/{key_id}/complete")
+@router.post("/{name:path}/keys/{key_id}/complete")
 async def complete_key(
     name: str, key_id: str, parts: int, caller: Caller = PREDICT, ops: Operations = OPS
 ) -> Response:
     return key_registered(await ops.complete_key(ops.spec(name), caller, key_id, parts))
 
 
-@router.post("/{name}/predict")
+@router.post("/{name:path}/predict")
 async def predict(name: str, request: Request, caller: Caller = PREDICT, ops: Operations = OPS) -> Response:
     spec = ops.spec(name)
     ciphertext = await bodies.CIPHERTEXT.read_bytes(request)
@@ -95,7 +93,7 @@ async def predict(name: str, request: Request, caller: Caller = PREDICT, ops: Op
     )
 
 
-@router.post("/{name}/predict_batch")
+@router.post("/{name:path}/predict_batch")
 async def predict_batch(
     name: str, request: Request, caller: Caller = PREDICT, ops: Operations = OPS
 ) -> Response:
@@ -103,6 +101,11 @@ async def predict_batch(
     rows = decode_rows(await bodies.BATCH.read_bytes(request), ops.settings.max_batch_rows)
     results = await ops.predict_batch(spec, caller, key_id_header(request), rows)
     return Response(wire.encode_batch(results), media_type=wire.CONTENT_TYPE)
+
+
+@router.get("/{name:path}")
+async def get_model(name: str, caller: Caller = PREDICT, ops: Operations = OPS) -> dict:
+    return ops.describe(name)
 
 
 @admin_router.get("")
