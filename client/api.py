@@ -17,13 +17,16 @@ from collections import deque
 from collections.abc import Callable, Iterable, Iterator
 from concurrent.futures import Future, ThreadPoolExecutor
 from pathlib import Path
-from typing import Protocol, TypeVar
+from typing import TYPE_CHECKING, Protocol, TypeVar
 
 import numpy as np
 from tqdm.auto import tqdm
 
 from fhe_bento.client.http_transport import FHEServiceError, HTTPTransport
 from fhe_bento.protocol import keys
+
+if TYPE_CHECKING:
+    import torch
 
 
 class Transport(Protocol):
@@ -205,6 +208,17 @@ class RemoteModel:
             )
         return np.vstack([self.decrypt(answer) for answer in self._run_batch(self.encrypt(batch))])
 
+    def call_rows(self, arrays: list[np.ndarray]) -> list[np.ndarray]:
+        """A hybrid model's module call (`client/hybrid.py`): each array one row of the circuit's input
+        shape, sent `batch_size` rows a request; the decrypted results, in order."""
+        self.ensure_key()
+        self._generate_keys()
+        results: list[np.ndarray] = []
+        for start in range(0, len(arrays), self.batch_size):
+            rows = [self.fhe.quantize_encrypt_serialize(a) for a in arrays[start : start + self.batch_size]]
+            results += [np.asarray(self.fhe.deserialize_decrypt_dequantize(r)) for r in self._run_batch(rows)]
+        return results
+
     def decrypt(self, answer: bytes) -> np.ndarray:
         """The scores of one row from the server's encrypted answer."""
         if not self._keys_private and not any((self.folder / "keys").iterdir()):
@@ -342,6 +356,13 @@ class FHEClient:
             progress=options.get("progress", True),
         )
         return cls(transport=transport, **options)
+
+    def hybrid(self, name: str, model: torch.nn.Module, module_names: list[str]) -> torch.nn.Module:
+        """`model` with `module_names` computed in FHE by the server's hybrid model `name`
+        (`client/hybrid.py`); a `HybridFHEModel`'s `model_name` and `module_names`."""
+        from fhe_bento.client.hybrid import hybrid
+
+        return hybrid(self, name, model, module_names)
 
     def model(self, name: str) -> RemoteModel:
         if name not in self._models:

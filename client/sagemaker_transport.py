@@ -131,10 +131,7 @@ class SageMakerTransport:
         return self._json(op="list_models")
 
     def get_model(self, name: str) -> dict:
-        for info in self.list_models():
-            if info["name"] == name:
-                return info
-        raise FHEServiceError(404, "unknown_model", f"no model named {name!r} is served")
+        return self._json(op="get_model", model=name)
 
     def get_client_zip(self, name: str) -> tuple[bytes, str]:
         return self.invoke(b"{}", attributes(op="get_client", model=name), "application/json").body, ""

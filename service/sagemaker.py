@@ -110,6 +110,10 @@ async def _list_models(ops: Operations, caller: Caller, attrs: Attributes, body:
     return JSONResponse(ops.list_models())
 
 
+async def _get_model(ops: Operations, caller: Caller, attrs: Attributes, body: None) -> Response:
+    return JSONResponse(ops.describe(require(attrs.model, "model")))
+
+
 async def _get_client(ops: Operations, caller: Caller, attrs: Attributes, body: None) -> Response:
     return client_zip_response(ops.spec(attrs.model))
 
@@ -171,6 +175,7 @@ async def _envelope(ops: Operations, caller: Caller, attrs: Attributes, path: Pa
 
 INVOCATIONS: dict[str, Invocation] = {
     "list_models": Invocation(None, _list_models),
+    "get_model": Invocation(None, _get_model),
     "get_client": Invocation(None, _get_client),
     "has_key": Invocation(None, _has_key),
     "key_parts": Invocation(None, _key_parts),

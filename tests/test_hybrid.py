@@ -274,3 +274,40 @@ def test_hostile_ciphertexts_and_keys_per_circuit_are_refused_before_concrete(hy
     for body in [b"garbage" * 50, real[:-8], *crafted]:
         assert_documented_rejection(_form(url, "compute", "POST", model_input=body, uid="0" * 64, **fields))
     assert hybrid_server.metric("fhe_bento_engine_restarts_total") == restarts
+
+
+def test_fhe_bento_client_generates_as_the_quantized_clear_model(hybrid_server, tmp_path):
+    """`FHEClient.hybrid`: the demo model's attention projection on the server, one batch request per
+    module call, over contexts of two lengths (two circuits)."""
+    from concrete.ml.torch.hybrid_model import HybridFHEModel
+
+    from fhe_bento.client.api import FHEClient
+
+    client = FHEClient(hybrid_server.url, cache_dir=tmp_path, progress=False)
+    model = client.hybrid(GPT, tinygpt.TinyGPT.build(), tinygpt.REMOTE_MODULES)
+    clear: dict[int, HybridFHEModel] = {}
+    for length in CONTEXTS:  # each circuit's own quantization, as compile_hybrid made it
+        clear[length] = HybridFHEModel(tinygpt.TinyGPT.build(), tinygpt.REMOTE_MODULES)
+        clear[length].compile_model(tinygpt.calibration_ids(length), n_bits=8)
+    prompt = [5, 9]
+    served = tinygpt.generate(model, prompt, len(CONTEXTS))
+    assert served == tinygpt.generate(
+        lambda ids: clear[ids.shape[1]](ids, fhe="disable"), prompt, len(CONTEXTS)
+    )
+    batch = torch.tensor([[1, 2, 3], [4, 5, 6]])
+    with torch.no_grad():
+        np.testing.assert_allclose(model(batch).numpy(), clear[3](batch, fhe="disable").numpy(), atol=1e-5)
+
+
+def test_fhe_bento_client_uploads_a_circuit_key_once(hybrid_server, tmp_path):
+    from fhe_bento.client.api import FHEClient
+
+    name = f"{RELU}/act/1x2x4"
+    created = hybrid_server.metric("fhe_bento_key_uploads_total", model=name, outcome="created")
+    for _ in range(2):  # two clients on one cache: one key, uploaded by the first
+        model = FHEClient(hybrid_server.url, cache_dir=tmp_path, progress=False).hybrid(
+            RELU, relu_block(), ["act"]
+        )
+        with torch.no_grad():
+            np.testing.assert_allclose(model(RELU_INPUT).numpy(), relu_block()(RELU_INPUT).numpy(), atol=0.25)
+    assert hybrid_server.metric("fhe_bento_key_uploads_total", model=name, outcome="created") == created + 1
