@@ -21,6 +21,7 @@ section of docs/benchmarks.md (`--smoke`: a few rows, no report).
 from __future__ import annotations
 
 import argparse
+import ast
 import http.client
 import json
 import os
@@ -86,12 +87,12 @@ def client_row(folder: Path, keys: Path) -> Row:
     import numpy as np
     from concrete.ml.deployment import FHEModelClient
 
-    from fhe_bento.core.model_repo import ModelMetadata
+    from fhe_bento.modelkit.importer import circuit_shape
 
     client = FHEModelClient(str(folder), key_dir=str(keys))
     client.generate_private_and_evaluation_keys()
-    meta = ModelMetadata.model_validate_json((folder / "fhe-bento.json").read_text())
-    ciphertext = client.quantize_encrypt_serialize(np.random.default_rng(0).normal(size=(1, meta.n_features)))
+    shape = ast.literal_eval(circuit_shape(folder))  # (1, features), or a hybrid circuit's (1, *rest)
+    ciphertext = client.quantize_encrypt_serialize(np.random.default_rng(0).normal(size=shape))
     return Row(ciphertext, client.get_serialized_evaluation_keys())
 
 

@@ -16,7 +16,9 @@ from pathlib import Path
 import uvicorn
 from concrete.ml.torch.hybrid_model import HybridFHEModelServer
 from fastapi import FastAPI, Form, UploadFile
-from fastapi.responses import FileResponse, Response
+from fastapi.responses import FileResponse, StreamingResponse
+
+CHUNK = 1024 * 1024  # Zama's server streams its results in chunks of this size
 
 
 def app(models: Path, keys: Path) -> FastAPI:
@@ -52,9 +54,10 @@ def app(models: Path, keys: Path) -> FastAPI:
         model_name: str = Form(),
         module_name: str = Form(),
         input_shape: str = Form(),
-    ) -> Response:
+    ) -> StreamingResponse:
         data = await model_input.read()
-        return Response(server.compute(data, uid, model_name, module_name, input_shape))
+        result = server.compute(data, uid, model_name, module_name, input_shape)
+        return StreamingResponse(result[i : i + CHUNK] for i in range(0, len(result), CHUNK))  # as Zama's
 
     return api
 

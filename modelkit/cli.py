@@ -31,10 +31,11 @@ def import_cmd(folder: Path, name: str, classes: str | None) -> None:
 
 @main.command("demo-models")
 def demo_models() -> None:
-    """Train, compile and import the breast-cancer demo models (logistic regression and XGBoost)."""
-    from fhe_bento.modelkit.demo import build_and_import
+    """Train, compile and import the demo models: breast-cancer logistic regression and XGBoost, and the
+    hybrid tiny-gpt2."""
+    from fhe_bento.modelkit.demo import build_and_import, build_and_import_hybrid
 
-    for tag in build_and_import():
+    for tag in [*build_and_import(), build_and_import_hybrid()]:
         click.echo(f"imported {tag}")
 
 

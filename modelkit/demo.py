@@ -1,7 +1,8 @@
-"""The embedded demo models, trained and compiled from scikit-learn's bundled breast-cancer data.
+"""The embedded demo models, trained and compiled from scikit-learn's bundled breast-cancer data, and the
+hybrid demo (`modelkit/tinygpt.py`).
 
-No download: `load_breast_cancer` ships inside scikit-learn. The split and seeds are fixed, so the
-tests can rebuild the same clear models to compare predictions against.
+No download: `load_breast_cancer` ships inside scikit-learn, and the hybrid demo's weights are random. The
+split and seeds are fixed, so the tests can rebuild the same clear models to compare predictions against.
 """
 
 from __future__ import annotations
@@ -66,6 +67,15 @@ def save_dev_folder(model: Any, folder: Path) -> Path:
 def build_and_import(names: list[str] | None = None) -> list[str]:
     """Train, compile and import the demo models into the BentoML store; returns their tags."""
     return import_trained(train(names)[0])
+
+
+def build_and_import_hybrid() -> str:
+    """Compile the hybrid demo for its context sizes and import it; returns its tag."""
+    from fhe_bento.modelkit import tinygpt
+    from fhe_bento.modelkit.importer import import_model
+
+    with tempfile.TemporaryDirectory(prefix="fhe-bento-demo-") as tmp:
+        return str(import_model(tinygpt.compile_hybrid(Path(tmp) / tinygpt.NAME), tinygpt.NAME))
 
 
 def import_trained(models: dict[str, Any]) -> list[str]:

@@ -22,7 +22,7 @@ from typing import TYPE_CHECKING
 
 from pydantic import BaseModel, Field, model_validator
 
-from fhe_bento.core.model_repo import METADATA_FILE, load_folder
+from fhe_bento.core.model_repo import HYBRID_FILE, METADATA_FILE, load_model
 from fhe_bento.modelkit.image import SAGEMAKER_ENV
 
 if TYPE_CHECKING:
@@ -77,11 +77,15 @@ def model_folders_from_store(tags: list[str]) -> dict[str, Path]:
 
 def slowest_row_seconds(folders: dict[str, Path]) -> float:
     """The largest FHE seconds per row measured at import among the packed models."""
-    return max(load_folder(folder, name).meta.row_seconds for name, folder in folders.items())
+    return max(spec.meta.row_seconds for name, folder in folders.items() for spec in load_model(folder, name))
 
 
 def model_folders_from_dir(root: Path) -> dict[str, Path]:
-    return {p.name: p for p in sorted(root.iterdir()) if (p / METADATA_FILE).is_file()}
+    return {
+        p.name: p
+        for p in sorted(root.iterdir())
+        if (p / METADATA_FILE).is_file() or (p / HYBRID_FILE).is_file()
+    }
 
 
 def pack_models(folders: dict[str, Path], out: Path) -> Path:

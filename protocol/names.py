@@ -14,4 +14,4 @@ MiB = 1024 * 1024
 # FHE_BENTO_MAX_PART_BYTES defaults to it.
 PART_BYTES = 5 * MiB
 
-DEMO_MODELS = ("breast-cancer-xgb:latest", "breast-cancer-logreg:latest")
+DEMO_MODELS = ("breast-cancer-xgb:latest", "breast-cancer-logreg:latest", "tiny-gpt2:latest")

@@ -1,5 +1,6 @@
-"""The cheap-circuit benchmark (bench/cheap.py) runs and produces every figure docs/benchmarks.md reports:
-a brief run with a few rows, no profile and no report. It checks no time: these machines are shared."""
+"""The cheap-circuit and hybrid benchmarks (bench/cheap.py, bench/hybrid.py) run and produce every figure
+docs/benchmarks.md reports: brief runs with a few rows, no profile and no report. They check no time:
+these machines are shared."""
 
 from __future__ import annotations
 
@@ -12,16 +13,20 @@ ROOT = Path(__file__).resolve().parents[1]
 FIGURES = {"latency_ms", "cpu_ms_per_row"}
 
 
-def test_the_cheap_circuit_benchmark_produces_its_figures():
+def smoke_figures(script: str) -> dict[str, float]:
     run = subprocess.run(
-        [sys.executable, str(ROOT / "bench" / "cheap.py"), "--smoke"],
+        [sys.executable, str(ROOT / "bench" / script), "--smoke"],
         cwd=ROOT,
         capture_output=True,
         text=True,
         timeout=1800,  # only stops a hung run
     )
     assert run.returncode == 0, run.stdout[-3000:] + run.stderr[-3000:]
-    figures = json.loads(run.stdout.strip().splitlines()[-1])
+    return json.loads(run.stdout.strip().splitlines()[-1])
+
+
+def test_the_cheap_circuit_benchmark_produces_its_figures():
+    figures = smoke_figures("cheap.py")
     for model in ("breast-cancer-logreg", "hybrid-linear"):
         for where in ("in_process", "fhe_bento", "reference"):
             got = {k.split(".")[-1]: v for k, v in figures.items() if k.startswith(f"{model}.{where}.")}
@@ -29,3 +34,21 @@ def test_the_cheap_circuit_benchmark_produces_its_figures():
             assert all(value > 0 for value in got.values()), (model, where, got)
         assert figures[f"{model}.fhe_bento.rows_per_s_8_clients"] > 0
         assert figures[f"{model}.in_process.rows_per_s_2_threads"] > 0
+
+
+def test_the_hybrid_benchmark_produces_its_figures():
+    figures = smoke_figures("hybrid.py")
+    expected = {
+        "module_call.in_process.latency_ms",
+        "module_call.in_process.cpu_ms_per_row",
+        "module_call.fhe_bento.latency_ms",
+        "module_call.fhe_bento.cpu_ms_per_row",
+        "module_call.fhe_bento.rows_per_s_8_clients",
+        "forward_s.fhe_bento.pass",
+        "forward_s.fhe_bento.compute_call",
+        "forward_s.reference.pass",
+        "forward_s.reference.compute_call",
+        "tokens_per_s.fhe_bento",
+    }
+    assert set(figures) >= expected, sorted(expected - set(figures))
+    assert all(figures[name] > 0 for name in expected), figures
