@@ -311,3 +311,77 @@ def test_fhe_bento_client_uploads_a_circuit_key_once(hybrid_server, tmp_path):
         with torch.no_grad():
             np.testing.assert_allclose(model(RELU_INPUT).numpy(), relu_block()(RELU_INPUT).numpy(), atol=0.25)
     assert hybrid_server.metric("fhe_bento_key_uploads_total", model=name, outcome="created") == created + 1
+
+
+def test_sagemaker_invocations_and_transform_records_name_a_circuit(hybrid_server, tmp_path):
+    """The SageMaker contract on a hybrid model's circuit: `op=get_model` lists its modules, `predict_batch`
+    and Batch Transform records name the circuit by its served name; results decrypt as the native route's."""
+    from concrete.ml.deployment import FHEModelClient
+
+    from fhe_bento.protocol import transform, wire
+    from fhe_bento.protocol.names import ATTRIBUTES_HEADER
+
+    name = f"{GPT}/{ATTN}/1x3x16"
+    invocations = f"{hybrid_server.url}/invocations"
+    described = httpx.post(invocations, headers={ATTRIBUTES_HEADER: f"op=get_model;model={GPT}"}).json()
+    assert described["modules"][ATTN]["(1, 3, 16)"]["name"] == name
+    zipped = httpx.post(invocations, headers={ATTRIBUTES_HEADER: f"op=get_client;model={name}"})
+    (tmp_path / "client.zip").write_bytes(zipped.content)
+    client = FHEModelClient(str(tmp_path), key_dir=str(tmp_path / "keys"))
+    rows = [np.random.default_rng(i).normal(size=(1, 3, 16)) for i in range(2)]
+    ciphertexts = [client.quantize_encrypt_serialize(row) for row in rows]
+    batch = httpx.post(
+        invocations,
+        content=wire.encode_batch(ciphertexts),
+        headers={ATTRIBUTES_HEADER: f"op=predict_batch;model={name}", "Content-Type": wire.CONTENT_TYPE},
+        timeout=120,
+    )
+    assert batch.status_code == 200, batch.text
+    records = b"\n".join(transform.encode_record(c, None, name) for c in ciphertexts)
+    lines = httpx.post(
+        invocations, content=records, headers={"Content-Type": transform.CONTENT_TYPE}, timeout=120
+    )
+    assert lines.status_code == 200, lines.text
+    from_batch = [client.deserialize_decrypt_dequantize(r) for r in wire.decode_batch(batch.content, 8)]
+    from_records = [
+        client.deserialize_decrypt_dequantize(transform.decode_answer(line))
+        for line in lines.content.splitlines()
+    ]
+    for one, other in zip(from_batch, from_records, strict=True):
+        np.testing.assert_array_equal(one, other)  # a levelled circuit: both exact
+
+
+def test_concrete_ml_client_through_a_standalone_runner(hybrid_folders, tmp_path):
+    """`FHE_BENTO_RUNNER_URL`: the HTTP service holds no engine; the runner served alone computes the
+    circuits of both hybrid models, keys registered through the service."""
+    common = {
+        "FHE_BENTO_MODELS": f"{GPT}:latest,{RELU}:latest",
+        "FHE_BENTO_KEY_STORE": (tmp_path / "keys").as_uri(),
+    }
+    runner = Server(
+        tmp_path / "runner",
+        {**common, "FHE_BENTO_STAGING_DIR": str(tmp_path / "runner-staging")},
+        target="fhe_bento.runners.fhe_runner:FHERunner",
+        ready_path="/readyz",
+    )
+    service = Server(
+        tmp_path / "service",
+        {
+            **common,
+            "FHE_BENTO_STAGING_DIR": str(tmp_path / "service-staging"),
+            "FHE_BENTO_RUNNER_URL": runner.url,
+        },
+    )
+    try:
+        runner.start()
+        service.start()
+        assert not service.engines()
+        client = remote_model(relu_block(), ["act"], service.url, RELU, tmp_path / "client")
+        with torch.no_grad():
+            np.testing.assert_allclose(
+                client.model(RELU_INPUT).numpy(), relu_block()(RELU_INPUT).numpy(), atol=0.25
+            )
+        assert runner.metric("fhe_bento_rows_total", model=f"{RELU}/act/1x2x4", outcome="ok") == 1
+    finally:
+        service.stop()
+        runner.stop()
