@@ -6,7 +6,8 @@ each, taken in order from one queue. concrete parses in C++ with no hardening, s
 `core/payload_check.py` let through still crashes an engine process:
 - the worker survives, the row that process was computing gets 503 `runner_unavailable` (safe to retry:
   FHE is pure), rows in the other processes or still queued go on, and a new process starts at once;
-  `ready()` is false until it has loaded its models;
+  `ready()` is false until it has loaded its models; rows that arrive before a worker's engine is first
+  ready wait for it instead (another worker may already answer `/ping`);
 - a process that dies while idle is seen within `MONITOR_SECONDS` and replaced the same way;
 - after `FHE_BENTO_ENGINE_MAX_FAILED_STARTS` starts in a row that die before they are ready, the worker
   gives up and stops the whole server (`core/lifecycle.py`), so that an orchestrator replaces it.
@@ -57,6 +58,7 @@ log = logging.getLogger("bentoml.fhe_bento.engine")
 MONITOR_SECONDS = 0.5  # how soon a supervisor sees its process die while idle, or the engine stop
 STOP_GRACE = 1.0  # seconds a stopped process has to exit on its own before it is killed
 RESTART_RETRY_AFTER = 10  # seconds a client is told to wait while an engine restarts
+FIRST_LOAD_POLL = 0.1  # seconds between looks at a worker's first engine load, by the rows waiting for it
 _LOADED = "loaded"  # an engine process's first message
 
 Row = tuple[str, str, str | None, bytes, float]  # the arguments of `_run_row` after the state
@@ -291,6 +293,7 @@ class Engine:
         self._cond = threading.Condition()  # guards everything below
         self._queue: deque[tuple[Row, Future[RowResult]]] = deque()
         self._loaded = 0  # engine processes ready for rows
+        self._started = threading.Event()  # set once the engine has been ready: its first load is done
         self._stopping = False
         self.restarts = 0
         self._supervisors = [
@@ -348,6 +351,7 @@ class Engine:
         with self._cond:
             self._loaded += change
             if change > 0 and self.ready():
+                self._started.set()
                 log.info("FHE engine ready: %d process(es)", self.processes)
 
     def _serve(self, engine: _Child) -> None:
@@ -425,9 +429,10 @@ class Engine:
         the rows not started."""
         rows: list[Row] = [(model, scope, key_id, ciphertext, deadline) for ciphertext in ciphertexts]
         futures: list[Future[RowResult]] = [Future() for _ in rows]
+        await self._first_load(deadline)
         with self._cond:
             if not self.ready():
-                raise _unavailable("is restarting")
+                raise _unavailable("is restarting" if self._started.is_set() else "is starting")
             self._queue.extend(zip(rows, futures, strict=True))
             self._cond.notify(len(rows))
         try:
@@ -440,6 +445,13 @@ class Engine:
                     self._queue = deque(item for item in self._queue if not item[1].cancelled())
                 metrics.ROWS.labels(model=model, outcome="dropped").inc(dropped)
                 log.info("%d rows of a cancelled request dropped before they started", dropped)
+
+    async def _first_load(self, deadline: float) -> None:
+        """Until this worker's engine has first been ready, its rows wait for it (until their deadline):
+        `/ping` answered by another worker of the server may already call the server ready. Once it has
+        been, rows during a restart get 503 at once (module docstring)."""
+        while not self._started.is_set() and not self._stopping and time.time() < deadline:
+            await asyncio.sleep(FIRST_LOAD_POLL)
 
     async def verify_key(self, path: str) -> int:
         """Deserialize an upload in a throwaway process, once a verification slot is free (`verify_slots`);

@@ -363,3 +363,41 @@ def test_a_batch_with_a_bad_key_id_is_refused_before_any_row_is_checked(http, ow
         assert [transform.decode_answer(line)["code"] for line in transform.lines(lines.content)] == [
             code
         ] * 2
+
+
+def test_rows_sent_before_a_workers_engine_first_loads_wait_for_it(demo, tmp_path):
+    """A server with several workers is ready once one of them answers `/ping`: the others' first rows wait
+    for their own engine instead of getting 503 (after that first load, a restart answers 503 at once)."""
+    import asyncio
+
+    from concrete.ml.deployment import FHEModelClient
+
+    from fhe_bento.core.model_repo import load_specs
+    from fhe_bento.core.runner_api import Rows
+    from fhe_bento.core.settings import Settings
+    from fhe_bento.runners.runner import Runner
+
+    settings = Settings(
+        models=f"{LOGREG}:latest", key_store=(tmp_path / "keys").as_uri(), staging_dir=tmp_path / "staging"
+    )
+    client = FHEModelClient(str(demo.dev_dirs[LOGREG]), key_dir=str(tmp_path / "client"))
+    x = demo.x_test[:1]
+    rows = Rows(
+        model=LOGREG,
+        tenant="t",
+        key_id=None,
+        ciphertexts=[client.quantize_encrypt_serialize(x)],
+        deadline=time.time() + 300,
+    )
+
+    async def first_rows(runner: Runner):
+        assert not await runner.ready()  # its engine processes are still loading
+        return await runner.predict(rows)
+
+    runner = Runner(settings, load_specs(settings))
+    try:
+        done = asyncio.run(first_rows(runner))
+    finally:
+        runner.shutdown()
+    scores = client.deserialize_decrypt_dequantize(done.results[0])
+    assert np.argmax(scores, axis=1)[0] == demo.clear_predict(LOGREG, x)[0]
