@@ -24,7 +24,7 @@ from fhe_bento.core.errors import FHEBentoError
 from fhe_bento.core.model_repo import ModelSpec
 from fhe_bento.protocol.names import OCTET_STREAM
 from fhe_bento.service.auth import Caller, predict_caller
-from fhe_bento.service.bodies import limited_chunks, media_type, require_content_type
+from fhe_bento.service.bodies import limited_chunks, require_content_type
 from fhe_bento.service.operations import Operations, current_operations
 from fhe_bento.service.responses import client_zip_response
 
@@ -34,29 +34,30 @@ OPS = Depends(current_operations)
 FORM_OVERHEAD = 64 * 1024  # bytes a form may hold beyond its file's limit: boundaries, part headers, names
 FORM = "application/x-www-form-urlencoded"
 MULTIPART = "multipart/form-data"
+MAX_TEXT_FIELDS = 4  # uid, and the hybrid client's model_name, module_name and input_shape
 
 
 @asynccontextmanager
-async def _form(request: Request, limit: int) -> AsyncIterator[FormData]:
-    """The parsed form of a body of at most `limit` bytes (none: an empty form); its spooled files are
-    closed on exit. starlette's parsers read `limited_chunks`, so the size and idle limits hold while they
-    stream."""
-    if not _has_body(request):
+async def _form(request: Request, limit: int, media: str = MULTIPART) -> AsyncIterator[FormData]:
+    """The parsed form of a body of at most `limit` bytes; its spooled files are closed on exit. POSTs
+    carry multipart forms; a GET's form (the hybrid client's names) is urlencoded, and optional. starlette's
+    parsers read `limited_chunks`, so the size and idle limits hold while they stream."""
+    if media == FORM and not _has_body(request):
         yield FormData()
         return
-    require_content_type(request, MULTIPART, FORM)
+    require_content_type(request, media)
     chunks = limited_chunks(request, limit)
     parser = (
         FormParser(request.headers, chunks)
-        if media_type(request) == FORM
-        else MultiPartParser(request.headers, chunks, max_files=1, max_fields=4)
+        if media == FORM
+        else MultiPartParser(request.headers, chunks, max_files=1, max_fields=MAX_TEXT_FIELDS)
     )
     try:
         form = await parser.parse()
     except FHEBentoError:  # 413, 408, 400 incomplete_body from the body stream
         raise
     except Exception as exc:  # starlette raises several parser errors; all mean a malformed form
-        raise FHEBentoError("invalid_multipart", f"the multipart form could not be parsed: {exc}") from None
+        raise FHEBentoError("invalid_multipart", f"the form could not be parsed: {exc}") from None
     try:
         yield form
     finally:
@@ -127,20 +128,20 @@ async def list_models(caller: Caller = PREDICT, ops: Operations = OPS) -> dict:
 
 @router.get("/list_modules")
 async def list_modules(request: Request, caller: Caller = PREDICT, ops: Operations = OPS) -> dict:
-    async with _form(request, FORM_OVERHEAD) as form:
+    async with _form(request, FORM_OVERHEAD, FORM) as form:
         modules = ops.hybrid(_required(form, "model_name"))
     return {module: _shapes(shapes) for module, shapes in modules.items()}
 
 
 @router.get("/list_shapes")
 async def list_shapes(request: Request, caller: Caller = PREDICT, ops: Operations = OPS) -> dict:
-    async with _form(request, FORM_OVERHEAD) as form:
+    async with _form(request, FORM_OVERHEAD, FORM) as form:
         return _shapes(ops.module(_required(form, "model_name"), _required(form, "module_name")))
 
 
 @router.get("/get_client")
 async def get_client(request: Request, caller: Caller = PREDICT, ops: Operations = OPS) -> FileResponse:
-    async with _form(request, FORM_OVERHEAD) as form:
+    async with _form(request, FORM_OVERHEAD, FORM) as form:
         return client_zip_response(_model(ops, form))
 
 

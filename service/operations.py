@@ -98,7 +98,7 @@ class Operations:
         try:
             return self.hybrids[model]
         except KeyError:
-            raise FHEBentoError("unknown_model", f"no hybrid model named {model!r} is served") from None
+            raise FHEBentoError("unknown_model", f"no hybrid model named {model[:64]!r} is served") from None
 
     def module(self, model: str, module: str) -> dict[str, ModelSpec]:
         """One module's circuits: input shape -> spec."""
@@ -106,7 +106,7 @@ class Operations:
             return self.hybrid(model)[module]
         except KeyError:
             raise FHEBentoError(
-                "unknown_module", f"hybrid model {model!r} has no module {module!r} in FHE"
+                "unknown_module", f"hybrid model {model!r} has no module {module[:64]!r} in FHE"
             ) from None
 
     def circuit(self, model: str, module: str, shape: str) -> ModelSpec:

@@ -107,9 +107,7 @@ def test_client_retries_a_busy_or_restarting_server_after_retry_after(
     def handler(request: httpx.Request) -> httpx.Response:
         op = dict(f.strip().split("=", 1) for f in request.headers.get(ATTRIBUTES_HEADER, "").split(";") if f)
         op = op.get("op") or request.url.path.rsplit("/", 1)[-1]
-        if op == "list_models":
-            return httpx.Response(200, json=[dev.info(LOGREG)])
-        if op == LOGREG:
+        if op in (LOGREG, "get_model"):
             return httpx.Response(200, json=dev.info(LOGREG))
         if op in ("client.zip", "get_client"):
             return httpx.Response(200, content=dev.zip)

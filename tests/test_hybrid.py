@@ -385,3 +385,21 @@ def test_concrete_ml_client_through_a_standalone_runner(hybrid_folders, tmp_path
     finally:
         service.stop()
         runner.stop()
+
+
+def test_a_model_dir_serves_an_imported_hybrid_folder(hybrid_folders, tmp_path):
+    """`FHE_BENTO_MODEL_DIR` (SageMaker's /opt/ml/model): an imported hybrid folder beside a single model."""
+    import shutil
+
+    import bentoml
+
+    from fhe_bento.core.model_repo import load_specs
+    from fhe_bento.core.settings import Settings
+
+    for name in (GPT, LOGREG):
+        shutil.copytree(bentoml.models.get(f"{name}:latest").path, tmp_path / name)
+    specs = load_specs(Settings(model_dir=tmp_path))
+    assert set(specs) == {LOGREG, *(f"{GPT}/{ATTN}/1x{n}x16" for n in CONTEXTS)}
+    assert {spec.circuit.shape for spec in specs.values() if spec.circuit} == {
+        f"(1, {n}, 16)" for n in CONTEXTS
+    }
