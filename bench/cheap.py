@@ -261,7 +261,7 @@ def profile(pid: int, endpoint: Endpoint, seconds: int) -> dict[str, float]:
     out = Path(tempfile.mkdtemp()) / "profile.txt"
     spy = subprocess.Popen(
         [
-            "py-spy",
+            str(Path(sys.executable).parent / "py-spy"),  # installed with the bench extra, beside this python
             "record",
             "--pid",
             str(pid),
