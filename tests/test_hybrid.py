@@ -403,3 +403,15 @@ def test_a_model_dir_serves_an_imported_hybrid_folder(hybrid_folders, tmp_path):
     assert {spec.circuit.shape for spec in specs.values() if spec.circuit} == {
         f"(1, {n}, 16)" for n in CONTEXTS
     }
+
+
+def test_a_gets_form_is_bounded_before_it_is_read(hybrid_server):
+    """The hybrid client's GET forms are bodies too: one over 64 KiB is refused while it streams in."""
+    body = b"model_name=" + b"a" * (80 * 1024)
+    answer = httpx.request(
+        "GET",
+        f"{hybrid_server.url}/list_modules",
+        content=body,
+        headers={"Content-Type": "application/x-www-form-urlencoded"},
+    )
+    assert_error(answer, 413, "payload_too_large")
