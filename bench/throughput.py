@@ -307,8 +307,10 @@ Produced by `bench/run` (`bench/throughput.py`) in one run on one machine with *
 XGB demo model (10 trees, depth 3, 6 bits). Execution models are named workers x rows at once per worker x
 OpenMP threads per row; the first is the default. Each
 served level is paired with the in-process ideal measured on the same rows just before it, and its ratio
-is taken against that neighbour, so that the drift of a shared machine cancels out. Every figure below
-comes from that run; rerun `bench/run` to refresh it.
+is taken against that neighbour, so that the drift of a shared machine cancels out. "Summary", "Every
+level" and "Single figures" come from that run; rerun `bench/run` to refresh them. Every other section
+names the benchmark that produced it, among them "Cheap circuits" (`bench/cheap.py`: what serving costs
+where a row takes milliseconds) and "Hybrid models" (`bench/hybrid.py`).
 
 ![throughput and latency](img/throughput.png)
 """
