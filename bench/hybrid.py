@@ -20,8 +20,6 @@ import argparse
 import json
 import os
 import statistics
-import subprocess
-import sys
 import time
 from pathlib import Path
 from types import SimpleNamespace
@@ -101,26 +99,6 @@ def tokens_per_second(url: str, cache: Path, tokens: int) -> float:
     return tokens / (time.perf_counter() - started)
 
 
-def reference_server(models: Path) -> tuple[subprocess.Popen, str]:
-    import httpx
-
-    from harness.devserver import free_port
-
-    port = free_port()
-    proc = subprocess.Popen(
-        [sys.executable, "-m", "harness.zama_hybrid_server", str(models), str(port)], cwd=ROOT
-    )
-    url = f"http://127.0.0.1:{port}"
-    deadline = time.monotonic() + 120
-    while True:
-        try:
-            httpx.get(f"{url}/list_models", timeout=5)
-            return proc, url
-        except httpx.TransportError:
-            assert proc.poll() is None and time.monotonic() < deadline, "the reference server did not start"
-            time.sleep(0.5)
-
-
 def main() -> None:
     parser = argparse.ArgumentParser()
     parser.add_argument("--rows", type=int, default=200)
@@ -162,12 +140,10 @@ def main() -> None:
         results["tokens_per_s"] = tokens_per_second(server.url, home / "client-cache", 2)
     finally:
         server.stop()
-    proc, url = reference_server(saved.parent)
-    try:
+    from harness.zama_hybrid_server import started
+
+    with started(saved.parent) as url:
         results["forward_s"]["reference"] = forward_seconds(url, home / "client-b", passes)
-    finally:
-        proc.terminate()
-        proc.wait()
 
     flat = {
         "module_call.in_process.latency_ms": results["module_call"]["in_process"]["latency_ms"],

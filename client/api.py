@@ -167,8 +167,10 @@ class RemoteModel:
             return key_id
 
     def encrypt(self, x: np.ndarray) -> list[bytes]:
+        """One ciphertext per row of `x`, each a batch of one of the circuit's input shape: a row of
+        features, or a hybrid module's (1, *rest) input."""
         self._generate_keys()  # a model without an evaluation key gets its private key here
-        return [self.fhe.quantize_encrypt_serialize(row.reshape(1, -1)) for row in x]
+        return [self.fhe.quantize_encrypt_serialize(np.asarray(row)[np.newaxis]) for row in x]
 
     def _run_batch(self, rows: list[bytes]) -> list[bytes]:
         """One batch, with the two recoveries: a lost key is uploaded again (once), and a retryable answer
@@ -208,16 +210,14 @@ class RemoteModel:
             )
         return np.vstack([self.decrypt(answer) for answer in self._run_batch(self.encrypt(batch))])
 
-    def call_rows(self, arrays: list[np.ndarray]) -> list[np.ndarray]:
-        """A hybrid model's module call (`client/hybrid.py`): each array one row of the circuit's input
-        shape, sent `batch_size` rows a request; the decrypted results, in order."""
-        self.ensure_key()
-        self._generate_keys()
+    def call_rows(self, x: np.ndarray) -> np.ndarray:
+        """A hybrid model's module call (`client/hybrid.py`): the rows of `x` encrypted, sent `batch_size`
+        rows a request, and their results decrypted whole, in order."""
         results: list[np.ndarray] = []
-        for start in range(0, len(arrays), self.batch_size):
-            rows = [self.fhe.quantize_encrypt_serialize(a) for a in arrays[start : start + self.batch_size]]
-            results += [np.asarray(self.fhe.deserialize_decrypt_dequantize(r)) for r in self._run_batch(rows)]
-        return results
+        for start in range(0, len(x), self.batch_size):
+            answers = self._run_batch(self.encrypt(x[start : start + self.batch_size]))
+            results += [np.asarray(self.fhe.deserialize_decrypt_dequantize(a)) for a in answers]
+        return np.concatenate(results)
 
     def decrypt(self, answer: bytes) -> np.ndarray:
         """The scores of one row from the server's encrypted answer."""

@@ -15,7 +15,6 @@ from collections.abc import Callable
 from functools import partial
 from typing import TYPE_CHECKING
 
-import numpy as np
 import torch
 from tqdm.auto import tqdm
 
@@ -36,8 +35,8 @@ class RemoteCircuitModule(torch.nn.Module):
         super().__init__()
         self.model_name = model
         self.module_name = module
-        self._circuits = circuits  # input shape (concrete-ml's repr) -> its RemoteModel, made on first use
-        self._remote: dict[str, RemoteModel] = {}
+        # input shape (concrete-ml's repr) -> its RemoteModel (`FHEClient.model`, which makes each once)
+        self._circuits = circuits
         self._on_call = on_call
 
     def circuit(self, shape: str) -> RemoteModel:
@@ -46,16 +45,13 @@ class RemoteCircuitModule(torch.nn.Module):
                 f"module {self.module_name!r} of {self.model_name!r} is compiled for input shapes "
                 f"{sorted(self._circuits)}, not {shape}"
             )
-        if shape not in self._remote:
-            self._remote[shape] = self._circuits[shape]()
-        return self._remote[shape]
+        return self._circuits[shape]()
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
         rows = x.detach().cpu().numpy()
-        remote = self.circuit(str((1, *rows.shape[1:])))
-        results = remote.call_rows([rows[[i]] for i in range(len(rows))])
+        results = self.circuit(str((1, *rows.shape[1:]))).call_rows(rows)
         self._on_call()
-        return torch.tensor(np.concatenate(results), dtype=x.dtype, device=x.device)
+        return torch.tensor(results, dtype=x.dtype, device=x.device)
 
 
 def hybrid(client: FHEClient, name: str, model: torch.nn.Module, module_names: list[str]) -> torch.nn.Module:

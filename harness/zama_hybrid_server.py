@@ -2,17 +2,22 @@
 FastAPI routes straight onto concrete-ml's `HybridFHEModelServer`, one process, no limits or checks. The
 tests compare fhe-bento's answers with its answers, and `bench/` its speed.
 
-    python -m harness.zama_hybrid_server MODELS_DIR PORT
+    python -m harness.zama_hybrid_server MODELS_DIR PORT     (or `started(MODELS_DIR)` from Python)
 
 MODELS_DIR holds one folder per model, as `save_and_clear_private_info` writes it, named by model name.
 """
 
 from __future__ import annotations
 
+import subprocess
 import sys
 import tempfile
+import time
+from collections.abc import Iterator
+from contextlib import contextmanager
 from pathlib import Path
 
+import httpx
 import uvicorn
 from concrete.ml.torch.hybrid_model import HybridFHEModelServer
 from fastapi import FastAPI, Form, UploadFile
@@ -60,6 +65,33 @@ def app(models: Path, keys: Path) -> FastAPI:
         return StreamingResponse(result[i : i + CHUNK] for i in range(0, len(result), CHUNK))  # as Zama's
 
     return api
+
+
+@contextmanager
+def started(models: Path) -> Iterator[str]:
+    """The server in a subprocess on a free port, once it answers: its URL. Stopped on exit."""
+    from harness.devserver import ROOT, free_port
+
+    port = free_port()
+    proc = subprocess.Popen(
+        [sys.executable, "-m", "harness.zama_hybrid_server", str(models), str(port)], cwd=ROOT
+    )
+    url = f"http://127.0.0.1:{port}"
+    deadline = time.monotonic() + 120
+    try:
+        while True:
+            try:
+                httpx.get(f"{url}/list_models", timeout=5)
+                break
+            except httpx.TransportError:
+                assert proc.poll() is None and time.monotonic() < deadline, (
+                    "the reference server did not start"
+                )
+                time.sleep(0.5)
+        yield url
+    finally:
+        proc.terminate()
+        proc.wait()
 
 
 if __name__ == "__main__":

@@ -80,8 +80,7 @@ def describe(folder: Path, classes: list | None = None) -> ModelMetadata:
     deleted right away: the shapes every ciphertext and key must have, and the cost of a warm key."""
     with tempfile.TemporaryDirectory(prefix="fhe-bento-keygen-") as key_dir:
         client, keys = _throwaway_keys(folder, Path(key_dir), 2)
-        with zipfile.ZipFile(folder / "client.zip") as archive:
-            circuit = json.loads(archive.read("client.specs.json"))["circuits"][0]
+        circuit = _circuit_specs(folder)
         (input_gate,) = circuit["inputs"]  # concrete-ml circuits take one encrypted tensor
         dims = _dimensions(input_gate)
         n_outputs = _dimensions(circuit["outputs"][0])[-1]
@@ -118,11 +117,15 @@ def _dimensions(gate: dict) -> list[int]:
     return gate["typeInfo"]["lweCiphertext"]["abstractShape"]["dimensions"]
 
 
+def _circuit_specs(folder: Path) -> dict:
+    """The circuit's entry in its client.zip's `client.specs.json` (concrete-ml models have one circuit)."""
+    with zipfile.ZipFile(folder / "client.zip") as archive:
+        return json.loads(archive.read("client.specs.json"))["circuits"][0]
+
+
 def circuit_shape(folder: Path) -> str:
     """A circuit's input shape as concrete-ml's hybrid client names it: the repr of a tuple, `(1, 6, 32)`."""
-    with zipfile.ZipFile(folder / "client.zip") as archive:
-        circuit = json.loads(archive.read("client.specs.json"))["circuits"][0]
-    return str(tuple(_dimensions(circuit["inputs"][0])))
+    return str(tuple(_dimensions(_circuit_specs(folder)["inputs"][0])))
 
 
 def hybrid_circuits(source: Path) -> dict[str, dict[str, Path]]:

@@ -10,9 +10,6 @@ from __future__ import annotations
 
 import copy
 import io
-import subprocess
-import sys
-import time
 from pathlib import Path
 
 import httpx
@@ -23,7 +20,8 @@ import torch
 from conftest import LOGREG, assert_documented_rejection, assert_error
 
 from fhe_bento.modelkit import tinygpt
-from harness.devserver import Server, free_port
+from harness.devserver import Server
+from harness.zama_hybrid_server import started
 
 GPT = "tiny-gpt2"
 RELU = "tiny-relu"
@@ -88,21 +86,8 @@ def hybrid_server(hybrid_folders, tmp_path_factory):
 @pytest.fixture(scope="module")
 def zama_server(hybrid_folders):
     """The reference: concrete-ml's `HybridFHEModelServer` on the same folders."""
-    port = free_port()
-    root = next(iter(hybrid_folders.values())).parent
-    proc = subprocess.Popen([sys.executable, "-m", "harness.zama_hybrid_server", str(root), str(port)])
-    url = f"http://127.0.0.1:{port}"
-    deadline = time.monotonic() + 120
-    while True:
-        try:
-            httpx.get(f"{url}/list_models", timeout=5)
-            break
-        except httpx.TransportError:
-            assert proc.poll() is None and time.monotonic() < deadline, "the reference server did not start"
-            time.sleep(0.5)
-    yield url
-    proc.terminate()
-    proc.wait()
+    with started(next(iter(hybrid_folders.values())).parent) as url:
+        yield url
 
 
 def remote_model(model: torch.nn.Module, modules: list[str], url: str, name: str, work: Path):
