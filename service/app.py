@@ -1,7 +1,8 @@
 """The fhe-bento HTTP service: `bentoml serve fhe_bento.service.app:FHEBento`.
 
 Routes live on a FastAPI app mounted into the BentoML service (BentoML's own `@bentoml.api` routes are
-POST-only and cannot carry path parameters): native v1 routes (`service/routes.py`), Zama-compatible
+POST-only and cannot carry path parameters): native v1 routes (`service/routes.py`, and the prediction
+routes as plain ASGI in front of FastAPI's routing, `service/hot_path.py`), Zama-compatible
 routes (`service/compat.py`) and SageMaker's `/ping` + `/invocations` (`service/sagemaker.py`). All of
 them call the one `Operations` object (`service/operations.py`) that `FHEBento` below builds, so each
 behaviour exists once.
@@ -25,7 +26,7 @@ import os
 import bentoml
 from fastapi import FastAPI, Request
 from fastapi.exceptions import RequestValidationError
-from fastapi.responses import JSONResponse, Response
+from fastapi.responses import Response
 from starlette.exceptions import HTTPException as StarletteHTTPException
 
 from fhe_bento.core import staging
@@ -38,9 +39,11 @@ from fhe_bento.runners.runner import Runner
 from fhe_bento.service.admission import Admission
 from fhe_bento.service.auth import parse_token_settings
 from fhe_bento.service.compat import router as compat_router
+from fhe_bento.service.hot_path import HotPath
 from fhe_bento.service.limits import RequestLimits
 from fhe_bento.service.operations import Operations
 from fhe_bento.service.remote_runner import RemoteRunner
+from fhe_bento.service.responses import error_response
 from fhe_bento.service.routes import admin_router
 from fhe_bento.service.routes import router as native_router
 from fhe_bento.service.sagemaker import router as sagemaker_router
@@ -51,9 +54,7 @@ log = logging.getLogger("bentoml.fhe_bento.service")
 
 async def _fhe_error(request: Request, exc: Exception) -> Response:
     assert isinstance(exc, FHEBentoError)
-    if request.method == "HEAD":
-        return Response(status_code=exc.status, headers=exc.headers)
-    return JSONResponse(exc.body(), status_code=exc.status, headers=exc.headers)
+    return error_response(exc, request.method)
 
 
 async def _http_error(request: Request, exc: Exception) -> Response:
@@ -84,6 +85,9 @@ def build_app(settings: ServiceSettings) -> FastAPI:
     app.state.auth = parse_token_settings(
         settings.predict_tokens.get_secret_value(), settings.admin_tokens.get_secret_value()
     )
+    # Middlewares run in the reverse order of their adding: RequestLimits' checks and deadline hold for the
+    # prediction routes of HotPath too.
+    app.add_middleware(HotPath)
     app.add_middleware(
         RequestLimits, max_header_bytes=settings.max_header_bytes, timeout=settings.request_timeout
     )

@@ -1,18 +1,21 @@
 """The operations of the fhe-bento service, whatever the transport: one plain class.
 
-The native routes (`service/routes.py`), SageMaker's `/invocations` (`service/sagemaker.py`) and the
-Zama-compatible routes (`service/compat.py`) get it by dependency injection (`current_operations`), read
+The native routes (`service/routes.py`, `service/hot_path.py`), SageMaker's `/invocations`
+(`service/sagemaker.py`) and the Zama-compatible routes (`service/compat.py`) get it by dependency
+injection (`current_operations`, `operations_of`), read
 their bodies by the one spec per operation (`service/bodies.py`), and call it. It holds no key state: every
 key operation is a call to the FHE runner, which owns the keys (`runners/key_service.py`).
 """
 
 from __future__ import annotations
 
+import inspect
 import logging
 from pathlib import Path
 from typing import Any
 
 import bentoml
+from fastapi import FastAPI
 
 from fhe_bento.core.errors import FHEBentoError
 from fhe_bento.core.key_rules import check_key_id, check_key_size
@@ -269,3 +272,12 @@ async def current_operations() -> Operations:
     plain function would run in FastAPI's thread pool, a thread hop per request)."""
     ops: Operations = bentoml.get_current_service().ops
     return ops
+
+
+async def operations_of(app: FastAPI) -> Operations:
+    """`current_operations` outside FastAPI's dependency injection (`service/hot_path.py`), overridden
+    as the dependency is."""
+    provider = app.dependency_overrides.get(current_operations, current_operations)
+    ops = provider()
+    found: Operations = await ops if inspect.isawaitable(ops) else ops
+    return found

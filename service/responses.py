@@ -1,12 +1,20 @@
-"""Responses shared by the native, SageMaker and Zama-compatible routes."""
+"""Responses shared by the native, SageMaker and Zama-compatible routes, and the error shape of all of them."""
 
 from __future__ import annotations
 
-from fastapi.responses import FileResponse, JSONResponse
+from fastapi.responses import FileResponse, JSONResponse, Response
 
+from fhe_bento.core.errors import FHEBentoError
 from fhe_bento.core.model_repo import ModelSpec
 from fhe_bento.core.runner_api import KeyFacts
 from fhe_bento.protocol.names import CLIENT_SHA_HEADER
+
+
+def error_response(exc: FHEBentoError, method: str) -> Response:
+    """The service's one error shape (`{"error": {"code", "message"}}`), with the error's headers."""
+    if method == "HEAD":
+        return Response(status_code=exc.status, headers=exc.headers)
+    return JSONResponse(exc.body(), status_code=exc.status, headers=exc.headers)
 
 
 def client_zip_response(spec: ModelSpec) -> FileResponse:

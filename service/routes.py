@@ -3,7 +3,9 @@
 before any body is read; the operations come by dependency too (`current_operations`).
 
 A model name may hold slashes: a hybrid model's circuit is served as `MODEL/MODULE/SHAPE`
-(`core/model_repo.py`), so `{name:path}`, and the bare `GET /v1/models/{name}` comes last."""
+(`core/model_repo.py`), so `{name:path}`, and the bare `GET /v1/models/{name}` comes last. The two
+prediction routes, `POST /v1/models/{name}/predict` and `.../predict_batch`, are served in front of
+FastAPI's routing (`service/hot_path.py`)."""
 
 from __future__ import annotations
 
@@ -14,11 +16,9 @@ from fastapi.responses import FileResponse, Response
 
 from fhe_bento.core.errors import FHEBentoError
 from fhe_bento.core.runner_api import PartsHeld, PartStored
-from fhe_bento.protocol import wire
-from fhe_bento.protocol.names import KEY_ID_HEADER, OCTET_STREAM
 from fhe_bento.service import bodies
 from fhe_bento.service.auth import Caller, admin_caller, predict_caller
-from fhe_bento.service.operations import Operations, current_operations, decode_rows
+from fhe_bento.service.operations import Operations, current_operations
 from fhe_bento.service.responses import client_zip_response, key_registered
 
 router = APIRouter(prefix="/v1/models")
@@ -26,11 +26,6 @@ admin_router = APIRouter(prefix="/v1/keys")
 PREDICT = Depends(predict_caller)
 ADMIN = Depends(admin_caller)
 OPS = Depends(current_operations)
-
-
-def key_id_header(request: Request) -> str | None:
-    key_id = request.headers.get(KEY_ID_HEADER)
-    return key_id.strip().lower() if key_id else None
 
 
 @router.get("")
@@ -82,25 +77,6 @@ async def complete_key(
     name: str, key_id: str, parts: int, caller: Caller = PREDICT, ops: Operations = OPS
 ) -> Response:
     return key_registered(await ops.complete_key(ops.spec(name), caller, key_id, parts))
-
-
-@router.post("/{name:path}/predict")
-async def predict(name: str, request: Request, caller: Caller = PREDICT, ops: Operations = OPS) -> Response:
-    spec = ops.spec(name)
-    ciphertext = await bodies.CIPHERTEXT.read_bytes(request)
-    return Response(
-        await ops.predict(spec, caller, key_id_header(request), ciphertext), media_type=OCTET_STREAM
-    )
-
-
-@router.post("/{name:path}/predict_batch")
-async def predict_batch(
-    name: str, request: Request, caller: Caller = PREDICT, ops: Operations = OPS
-) -> Response:
-    spec = ops.spec(name)
-    rows = decode_rows(await bodies.BATCH.read_bytes(request), ops.settings.max_batch_rows)
-    results = await ops.predict_batch(spec, caller, key_id_header(request), rows)
-    return Response(wire.encode_batch(results), media_type=wire.CONTENT_TYPE)
 
 
 @router.get("/{name:path}")
