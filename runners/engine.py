@@ -41,7 +41,7 @@ import time
 from collections import deque
 from collections.abc import Callable
 from concurrent.futures import Future
-from multiprocessing.connection import Connection, wait
+from multiprocessing.connection import Connection
 from typing import Any
 
 from fhe_bento.core import metrics
@@ -208,7 +208,15 @@ def _engine_main(conn: Connection, supervisor: int, settings: Settings, specs: d
     conn.send(_LOADED)
     with contextlib.suppress(EOFError):
         while (row := conn.recv()) is not None:
-            conn.send(_outcome(_run_row, state, *row))
+            ok, value = _outcome(_run_row, state, *row)
+            if ok and value is not None:
+                # A result's bytes follow its FHE seconds as a raw message: pickling them cost a copy each
+                # way, and a hybrid model's layer answers megabytes (`_Child.receive_row`).
+                result, seconds = value
+                conn.send((True, seconds))
+                conn.send_bytes(result)
+            else:
+                conn.send((ok, value))
 
 
 def _verify_main(conn: Connection, path: str) -> None:
@@ -249,10 +257,21 @@ class _Child:
         self.process = context.Process(target=main, args=(child_end, *args), name=name)
         self.process.start()
         child_end.close()  # the child's is the only one left: its death reads as EOF here
+        # One poll set for the process's life: its pipe (a message, or EOF once it is gone) and its sentinel.
+        # multiprocessing's `wait` builds a selector on every call, and `is_alive` another: on a cheap
+        # circuit's row, that was a measurable share of the supervisor's CPU.
+        self._events = select.poll()
+        for fd in (self.conn.fileno(), self.process.sentinel):
+            self._events.register(fd, select.POLLIN)
 
     def answered(self, timeout: float | None = None) -> bool:
         """Whether a message or the child's death came within `timeout`."""
-        return bool(wait([self.conn, self.process.sentinel], timeout))
+        return bool(self._events.poll(None if timeout is None else 1000 * timeout))
+
+    def idle_and_alive(self) -> bool:
+        """For a child that owes no answer: whether it is still alive. Such a child writes nothing, so
+        anything to read on its pipe or sentinel means it has died."""
+        return not self.answered(0)
 
     def receive(self) -> Any:
         """The child's next message, once `answered`; EOFError if it died first."""
@@ -262,6 +281,17 @@ class _Child:
         except OSError:
             pass
         raise EOFError
+
+    def receive_row(self) -> tuple[bool, Any]:
+        """An engine's answer to a row, once `answered`: (True, (result, FHE seconds)), (True, None) for a
+        row dropped at its deadline, or (False, the error); EOFError if it died first."""
+        ok, value = self.receive()
+        if ok and value is not None:
+            try:
+                return True, (self.conn.recv_bytes(), value)
+            except OSError:
+                raise EOFError from None
+        return ok, value
 
     def stop(self) -> None:
         """End the child on purpose: an idle engine exits when told; any other is killed after STOP_GRACE."""
@@ -362,7 +392,7 @@ class Engine:
                 if not self._answered(engine):
                     future.set_exception(_unavailable("is stopping"))
                     return
-                ok, value = engine.receive()
+                ok, value = engine.receive_row()
             except (EOFError, OSError):  # OSError: it died before it read the row
                 future.set_exception(_unavailable("process died while computing"))
                 return
@@ -374,7 +404,7 @@ class Engine:
     def _next_row(self, engine: _Child) -> tuple[Row, Future[RowResult]] | None:
         """The next row not dropped, or None once the process died while idle or the engine stops."""
         with self._cond:
-            while not self._stopping and engine.process.is_alive():  # a row goes to a live process only
+            while not self._stopping and engine.idle_and_alive():  # a row goes to a live process only
                 while self._queue:
                     row, future = self._queue.popleft()
                     if future.set_running_or_notify_cancel():  # from now on the row cannot be dropped
