@@ -188,7 +188,7 @@ def load(endpoint: Endpoint, rows: int, clients: int, pause: float = 0.0) -> dic
         conn.close()
 
     cpu = tree_cpu(endpoint.pid)
-    threads = thread_cpu(endpoint.worker_pid) if endpoint.worker_pid else {}
+    thread_cpu_before = thread_cpu(endpoint.worker_pid) if endpoint.worker_pid else {}
     started = time.perf_counter()
     threads = [threading.Thread(target=client) for _ in range(clients)]
     for thread in threads:
@@ -202,7 +202,9 @@ def load(endpoint: Endpoint, rows: int, clients: int, pause: float = 0.0) -> dic
         "cpu_ms_per_row": 1000 * (tree_cpu(endpoint.pid) - cpu) / rows,
     }
     if endpoint.worker_pid:
-        grown = {tid: cpu - threads.get(tid, 0.0) for tid, cpu in thread_cpu(endpoint.worker_pid).items()}
+        grown = {
+            tid: cpu - thread_cpu_before.get(tid, 0.0) for tid, cpu in thread_cpu(endpoint.worker_pid).items()
+        }
         loop = grown.get(endpoint.worker_pid, 0.0)  # the main thread's id is the process id
         figures["worker_cpu_ms_per_row"] = 1000 * sum(grown.values()) / rows
         figures["worker_loop_cpu_ms_per_row"] = 1000 * loop / rows
@@ -427,12 +429,19 @@ def markdown(results: dict[str, Any], ping: dict[str, dict[str, float]], cores: 
             f"{s['worker_cpu_ms_per_row'] - s['worker_loop_cpu_ms_per_row']:.2f} |"
         )
     back, paused = ping["back_to_back"], ping["paused"]
+    floor = paused["worker_cpu_ms_per_row"]
+    floors = ", ".join(
+        f"{name} {(r['in_process']['cpu_ms_per_row'] + floor) / r['in_process']['cpu_ms_per_row']:.2f}x"
+        for name, r in results.items()
+    )
     lines += [
         "",
         f"The HTTP stack's floor: the worker's CPU for `GET /ping` is {back['worker_cpu_ms_per_row']:.2f} ms "
-        f"back to back, and {paused['worker_cpu_ms_per_row']:.2f} ms when the client waits "
-        f"{1000 * ROW_PAUSE:.0f} ms (one cheap row's FHE) between two requests: the same work costs more "
-        "in a worker that wakes from idle, as it does for every row whose FHE runs in an engine process.",
+        f"back to back, and {floor:.2f} ms when the client waits {1000 * ROW_PAUSE:.0f} ms (one cheap row's "
+        "FHE) between two requests: the same work costs more in a worker that wakes from idle, as it does "
+        "for every row whose FHE runs in an engine process. A server that kept FHE out of its HTTP process "
+        "(a crash in concrete must not take other requests with it) and did nothing but relay would so cost "
+        f"at least: {floors} of the in-process CPU per row, with engines as cheap as the in-process loop.",
     ]
     stages = {name: r["stages"] for name, r in results.items() if "stages" in r}
     if stages:
