@@ -99,31 +99,41 @@ def client_row(folder: Path, keys: Path) -> Row:
 # --- in process -------------------------------------------------------------------------------------
 
 
-def in_process(folder: Path, row: Row, rows: int) -> dict[str, float]:
-    from concrete import fhe
-    from concrete.ml.deployment import FHEModelServer
-    from threadpoolctl import threadpool_limits
+class InProcess:
+    """`FHEModelServer.run` in this process, as an engine runs it: one OpenMP thread per row."""
 
-    threadpool_limits(1, user_api="openmp")
-    server = FHEModelServer(str(folder))
-    key = fhe.EvaluationKeys.deserialize(row.key)
-    for _ in range(20):  # warm-up
-        server.run(row.ciphertext, key)
-    latencies = []
-    cpu = time.process_time()
-    for _ in range(rows):
+    def __init__(self, folder: Path, row: Row) -> None:
+        from concrete import fhe
+        from concrete.ml.deployment import FHEModelServer
+        from threadpoolctl import threadpool_limits
+
+        threadpool_limits(1, user_api="openmp")
+        self.server = FHEModelServer(str(folder))
+        self.ciphertext = row.ciphertext
+        self.key = fhe.EvaluationKeys.deserialize(row.key)
+        for _ in range(20):  # warm-up
+            self.run()
+
+    def run(self, _: object = None) -> None:
+        self.server.run(self.ciphertext, self.key)
+
+    def measure(self, rows: int) -> dict[str, float]:
+        """One thread (latency, CPU per row), then two (throughput)."""
+        latencies = []
+        cpu = time.process_time()
+        for _ in range(rows):
+            started = time.perf_counter()
+            self.run()
+            latencies.append(time.perf_counter() - started)
+        cpu_per_row = (time.process_time() - cpu) / rows
         started = time.perf_counter()
-        server.run(row.ciphertext, key)
-        latencies.append(time.perf_counter() - started)
-    cpu_per_row = (time.process_time() - cpu) / rows
-    started = time.perf_counter()
-    with ThreadPoolExecutor(2) as pool:
-        list(pool.map(lambda _: server.run(row.ciphertext, key), range(rows)))
-    return {
-        "latency_ms": 1000 * statistics.median(latencies),
-        "cpu_ms_per_row": 1000 * cpu_per_row,
-        "rows_per_s_2_threads": rows / (time.perf_counter() - started),
-    }
+        with ThreadPoolExecutor(2) as pool:
+            list(pool.map(self.run, range(rows)))
+        return {
+            "latency_ms": 1000 * statistics.median(latencies),
+            "cpu_ms_per_row": 1000 * cpu_per_row,
+            "rows_per_s_2_threads": rows / (time.perf_counter() - started),
+        }
 
 
 # --- served -----------------------------------------------------------------------------------------
@@ -212,7 +222,7 @@ def load(endpoint: Endpoint, rows: int, clients: int, pause: float = 0.0) -> dic
 
 
 def measure_served(endpoint: Endpoint, rows: int) -> dict[str, float]:
-    load(endpoint, max(20, rows // 10), CLIENTS)  # warm-up: connections, caches, engines
+    """One client (latency, server CPU per row), then CLIENTS at once (throughput)."""
     one = load(endpoint, rows, 1)
     many = load(endpoint, rows, CLIENTS)
     return {
@@ -222,6 +232,30 @@ def measure_served(endpoint: Endpoint, rows: int) -> dict[str, float]:
         "rows_per_s_8_clients": many["rows_per_s"],
         "cpu_ms_per_row_8_clients": many["cpu_ms_per_row"],
     }
+
+
+def warm_up(endpoint: Endpoint, rows: int) -> None:
+    load(endpoint, max(20, rows // 10), CLIENTS)  # connections, caches, engines
+
+
+def paired(local: InProcess, endpoint: Endpoint, rows: int) -> dict[str, dict[str, float]]:
+    """In process and served, measured in alternating blocks of `rows` / ROUNDS (this machine's speed
+    drifts between minutes): the median of each figure over the rounds, for both."""
+    warm_up(endpoint, rows)
+    block = max(2, rows // ROUNDS)
+    rounds: dict[str, list[dict[str, float]]] = {"in_process": [], "fhe_bento": []}
+    for index in range(ROUNDS):
+        order = ("in_process", "fhe_bento") if index % 2 == 0 else ("fhe_bento", "in_process")
+        for where in order:
+            figures = local.measure(block) if where == "in_process" else measure_served(endpoint, block)
+            rounds[where].append(figures)
+    return {
+        where: {key: statistics.median(r[key] for r in runs) for key in runs[0]}
+        for where, runs in rounds.items()
+    }
+
+
+ROUNDS = 5
 
 
 def multipart(fields: dict[str, bytes | str]) -> tuple[bytes, str]:
@@ -339,8 +373,7 @@ def main() -> None:
     folders = import_models()
     row_of = {name: client_row(folder, home / "client-keys" / name) for name, folder in folders.items()}
     results: dict[str, Any] = {}
-    for name, folder in folders.items():
-        results[name] = {"in_process": in_process(folder, row_of[name], rows)}
+    local = {name: InProcess(folder, row_of[name]) for name, folder in folders.items()}
 
     server = Server(home / "server", {"FHE_BENTO_MODELS": f"{LOGREG}:latest,{HYBRID}:latest", **ENGINE_ENV})
     server.start()
@@ -354,7 +387,7 @@ def main() -> None:
                 server.proc.pid,
                 server.worker().pid,
             )
-            results[name]["fhe_bento"] = measure_served(endpoint, rows)
+            results[name] = paired(local[name], endpoint, rows)
             if args.profile_seconds and not args.smoke:
                 results[name]["stages"] = profile(server.proc.pid, endpoint, args.profile_seconds)
         results["ping"] = ping_floor(server, rows)
@@ -364,6 +397,7 @@ def main() -> None:
     for name, folder in folders.items():
         proc, endpoint = reference_endpoint(folder, row_of[name], free_port())
         try:
+            warm_up(endpoint, rows)
             results[name]["reference"] = measure_served(endpoint, rows)
         finally:
             proc.terminate()
@@ -392,7 +426,9 @@ def markdown(results: dict[str, Any], ping: dict[str, dict[str, float]], cores: 
         "Reference: a server built like Zama's reference deployment server (`bench/reference_server.py`: one",
         "process, concrete's default OpenMP threads, no checks). Server CPU per row counts every process of the",
         "server, with one client; the worker's share is its HTTP stack, its checks and the engines' supervisor.",
-        "Clients are raw `http.client` connections. Goals (issue 19): " + GOALS + ".",
+        "Clients are raw `http.client` connections. In process and fhe-bento are measured in alternating",
+        f"blocks, {ROUNDS} rounds, and each figure is the median of its rounds (this machine's speed drifts).",
+        "Goals (issue 19): " + GOALS + ".",
         "",
         "| model | server | one row, ms | vs in process | server CPU per row, ms | / in process | of it, worker | "
         "8 clients, rows/s | / in process on 2 threads |",

@@ -114,7 +114,7 @@ def main() -> None:
 
     saved, circuit = build(home)
     row = cheap.client_row(circuit, home / "client-keys")
-    results: dict[str, Any] = {"module_call": {"in_process": cheap.in_process(circuit, row, rows)}}
+    local = cheap.InProcess(circuit, row)
     name = f"{tinygpt.NAME}/{tinygpt.REMOTE_MODULES[0]}/1x4x16"
     # Module calls as bench/cheap.py measures a cheap circuit: two engine processes of one OpenMP thread,
     # against one thread in process.
@@ -129,7 +129,7 @@ def main() -> None:
             server.proc.pid,
             server.worker().pid,
         )
-        results["module_call"]["fhe_bento"] = cheap.measure_served(endpoint, rows)
+        results: dict[str, Any] = {"module_call": cheap.paired(local, endpoint, rows)}
     finally:
         server.stop()
     # Forward passes and generation with the default settings, as the reference runs with concrete's.
@@ -173,8 +173,9 @@ def markdown(results: dict[str, Any], cores: int) -> str:
             "(`HybridFHEModel` in remote mode, unmodified) against fhe-bento and against a server built like Zama's",
             "reference hybrid server (`harness/zama_hybrid_server.py`: concrete-ml's `HybridFHEModelServer` behind",
             "FastAPI). Module calls: fhe-bento with two engine processes of one OpenMP thread against one thread in",
-            'process, as in "Cheap circuits"; forward passes and generation: fhe-bento\'s default settings (one',
-            "engine process, an OpenMP thread per core), the reference with concrete's default threads.",
+            'process, in alternating blocks as in "Cheap circuits" (medians of their rounds); forward passes',
+            "and generation: fhe-bento's default settings (one engine process, an OpenMP thread per core), the",
+            "reference with concrete's default threads.",
             "Generation: fhe-bento's client (`FHEClient.hybrid`), 2 tokens after a 2-token prompt.",
             "Goals (issue 20): forward pass <= 0.5x the reference's; a module call <= in process + 2 ms.",
             "",
