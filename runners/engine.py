@@ -301,13 +301,10 @@ class _Child:
 
     def receive_row(self) -> tuple[bool, Any]:
         """An engine's answer to a row, once `answered`: (True, (result, FHE seconds)), (True, None) for a
-        row dropped at its deadline, or (False, the error); EOFError if it died first."""
+        row dropped at its deadline, or (False, the error); EOFError (or OSError) if it died first."""
         ok, value = self.receive()
         if ok and value is not None:
-            try:
-                return True, (self.conn.recv_bytes(), value)
-            except OSError:
-                raise EOFError from None
+            return True, (self.conn.recv_bytes(), value)
         return ok, value
 
     def stop(self) -> None:
