@@ -303,8 +303,11 @@ ROW_PAUSE = 0.005  # seconds: about one cheap row's FHE
 # (stage, substrings of a sampled stack's frames): the first stage whose substring is in the stack wins.
 STAGES = [
     ("FHE (concrete)", ("server.py", "concrete/fhe", "concrete/ml/deployment")),
-    ("Cap'n Proto checks", ("payload_check", "capnp_wire")),
-    ("runner-to-engine hop (supervisor, pipe, pickle)", ("runners/engine.py", "multiprocessing/connection")),
+    ("Cap'n Proto checks", ("checks/payloads", "capnp_wire")),
+    (
+        "runner-to-engine hop (supervisor, pipe, pickle)",
+        ("runners/supervisor.py", "runners/engine_pipe.py", "multiprocessing/connection"),
+    ),
     (
         "service-to-runner hop",
         ("runner_api", "_bentoml_sdk/method", "bentoml/_internal/client", "_bentoml_impl/client"),

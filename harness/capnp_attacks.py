@@ -12,7 +12,7 @@ import itertools
 import struct
 from collections.abc import Callable
 
-from fhe_bento.core.capnp_wire import COMPOSITE_LIST, POINTER_LIST, Shape, read_shape
+from fhe_bento.checks.capnp_wire import COMPOSITE_LIST, POINTER_LIST, Shape, read_shape
 
 _MASK32 = (1 << 32) - 1
 

@@ -117,9 +117,9 @@ def deploy(
     import boto3
     from sagemaker.core.helper.session_helper import Session
 
-    from fhe_bento.core.settings import Settings
     from fhe_bento.modelkit import sagemaker_deploy as sd
     from fhe_bento.modelkit import sagemaker_scaling
+    from fhe_bento.runtime.settings import Settings
 
     if (min_instances is None) != (max_instances is None):
         raise click.UsageError("give both --min-instances and --max-instances, or neither")

@@ -19,8 +19,9 @@ from pathlib import Path
 import bentoml
 import numpy as np
 
-from fhe_bento.core.capnp_wire import first_difference, read_shape
-from fhe_bento.core.model_repo import (
+from fhe_bento.checks.capnp_wire import first_difference, read_shape
+from fhe_bento.checks.payloads import check_keyset_params
+from fhe_bento.models.repository import (
     HYBRID_FILE,
     METADATA_FILE,
     HybridLayout,
@@ -28,7 +29,6 @@ from fhe_bento.core.model_repo import (
     sha256_file,
     zip_versions,
 )
-from fhe_bento.core.payload_check import check_keyset_params
 
 
 def _throwaway_keys(folder: Path, key_dir: Path, count: int):

@@ -22,8 +22,8 @@ from typing import TYPE_CHECKING
 
 from pydantic import BaseModel, Field, model_validator
 
-from fhe_bento.core.model_repo import HYBRID_FILE, METADATA_FILE, load_model
 from fhe_bento.modelkit.image import SAGEMAKER_ENV
+from fhe_bento.models.repository import HYBRID_FILE, METADATA_FILE, load_model
 
 if TYPE_CHECKING:
     from sagemaker.core.helper.session_helper import Session

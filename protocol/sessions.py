@@ -10,7 +10,7 @@ from __future__ import annotations
 
 import re
 from dataclasses import dataclass
-from datetime import datetime, timezone
+from datetime import UTC, datetime
 
 SESSION_HEADER = "X-Amzn-SageMaker-Session-Id"
 NEW_SESSION = "NEW_SESSION"
@@ -30,7 +30,7 @@ class Session:
         return f"{self.id}; Expires={self.expires.strftime(_EXPIRES)}"
 
     def expired(self, margin_seconds: float = 0.0) -> bool:
-        return (self.expires - datetime.now(timezone.utc)).total_seconds() <= margin_seconds
+        return (self.expires - datetime.now(UTC)).total_seconds() <= margin_seconds
 
 
 def parse_session(answer: str) -> Session:
@@ -38,5 +38,5 @@ def parse_session(answer: str) -> Session:
     match = _ANSWER.fullmatch(answer.strip())
     if not match:
         raise ValueError("not a session answer: <id>; Expires=<UTC time>")
-    expires = datetime.strptime(match["expires"], _EXPIRES).replace(tzinfo=timezone.utc)
+    expires = datetime.strptime(match["expires"], _EXPIRES).replace(tzinfo=UTC)
     return Session(match["id"], expires)

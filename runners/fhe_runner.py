@@ -1,7 +1,7 @@
 """The FHE runner served on its own: `bentoml serve fhe_bento.runners.fhe_runner:FHERunner`, for HTTP
 services elsewhere that reach it with `FHE_BENTO_RUNNER_URL` (`service/remote_runner.py`).
 
-Each method is one operation of `RunnerAPI` (`core/runner_api.py`), carried out by a `Runner`
+Each method is one operation of `RunnerAPI` (`contract/runner_api.py`), carried out by a `Runner`
 (`runners/runner.py`), with its answer or its error in an `Outcome`: this is the one place where errors are
 put in-band, so that their codes cross the network. BentoML's `/readyz` is the runner's readiness, which the
 HTTP services probe.
@@ -15,11 +15,8 @@ from typing import Any, TypeVar
 
 import bentoml
 
-from fhe_bento.core import staging
-from fhe_bento.core.errors import FHEBentoError
-from fhe_bento.core.lifecycle import exit_nonzero_if_stopped
-from fhe_bento.core.model_repo import load_specs
-from fhe_bento.core.runner_api import (
+from fhe_bento.contract.errors import FHEBentoError
+from fhe_bento.contract.runner_api import (
     KeyCompletion,
     KeyFacts,
     KeyPart,
@@ -32,8 +29,11 @@ from fhe_bento.core.runner_api import (
     Rows,
     ScopedKey,
 )
-from fhe_bento.core.settings import Settings
+from fhe_bento.models.repository import load_specs
 from fhe_bento.runners.runner import Runner
+from fhe_bento.runtime import staging
+from fhe_bento.runtime.lifecycle import exit_nonzero_if_stopped
+from fhe_bento.runtime.settings import Settings
 
 # This module is the standalone runner's composition root: BentoML declares the service at import, so the
 # settings are read here, once per process, and passed down.

@@ -1,4 +1,4 @@
-"""Imported only by the engines' forkserver (`engine._context` preloads it), never by a worker.
+"""Imported only by the engines' forkserver (`engine_pipe._context` preloads it), never by a worker.
 
 BentoML stops a worker by sending SIGTERM to it and to its children (circus's `stop_children`), so the
 forkserver gets the server's stop signal too. Dying of it would close the sentinel pipes of every engine

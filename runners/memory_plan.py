@@ -22,9 +22,9 @@ from pathlib import Path
 
 import psutil
 
-from fhe_bento.core.model_repo import ModelSpec
-from fhe_bento.core.settings import Settings
+from fhe_bento.models.repository import ModelSpec
 from fhe_bento.protocol.names import MiB
+from fhe_bento.runtime.settings import Settings
 
 # Measured (docs/operations.md, "Memory"): 1.5 GB resident for the whole server with the demo models loaded and no
 # key; rounded up for the allocator's slack.

@@ -1,10 +1,10 @@
-"""The FHE runner: every operation of `RunnerAPI` (`core/runner_api.py`), carried out in this process.
+"""The FHE runner: every operation of `RunnerAPI` (`contract/runner_api.py`), carried out in this process.
 
 It checks what a request carries before concrete sees any of it: the model, then the key (its id, that it
 is registered for this tenant and not expired: once per request, not per row), then every ciphertext's
-Cap'n Proto layout. Only then do the rows go to the supervised engine processes (`runners/engine.py`),
+Cap'n Proto layout. Only then do the rows go to the supervised engine processes (`runners/supervisor.py`),
 the only processes where client bytes reach concrete, so a crash there costs only the rows in flight in
-that process. Keys are the key service's (`runners/key_service.py`).
+that process. Keys are the key service's (`keys/service.py`).
 
 The HTTP service holds one `Runner` in process (the usual co-located case: no hop but the engine's pipe);
 `runners/fhe_runner.py` serves one on its own for an HTTP service elsewhere (`FHE_BENTO_RUNNER_URL`).
@@ -17,12 +17,9 @@ from collections.abc import Iterator
 from contextlib import contextmanager
 from typing import Any
 
-from fhe_bento.core import metrics
-from fhe_bento.core.errors import FHEBentoError
-from fhe_bento.core.lifecycle import stop_server
-from fhe_bento.core.model_repo import ModelSpec
-from fhe_bento.core.payload_check import check_ciphertext
-from fhe_bento.core.runner_api import (
+from fhe_bento.checks.payloads import check_ciphertext
+from fhe_bento.contract.errors import FHEBentoError
+from fhe_bento.contract.runner_api import (
     KeyCompletion,
     KeyFacts,
     KeyPart,
@@ -34,11 +31,14 @@ from fhe_bento.core.runner_api import (
     Rows,
     ScopedKey,
 )
-from fhe_bento.core.settings import Settings
-from fhe_bento.runners.engine import Engine
-from fhe_bento.runners.key_service import KeyService
+from fhe_bento.keys.service import KeyService
+from fhe_bento.models.repository import ModelSpec
 from fhe_bento.runners.memory_plan import plan_memory
-from fhe_bento.runners.verify_slots import VerifySlots
+from fhe_bento.runners.supervisor import Engine
+from fhe_bento.runners.verification import KeyVerifier
+from fhe_bento.runtime import metrics
+from fhe_bento.runtime.lifecycle import stop_server
+from fhe_bento.runtime.settings import Settings
 
 log = logging.getLogger("bentoml.fhe_bento.runner")
 
@@ -47,13 +47,9 @@ class Runner:
     def __init__(self, settings: Settings, specs: dict[str, ModelSpec]) -> None:
         self.specs = specs
         memory = plan_memory(settings, specs)
-        self.engine = Engine(
-            settings,
-            specs,
-            give_up=stop_server,
-            verify_slots=VerifySlots(memory.verifications, memory.queued_verifications),
-        )
-        self.keys = KeyService(settings, verify=self.engine.verify_key)
+        self.engine = Engine(settings, specs, give_up=stop_server)
+        self.verifier = KeyVerifier(memory.verifications, memory.queued_verifications)
+        self.keys = KeyService(settings, verify=self.verifier.verify)
         log.info(
             "FHE runner started: models=%s engine processes=%d omp_threads=%s memory=%d MB warm-key bound "
             "per engine=%d MB verifications=%d (+%d queued)",

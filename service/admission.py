@@ -17,9 +17,9 @@ from collections import defaultdict
 from collections.abc import AsyncIterator
 from contextlib import asynccontextmanager
 
-from fhe_bento.core import metrics
-from fhe_bento.core.errors import FHEBentoError
-from fhe_bento.core.model_repo import ModelSpec
+from fhe_bento.contract.errors import FHEBentoError
+from fhe_bento.models.repository import ModelSpec
+from fhe_bento.runtime import metrics
 
 SMOOTHING = 0.2  # weight of the newest observation in the moving average of FHE seconds per row
 

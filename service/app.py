@@ -11,7 +11,7 @@ By default each worker of this service holds the FHE runner in process (`runners
 every request, then hands the rows to its engine processes, the only ones where client bytes reach
 concrete, so that a request costs one pipe hop besides its FHE. With `FHE_BENTO_RUNNER_URL` it calls a
 runner served on its own instead (`service/remote_runner.py`); both are one `RunnerAPI`
-(`core/runner_api.py`) to the operations.
+(`contract/runner_api.py`) to the operations.
 
 This module is the service's composition root. BentoML declares a service when its module is imported
 (`bentoml serve` imports it in the arbiter and in every worker), so the settings are read here, once, and
@@ -29,13 +29,13 @@ from fastapi.exceptions import RequestValidationError
 from fastapi.responses import Response
 from starlette.exceptions import HTTPException as StarletteHTTPException
 
-from fhe_bento.core import staging
-from fhe_bento.core.errors import FHEBentoError
-from fhe_bento.core.lifecycle import exit_nonzero_if_stopped
-from fhe_bento.core.model_repo import default_model, load_specs
-from fhe_bento.core.runner_api import RunnerAPI
+from fhe_bento.contract.errors import FHEBentoError
+from fhe_bento.contract.runner_api import RunnerAPI
+from fhe_bento.models.repository import default_model, load_specs
 from fhe_bento.runners.fhe_runner import FHERunner
 from fhe_bento.runners.runner import Runner
+from fhe_bento.runtime import staging
+from fhe_bento.runtime.lifecycle import exit_nonzero_if_stopped
 from fhe_bento.service.admission import Admission
 from fhe_bento.service.auth import parse_token_settings
 from fhe_bento.service.compat import router as compat_router
@@ -149,7 +149,7 @@ def declare_service(settings: ServiceSettings, app: FastAPI) -> type:
 
 
 # The arbiter only imports this module (it never builds the service): registering the exit hook here is
-# the one way to give a stopped server a non-zero exit status (core/lifecycle.py).
+# the one way to give a stopped server a non-zero exit status (runtime/lifecycle.py).
 exit_nonzero_if_stopped()
 _settings = ServiceSettings()
 app = build_app(_settings)

@@ -20,8 +20,8 @@ from dataclasses import dataclass
 
 from fastapi import Request
 
-from fhe_bento.core import metrics
-from fhe_bento.core.errors import FHEBentoError
+from fhe_bento.contract.errors import FHEBentoError
+from fhe_bento.runtime import metrics
 
 CHALLENGE = 'Bearer realm="fhe-bento"'
 log = logging.getLogger("bentoml.fhe_bento.auth")

@@ -15,10 +15,10 @@ from pathlib import Path
 
 from starlette.requests import ClientDisconnect, Request
 
-from fhe_bento.core import staging
-from fhe_bento.core.errors import FHEBentoError
+from fhe_bento.contract.errors import FHEBentoError
 from fhe_bento.protocol import transform, wire
 from fhe_bento.protocol.names import OCTET_STREAM
+from fhe_bento.runtime import staging
 from fhe_bento.service.settings import ServiceSettings
 
 

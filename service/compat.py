@@ -20,8 +20,8 @@ from fastapi.responses import FileResponse, JSONResponse, Response
 from starlette.datastructures import FormData, UploadFile
 from starlette.formparsers import FormParser, MultiPartParser
 
-from fhe_bento.core.errors import FHEBentoError
-from fhe_bento.core.model_repo import ModelSpec
+from fhe_bento.contract.errors import FHEBentoError
+from fhe_bento.models.repository import ModelSpec
 from fhe_bento.protocol.names import OCTET_STREAM
 from fhe_bento.service.auth import Caller, predict_caller
 from fhe_bento.service.bodies import limited_chunks, require_content_type

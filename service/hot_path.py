@@ -17,8 +17,8 @@ from starlette.requests import Request
 from starlette.responses import Response
 from starlette.types import ASGIApp, Receive, Scope, Send
 
-from fhe_bento.core.errors import FHEBentoError
-from fhe_bento.core.model_repo import ModelSpec
+from fhe_bento.contract.errors import FHEBentoError
+from fhe_bento.models.repository import ModelSpec
 from fhe_bento.protocol import wire
 from fhe_bento.protocol.names import KEY_ID_HEADER, OCTET_STREAM
 from fhe_bento.service import bodies

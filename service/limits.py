@@ -17,7 +17,7 @@ import time
 from fastapi.responses import JSONResponse, Response
 from starlette.types import ASGIApp, Message, Receive, Scope, Send
 
-from fhe_bento.core.errors import FHEBentoError
+from fhe_bento.contract.errors import FHEBentoError
 
 log = logging.getLogger("bentoml.fhe_bento.service")
 CLIENT_CLOSED_REQUEST = 499

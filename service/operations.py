@@ -4,7 +4,7 @@ The native routes (`service/routes.py`, `service/hot_path.py`), SageMaker's `/in
 (`service/sagemaker.py`) and the Zama-compatible routes (`service/compat.py`) get it by dependency
 injection (`current_operations`, `operations_of`), read
 their bodies by the one spec per operation (`service/bodies.py`), and call it. It holds no key state: every
-key operation is a call to the FHE runner, which owns the keys (`runners/key_service.py`).
+key operation is a call to the FHE runner, which owns the keys (`keys/service.py`).
 """
 
 from __future__ import annotations
@@ -17,10 +17,8 @@ from typing import Any
 import bentoml
 from fastapi import FastAPI
 
-from fhe_bento.core.errors import FHEBentoError
-from fhe_bento.core.key_rules import check_key_id, check_key_size
-from fhe_bento.core.model_repo import ModelSpec
-from fhe_bento.core.runner_api import (
+from fhe_bento.contract.errors import FHEBentoError
+from fhe_bento.contract.runner_api import (
     KeyCompletion,
     KeyFacts,
     KeyPart,
@@ -32,6 +30,8 @@ from fhe_bento.core.runner_api import (
     RunnerAPI,
     ScopedKey,
 )
+from fhe_bento.keys.rules import check_key_id, check_key_size
+from fhe_bento.models.repository import ModelSpec
 from fhe_bento.protocol import transform, wire
 from fhe_bento.service.admission import Admission
 from fhe_bento.service.auth import Caller

@@ -22,8 +22,8 @@ from typing import Any, TypeVar
 
 import httpx
 
-from fhe_bento.core.errors import FHEBentoError
-from fhe_bento.core.runner_api import (
+from fhe_bento.contract.errors import FHEBentoError
+from fhe_bento.contract.runner_api import (
     KeyCompletion,
     KeyFacts,
     KeyPart,

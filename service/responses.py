@@ -4,9 +4,9 @@ from __future__ import annotations
 
 from fastapi.responses import FileResponse, JSONResponse, Response
 
-from fhe_bento.core.errors import FHEBentoError
-from fhe_bento.core.model_repo import ModelSpec
-from fhe_bento.core.runner_api import KeyFacts
+from fhe_bento.contract.errors import FHEBentoError
+from fhe_bento.contract.runner_api import KeyFacts
+from fhe_bento.models.repository import ModelSpec
 from fhe_bento.protocol.names import CLIENT_SHA_HEADER
 
 

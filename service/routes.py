@@ -3,7 +3,7 @@
 before any body is read; the operations come by dependency too (`current_operations`).
 
 A model name may hold slashes: a hybrid model's circuit is served as `MODEL/MODULE/SHAPE`
-(`core/model_repo.py`), so `{name:path}`, and the bare `GET /v1/models/{name}` comes last. The two
+(`models/repository.py`), so `{name:path}`, and the bare `GET /v1/models/{name}` comes last. The two
 prediction routes, `POST /v1/models/{name}/predict` and `.../predict_batch`, are served in front of
 FastAPI's routing (`service/hot_path.py`)."""
 
@@ -14,8 +14,8 @@ from typing import Any
 from fastapi import APIRouter, Depends, Request
 from fastapi.responses import FileResponse, Response
 
-from fhe_bento.core.errors import FHEBentoError
-from fhe_bento.core.runner_api import PartsHeld, PartStored
+from fhe_bento.contract.errors import FHEBentoError
+from fhe_bento.contract.runner_api import PartsHeld, PartStored
 from fhe_bento.service import bodies
 from fhe_bento.service.auth import Caller, admin_caller, predict_caller
 from fhe_bento.service.operations import Operations, current_operations

@@ -20,7 +20,7 @@ from fastapi import APIRouter, Depends, Request
 from fastapi.responses import JSONResponse, Response
 from pydantic import BaseModel, ConfigDict, ValidationError, field_validator
 
-from fhe_bento.core.errors import FHEBentoError
+from fhe_bento.contract.errors import FHEBentoError
 from fhe_bento.protocol import transform, wire
 from fhe_bento.protocol.names import ATTRIBUTES_HEADER, MAX_ATTRIBUTES, OCTET_STREAM
 from fhe_bento.protocol.sessions import SESSION_HEADER

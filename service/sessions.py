@@ -11,11 +11,11 @@ from __future__ import annotations
 import re
 import secrets
 import time
-from datetime import datetime, timezone
+from datetime import UTC, datetime
 
-from fhe_bento.core.errors import FHEBentoError
-from fhe_bento.core.metrics import SESSIONS
+from fhe_bento.contract.errors import FHEBentoError
 from fhe_bento.protocol.sessions import NEW_SESSION, Session
+from fhe_bento.runtime.metrics import SESSIONS
 
 _KEY_PREFIX = 16
 _SESSION_ID = re.compile(r"(?P<key>[0-9a-f]{16})\.(?P<expires>[0-9]{1,12})\.[0-9a-f]{16}")
@@ -41,7 +41,7 @@ def session_for(requested: str | None, key_id: str | None, lifetime_seconds: int
         SESSIONS.labels(outcome="opened").inc()
         return Session(
             f"{key_id[:_KEY_PREFIX]}.{expires}.{secrets.token_hex(8)}",
-            datetime.fromtimestamp(expires, timezone.utc),
+            datetime.fromtimestamp(expires, UTC),
         )
     match = _SESSION_ID.fullmatch(requested)
     if not match:

@@ -4,7 +4,7 @@ from __future__ import annotations
 
 from pydantic import Field, SecretStr
 
-from fhe_bento.core.settings import Settings
+from fhe_bento.runtime.settings import Settings
 
 
 class ServiceSettings(Settings):

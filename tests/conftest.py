@@ -47,7 +47,7 @@ def imported_spec(name: str):
     """The served description (ModelSpec) of a demo model, as the server loads it from the model store."""
     import bentoml
 
-    from fhe_bento.core.model_repo import load_folder
+    from fhe_bento.models.repository import load_folder
 
     return load_folder(Path(bentoml.models.get(f"{name}:latest").path), name)
 
@@ -97,10 +97,20 @@ BACKGROUND = {
 }
 
 
+BACKGROUND_TIMEOUT = 3600  # seconds for a test that waits for a background set-up (pyproject: the others)
+UNIT_DIR = Path(__file__).parent / "unit"
+
+
 def pytest_collection_modifyitems(session, config, items) -> None:
-    """Start the slow set-up that the collected tests need, and run those tests last: the set-up has the
-    rest of the run to finish in."""
+    """Mark the tests of tests/unit/ `unit`; start the slow set-up that the collected tests need, and run
+    those tests last: the set-up has the rest of the run to finish in."""
+    for item in items:
+        if UNIT_DIR in Path(item.path).parents:
+            item.add_marker(pytest.mark.unit)
     needs = {item: BACKGROUND.keys() & set(item.fixturenames) for item in items}
+    for item, needed in needs.items():
+        if needed:
+            item.add_marker(pytest.mark.timeout(BACKGROUND_TIMEOUT))
     for name in set().union(*needs.values()):
         BACKGROUND[name].start()
     items.sort(key=lambda item: bool(needs[item]))
@@ -149,7 +159,7 @@ def realistic_xgb(demo: Demo) -> str:
 def in_process(demo: Demo):
     """The operations a served worker builds, around a real `Runner` in this process (its engine processes
     and concrete): what in-process route tests inject into an app."""
-    from fhe_bento.core.model_repo import default_model, load_specs
+    from fhe_bento.models.repository import default_model, load_specs
     from fhe_bento.runners.runner import Runner
     from fhe_bento.service.admission import Admission
     from fhe_bento.service.operations import Operations

@@ -16,7 +16,7 @@ from fastapi.testclient import TestClient
 
 from fhe_bento.client import FHEClient
 from fhe_bento.client.http_transport import FHEServiceError, HTTPTransport
-from fhe_bento.core.errors import FHEBentoError
+from fhe_bento.contract.errors import FHEBentoError
 from fhe_bento.protocol import wire
 from fhe_bento.protocol.names import ATTRIBUTES_HEADER
 from fhe_bento.service.auth import TokenAuth

@@ -13,9 +13,9 @@ from click.testing import CliRunner
 from conftest import LOGREG, XGB, imported_spec
 
 from fhe_bento.client import FHEClient, FHEServiceError
-from fhe_bento.core.model_repo import load_specs
-from fhe_bento.core.settings import Settings
 from fhe_bento.modelkit.cli import main
+from fhe_bento.models.repository import load_specs
+from fhe_bento.runtime.settings import Settings
 
 ROLE = "arn:aws:iam::123456789012:role/fhe-bento-sagemaker"
 

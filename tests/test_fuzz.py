@@ -16,8 +16,8 @@ from hypothesis import HealthCheck, given, settings
 from hypothesis import strategies as st
 from pydantic import TypeAdapter, ValidationError
 
-from fhe_bento.core.capnp_wire import MalformedMessage, read_shape
-from fhe_bento.core.errors import FHEBentoError
+from fhe_bento.checks.capnp_wire import MalformedMessage, read_shape
+from fhe_bento.contract.errors import FHEBentoError
 from fhe_bento.protocol import wire
 from fhe_bento.protocol.keys import is_key_id, part_count
 from fhe_bento.protocol.names import ATTRIBUTES_HEADER, OCTET_STREAM, PART_BYTES

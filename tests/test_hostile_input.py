@@ -19,11 +19,11 @@ from conftest import LOGREG, XGB, assert_documented_rejection, imported_spec
 from hypothesis import HealthCheck, given, settings
 from hypothesis import strategies as st
 
+from fhe_bento.checks.capnp_wire import MalformedMessage, first_difference, read_shape
+from fhe_bento.checks.payloads import check_ciphertext, check_key
 from fhe_bento.client import FHEClient
-from fhe_bento.core.capnp_wire import MalformedMessage, first_difference, read_shape
-from fhe_bento.core.errors import FHEBentoError
-from fhe_bento.core.model_repo import ModelSpec
-from fhe_bento.core.payload_check import check_ciphertext, check_key
+from fhe_bento.contract.errors import FHEBentoError
+from fhe_bento.models.repository import ModelSpec
 from harness.capnp_attacks import FAMILIES, mutate, payloads, split_blobs, unfar, write_message
 
 OCTET = {"Content-Type": "application/octet-stream"}

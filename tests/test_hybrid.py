@@ -378,8 +378,8 @@ def test_a_model_dir_serves_an_imported_hybrid_folder(hybrid_folders, tmp_path):
 
     import bentoml
 
-    from fhe_bento.core.model_repo import load_specs
-    from fhe_bento.core.settings import Settings
+    from fhe_bento.models.repository import load_specs
+    from fhe_bento.runtime.settings import Settings
 
     for name in (GPT, LOGREG):
         shutil.copytree(bentoml.models.get(f"{name}:latest").path, tmp_path / name)

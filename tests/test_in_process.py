@@ -11,6 +11,7 @@ from __future__ import annotations
 
 import hashlib
 import time
+from datetime import UTC
 
 import numpy as np
 import pytest
@@ -209,7 +210,7 @@ def test_a_stateful_session_is_opened_for_one_key_and_checked(http, owner):
 
 
 def test_a_client_whose_session_is_refused_opens_a_new_one(http, demo, owner):
-    from datetime import datetime, timedelta, timezone
+    from datetime import datetime, timedelta
 
     from fhe_bento.client.sagemaker_transport import LocalInvoker, SageMakerTransport
     from fhe_bento.protocol.sessions import Session
@@ -221,7 +222,7 @@ def test_a_client_whose_session_is_refused_opens_a_new_one(http, demo, owner):
     model = FHEClient(transport=transport, cache_dir=owner.folder.parent, progress=False).model(XGB)
     key_id = model.ensure_key()
     ended = Session(
-        f"{key_id[:16]}.{int(time.time()) - 5}.{'0' * 16}", datetime.now(timezone.utc) + timedelta(hours=1)
+        f"{key_id[:16]}.{int(time.time()) - 5}.{'0' * 16}", datetime.now(UTC) + timedelta(hours=1)
     )
     transport.sessions[key_id] = ended  # the client thinks it open; the server knows it ended
     x = demo.x_test[:1]
@@ -229,7 +230,7 @@ def test_a_client_whose_session_is_refused_opens_a_new_one(http, demo, owner):
     assert transport.sessions[key_id] != ended and not transport.sessions[key_id].expired(margin_seconds=1000)
 
 
-# --- the typed boundary (core/runner_api.py) --------------------------------------------------------
+# --- the typed boundary (contract/runner_api.py) --------------------------------------------------------
 
 
 def _on_app_loop(http, work, *args):
@@ -238,7 +239,7 @@ def _on_app_loop(http, work, *args):
 
 
 def test_each_runner_operation_takes_and_answers_its_own_types(http, in_process, demo, owner):
-    from fhe_bento.core.runner_api import (
+    from fhe_bento.contract.runner_api import (
         KeyCompletion,
         KeyFacts,
         KeyPart,
@@ -309,8 +310,8 @@ def test_each_runner_operation_takes_and_answers_its_own_types(http, in_process,
 def test_a_refusal_crosses_the_boundary_once_with_its_documented_status(http, in_process, owner, rows, code):
     """The runner raises; the standalone runner puts the error in an `Outcome` and the service's client
     raises it back (here through their JSON, as across the network); the app answers its status."""
-    from fhe_bento.core.errors import FHEBentoError
-    from fhe_bento.core.runner_api import Outcome, RowResults, Rows
+    from fhe_bento.contract.errors import FHEBentoError
+    from fhe_bento.contract.runner_api import Outcome, RowResults, Rows
     from fhe_bento.protocol.errors import ERROR_CODES
 
     ops = in_process
@@ -372,10 +373,10 @@ def test_rows_sent_before_a_workers_engine_first_loads_wait_for_it(demo, tmp_pat
 
     from concrete.ml.deployment import FHEModelClient
 
-    from fhe_bento.core.model_repo import load_specs
-    from fhe_bento.core.runner_api import Rows
-    from fhe_bento.core.settings import Settings
+    from fhe_bento.contract.runner_api import Rows
+    from fhe_bento.models.repository import load_specs
     from fhe_bento.runners.runner import Runner
+    from fhe_bento.runtime.settings import Settings
 
     settings = Settings(
         models=f"{LOGREG}:latest", key_store=(tmp_path / "keys").as_uri(), staging_dir=tmp_path / "staging"

@@ -8,10 +8,10 @@ from pathlib import Path
 
 import pytest
 
-from fhe_bento.core import staging
-from fhe_bento.core.errors import FHEBentoError
+from fhe_bento.contract.errors import FHEBentoError
+from fhe_bento.keys.store import FileKeyStore
 from fhe_bento.protocol.keys import key_id
-from fhe_bento.runners.key_store import FileKeyStore
+from fhe_bento.runtime import staging
 
 ROOT = Path(__file__).resolve().parents[1]
 SCOPE = "a" * 64
@@ -42,8 +42,8 @@ def test_file_store_refuses_path_tricks(tmp_path):
 def test_registry_expires_unused_keys_and_abandoned_uploads(tmp_path):
     import time
 
-    from fhe_bento.core.settings import Settings
-    from fhe_bento.runners.key_registry import KeyRegistry
+    from fhe_bento.keys.registry import KeyRegistry
+    from fhe_bento.runtime.settings import Settings
 
     store = FileKeyStore(tmp_path / "store")
     registry = KeyRegistry(store, Settings(key_ttl_seconds=60, upload_ttl_seconds=60, max_store_bytes=20))
@@ -69,8 +69,8 @@ def test_registry_expires_unused_keys_and_abandoned_uploads(tmp_path):
 
 
 def _registry(root: Path, **settings):
-    from fhe_bento.core.settings import Settings
-    from fhe_bento.runners.key_registry import KeyRegistry
+    from fhe_bento.keys.registry import KeyRegistry
+    from fhe_bento.runtime.settings import Settings
 
     store = FileKeyStore(root)
     return store, KeyRegistry(store, Settings(**settings))
@@ -172,7 +172,7 @@ def test_an_expired_upload_frees_its_slot_before_the_check(tmp_path):
 def test_staging_cleanup_removes_only_old_spool_files(tmp_path):
     import time
 
-    from fhe_bento.core.settings import Settings
+    from fhe_bento.runtime.settings import Settings
 
     settings = Settings(staging_dir=tmp_path / "folder", request_timeout=10)
     folder = settings.staging_path()

@@ -48,8 +48,8 @@ def test_concurrent_key_uploads_stay_within_the_documented_memory_bound(demo, tm
     the others are refused with 503 overloaded and retried by the client, every upload ends registered,
     and the server's resident growth stays within the bound of docs/operations.md "Memory" (verifications x their cost
     + the uploads held in memory), not six verifications' worth."""
-    from fhe_bento.core.settings import Settings
     from fhe_bento.runners.memory_plan import plan_memory
+    from fhe_bento.runtime.settings import Settings
 
     env = {
         "FHE_BENTO_MAX_VERIFICATIONS": "1",

@@ -6,7 +6,7 @@ from pathlib import Path
 
 import pytest
 
-from fhe_bento.core.errors import FHEBentoError
+from fhe_bento.contract.errors import FHEBentoError
 from fhe_bento.protocol.keys import key_id
 
 ROOT = Path(__file__).resolve().parents[1]
@@ -16,9 +16,9 @@ SCOPE = "a" * 64
 def test_s3_store_counts_and_bounds_uploads_like_the_file_store(moto_url, tmp_path):
     import boto3
 
-    from fhe_bento.core.settings import Settings
-    from fhe_bento.runners.key_registry import KeyRegistry
-    from fhe_bento.runners.s3_key_store import S3KeyStore
+    from fhe_bento.keys.registry import KeyRegistry
+    from fhe_bento.keys.s3_store import S3KeyStore
+    from fhe_bento.runtime.settings import Settings
 
     boto3.client("s3").create_bucket(Bucket="fhe-bento-units")
     store = S3KeyStore("fhe-bento-units", f"units-{tmp_path.name}")

@@ -70,8 +70,8 @@ def test_the_bento_builds_from_a_wheel_install(wheel_site, tmp_path):
     sources = {p.relative_to(bento / "src").as_posix() for p in (bento / "src").rglob("*.py")}
     assert {
         "fhe_bento/service/app.py",
-        "fhe_bento/core/settings.py",
-        "fhe_bento/runners/engine.py",
+        "fhe_bento/runtime/settings.py",
+        "fhe_bento/runners/supervisor.py",
     } <= sources
     assert not any(s.startswith(("fhe_bento/client/", "fhe_bento/modelkit/")) for s in sources)
     assert "FHE_BENTO_MODEL_DIR" in (bento / "bento.yaml").read_text()

@@ -9,7 +9,7 @@ import uuid
 from pathlib import Path
 from typing import Literal
 
-from fhe_bento.core.settings import STAGING_GRACE_SECONDS, Settings
+from fhe_bento.runtime.settings import STAGING_GRACE_SECONDS, Settings
 
 log = logging.getLogger("bentoml.fhe_bento.staging")
 SpoolKind = Literal["upload", "assembled"]

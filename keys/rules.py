@@ -2,7 +2,7 @@
 
 from __future__ import annotations
 
-from fhe_bento.core.errors import FHEBentoError
+from fhe_bento.contract.errors import FHEBentoError
 from fhe_bento.protocol.keys import is_key_id
 
 

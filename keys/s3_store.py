@@ -14,8 +14,8 @@ import time
 from collections.abc import Iterator
 from pathlib import Path
 
-from fhe_bento.core.errors import FHEBentoError
-from fhe_bento.runners.key_store import Upload, check_scope
+from fhe_bento.contract.errors import FHEBentoError
+from fhe_bento.keys.store import Upload, check_scope
 
 
 class S3KeyStore:

@@ -4,7 +4,7 @@ from __future__ import annotations
 
 from pathlib import Path
 
-from fhe_bento.runners.key_cache import AGING_LOOKUPS, KeyCache
+from fhe_bento.keys.cache import AGING_LOOKUPS, KeyCache
 
 ROOT = Path(__file__).resolve().parents[1]
 SCOPE = "a" * 64

@@ -5,8 +5,8 @@ from __future__ import annotations
 from pathlib import Path
 from urllib.parse import unquote, urlparse
 
-from fhe_bento.runners.key_store import FileKeyStore, KeyStore
-from fhe_bento.runners.s3_key_store import S3KeyStore
+from fhe_bento.keys.s3_store import S3KeyStore
+from fhe_bento.keys.store import FileKeyStore, KeyStore
 
 
 def open_store(url: str) -> KeyStore:

@@ -23,8 +23,8 @@ from pathlib import Path
 
 from pydantic import BaseModel, ValidationError
 
-from fhe_bento.core.payload_check import check_keyset_params
-from fhe_bento.core.settings import Settings
+from fhe_bento.checks.payloads import check_keyset_params
+from fhe_bento.runtime.settings import Settings
 
 METADATA_FILE = "fhe-bento.json"
 HYBRID_FILE = "fhe-bento-hybrid.json"
@@ -40,7 +40,7 @@ class ModelMetadata(BaseModel):
     n_outputs: int
     client_sha256: str
     needs_key: bool
-    # What concrete-ml's client produces for this circuit (core/payload_check.py): every ciphertext and
+    # What concrete-ml's client produces for this circuit (checks/payloads.py): every ciphertext and
     # evaluation key must have exactly these sizes and Cap'n Proto shapes before concrete sees it.
     eval_key_bytes: int
     key_shape: list

@@ -1,7 +1,7 @@
 """Checks every ciphertext and evaluation key against what concrete-ml's own client produces for the model,
 before any byte of it reaches concrete (whose C++ parsers trust their input).
 
-A model's expected shapes (`core/capnp_wire.py`) are recorded at import from a throwaway key set and
+A model's expected shapes (`checks/capnp_wire.py`) are recorded at import from a throwaway key set and
 ciphertext made by the model's client (`fhe-bento import`), and tied at load to the model's keyset in
 `client.specs.json` (`check_keyset_params`). A message passes only when its size is exactly the model's,
 it is a well-formed Cap'n Proto message, and its shape equals the model's: same segments, same structs
@@ -17,8 +17,8 @@ import struct
 import zipfile
 from pathlib import Path
 
-from fhe_bento.core.capnp_wire import MalformedMessage, Shape, first_difference, read_shape
-from fhe_bento.core.errors import FHEBentoError
+from fhe_bento.checks.capnp_wire import MalformedMessage, Shape, first_difference, read_shape
+from fhe_bento.contract.errors import FHEBentoError
 
 
 def _check(data: bytes | memoryview, size: int, shape: Shape, what: str, model: str) -> None:

@@ -1,7 +1,7 @@
 """The key store plus its policies: per-model byte limit, TTL of unused keys, bounds on chunked uploads and
 expiry of abandoned ones.
 
-Only the key service (`runners/key_service.py`, in the runner) and the engines that read keys use
+Only the key service (`keys/service.py`, in the runner) and the engines that read keys use
 it, and every store access goes through it. Every process asks it whether a key is registered, so a key
 that expired or was deleted is gone for all of them at their next request, whichever replica they run on.
 
@@ -17,11 +17,11 @@ import time
 from collections.abc import Iterator
 from pathlib import Path
 
-from fhe_bento.core import metrics
-from fhe_bento.core.errors import FHEBentoError
-from fhe_bento.core.settings import Settings
+from fhe_bento.contract.errors import FHEBentoError
+from fhe_bento.keys.store import KeyStore, Upload
 from fhe_bento.protocol.keys import part_count
-from fhe_bento.runners.key_store import KeyStore, Upload
+from fhe_bento.runtime import metrics
+from fhe_bento.runtime.settings import Settings
 
 log = logging.getLogger("bentoml.fhe_bento.keys")
 MAX_SWEEP_INTERVAL = 60.0  # seconds between two sweeps of expired keys and abandoned uploads in one process

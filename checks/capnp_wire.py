@@ -17,7 +17,7 @@ returns its *shape*, a JSON-able tree that keeps everything but the contents of 
     ["C", data words, pointer words, [structs]]   a list of structs (composite)
     None                                          a null pointer
 
-`core/payload_check.py` compares that shape with the one concrete-ml's client produces for a model.
+`checks/payloads.py` compares that shape with the one concrete-ml's client produces for a model.
 
 Refused outright (`MalformedMessage`): a segment table that does not add up to the body's length (so a
 truncated or padded message), more segments than `MAX_SEGMENTS`, any pointer or object out of bounds,

@@ -15,7 +15,7 @@ from typing import Any, Generic, Protocol, TypeVar
 
 from pydantic import BaseModel, ConfigDict
 
-from fhe_bento.core.errors import ErrorBody, FHEBentoError
+from fhe_bento.contract.errors import ErrorBody, FHEBentoError
 
 T = TypeVar("T")
 

@@ -16,17 +16,17 @@ from collections.abc import Awaitable, Callable
 from pathlib import Path
 from typing import Any
 
-from fhe_bento.core import metrics, staging
-from fhe_bento.core.errors import FHEBentoError
-from fhe_bento.core.key_rules import check_key_id, check_key_size
-from fhe_bento.core.model_repo import ModelSpec
-from fhe_bento.core.payload_check import check_key
-from fhe_bento.core.runner_api import KeyFacts, PartsHeld, PartStored
-from fhe_bento.core.settings import Settings
+from fhe_bento.checks.payloads import check_key
+from fhe_bento.contract.errors import FHEBentoError
+from fhe_bento.contract.runner_api import KeyFacts, PartsHeld, PartStored
+from fhe_bento.keys.registry import KeyRegistry
+from fhe_bento.keys.rules import check_key_id, check_key_size
+from fhe_bento.keys.store import tenant_scope
+from fhe_bento.keys.store_url import open_store
+from fhe_bento.models.repository import ModelSpec
 from fhe_bento.protocol import keys
-from fhe_bento.runners.key_registry import KeyRegistry
-from fhe_bento.runners.key_store import tenant_scope
-from fhe_bento.runners.key_store_url import open_store
+from fhe_bento.runtime import metrics, staging
+from fhe_bento.runtime.settings import Settings
 
 log = logging.getLogger("bentoml.fhe_bento.keys")
 

@@ -3,7 +3,7 @@
 An error carries a code and a message; its HTTP status comes from the code, in the one registry
 (`protocol.errors.ERROR_CODES`). Messages name no transport's headers or fields: the same error reaches
 native, Zama-compatible and SageMaker callers. A runner served alone returns these errors in-band (an
-`Outcome`, `core/runner_api.py`) so that the code survives the network; engine processes pickle them.
+`Outcome`, `contract/runner_api.py`) so that the code survives the network; engine processes pickle them.
 """
 
 from __future__ import annotations
@@ -37,3 +37,16 @@ class FHEBentoError(Exception):
 
     def body(self) -> dict[str, dict[str, Any]]:
         return {"error": ErrorBody(code=self.code, message=self.message).model_dump()}
+
+
+# Seconds a client is told to wait before retrying while the FHE runner, or an engine process of it, is
+# (re)starting: an engine process forks from a forkserver that has imported concrete, and loads its models
+# in a second or two.
+UNAVAILABLE_RETRY_AFTER = 5
+
+
+def runner_unavailable(why: str) -> FHEBentoError:
+    """503 `runner_unavailable`: `why` the runner cannot take the request now; the client retries."""
+    return FHEBentoError(
+        "runner_unavailable", f"{why}; retry", headers={"Retry-After": str(UNAVAILABLE_RETRY_AFTER)}
+    )

@@ -17,8 +17,8 @@ from collections.abc import Iterator
 from pathlib import Path
 from typing import NamedTuple, Protocol
 
-from fhe_bento.core.errors import FHEBentoError
-from fhe_bento.core.key_rules import check_key_id
+from fhe_bento.contract.errors import FHEBentoError
+from fhe_bento.keys.rules import check_key_id
 from fhe_bento.protocol.keys import is_key_id
 
 
