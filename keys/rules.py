@@ -3,13 +3,15 @@
 from __future__ import annotations
 
 from fhe_bento.contract.errors import FHEBentoError
-from fhe_bento.protocol.keys import is_key_id
+from fhe_bento.protocol.keys import parse_key_id
 
 
 def check_key_id(key_id: str) -> str:
-    if not is_key_id(key_id):
-        raise FHEBentoError("invalid_key_id", "a key id is the 64-character lowercase hex SHA-256 of the key")
-    return key_id
+    """A client's key id, lowercased (`protocol.keys.parse_key_id`), or 400 `invalid_key_id`."""
+    parsed = parse_key_id(key_id)
+    if parsed is None:
+        raise FHEBentoError("invalid_key_id", "a key id is the 64-character hex SHA-256 of the key")
+    return parsed
 
 
 def check_key_size(size: int, limit: int) -> None:

@@ -53,7 +53,7 @@ class KeyService:
             return None
         if not key_id:
             raise FHEBentoError("missing_key_id", "this model needs an evaluation key: send its key id")
-        check_key_id(key_id)
+        key_id = check_key_id(key_id)
         if not await asyncio.to_thread(self.registry.use, scope, key_id):
             raise FHEBentoError("unknown_key", f"key {key_id} is not registered for model {spec.name!r}")
         return key_id
@@ -96,7 +96,7 @@ class KeyService:
 
     async def delete_in_scope(self, scope: str, key_id: str) -> None:
         """Delete a key found with `listing` (admin)."""
-        if not keys.is_key_id(scope):
+        if not keys.is_key_id(scope):  # as the listing shows it
             raise FHEBentoError(
                 "invalid_scope", "a scope is the 64-character hex id that the key listing shows"
             )
@@ -115,10 +115,11 @@ class KeyService:
     async def put_part(
         self, spec: ModelSpec, tenant: str, key_id: str, index: int, data: bytes
     ) -> PartStored:
+        key_id = check_key_id(key_id)
         await asyncio.to_thread(
             self.registry.put_part,
             self.scope(spec, tenant),
-            check_key_id(key_id),
+            key_id,
             index,
             data,
             model=spec.name,
@@ -128,12 +129,13 @@ class KeyService:
         return PartStored(key_id=key_id, part=index, bytes=len(data))
 
     async def parts(self, spec: ModelSpec, tenant: str, key_id: str) -> PartsHeld:
-        parts = await asyncio.to_thread(self.registry.parts, self.scope(spec, tenant), check_key_id(key_id))
+        key_id = check_key_id(key_id)
+        parts = await asyncio.to_thread(self.registry.parts, self.scope(spec, tenant), key_id)
         return PartsHeld(key_id=key_id, parts=sorted(parts), bytes=sum(parts.values()))
 
     async def complete(self, spec: ModelSpec, tenant: str, key_id: str, count: int) -> KeyFacts:
         """Join parts 0..count-1, check the SHA-256 against the key id, then register as a whole upload."""
-        check_key_id(key_id)
+        key_id = check_key_id(key_id)
         most = self.registry.max_parts(spec.meta.eval_key_bytes)
         if not 0 < count <= most:
             raise FHEBentoError("invalid_part", f"a key of model {spec.name!r} has 1 to {most} parts")
