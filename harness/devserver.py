@@ -14,6 +14,8 @@ from pathlib import Path
 import httpx
 from prometheus_client.parser import text_string_to_metric_families
 
+from fhe_bento.runtime.settings import RUNNER_KEEPALIVE_SECONDS
+
 ROOT = Path(__file__).resolve().parents[1]
 
 
@@ -32,11 +34,13 @@ class Server:
         env: dict[str, str],
         target: str = "fhe_bento.service.app:FHEBento",
         ready_path: str = "/ping",
+        serve_args: tuple[str, ...] = (),
     ) -> None:
         """`target`: what `bentoml serve` serves (the whole service, or the runner alone, which has no /ping
         and is ready at BentoML's own /readyz)."""
         self.target = target
         self.ready_path = ready_path
+        self.serve_args = serve_args
         self.port = free_port()
         self.url = f"http://127.0.0.1:{self.port}"
         self.workdir = workdir
@@ -51,6 +55,17 @@ class Server:
         self.log_path = workdir / "server.log"
         self.proc: subprocess.Popen | None = None
 
+    @classmethod
+    def runner(cls, workdir: Path, env: dict[str, str]) -> Server:
+        """The FHE runner served on its own, as docs/sagemaker.md starts it: ready at BentoML's /readyz."""
+        return cls(
+            workdir,
+            env,
+            target="fhe_bento.runners.fhe_runner:FHERunner",
+            ready_path="/readyz",
+            serve_args=("--timeout-keep-alive", str(RUNNER_KEEPALIVE_SECONDS)),
+        )
+
     def start(self, timeout: float = 180.0) -> None:
         log = self.log_path.open("ab")
         self.proc = subprocess.Popen(
@@ -64,6 +79,7 @@ class Server:
                 "127.0.0.1",
                 "--port",
                 str(self.port),
+                *self.serve_args,
             ],
             cwd=ROOT,
             env=self.env,

@@ -24,6 +24,7 @@ from pathlib import Path
 from pydantic import BaseModel, ValidationError
 
 from fhe_bento.checks.payloads import check_keyset_params
+from fhe_bento.contract.errors import FHEBentoError
 from fhe_bento.runtime.settings import Settings
 
 METADATA_FILE = "fhe-bento.json"
@@ -104,6 +105,15 @@ class ModelSpec(BaseModel):
     @property
     def key_scope(self) -> str:
         return self.meta.client_sha256
+
+
+def served_spec(specs: dict[str, ModelSpec], name: str) -> ModelSpec:
+    """The served model `name`, or 404 `unknown_model`: the one lookup of a model by name, in the service's
+    operations and in the runner alike."""
+    try:
+        return specs[name]
+    except KeyError:
+        raise FHEBentoError("unknown_model", f"no model named {name[:128]!r} is served") from None
 
 
 class ModelLoadError(RuntimeError):

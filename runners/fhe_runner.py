@@ -1,4 +1,5 @@
-"""The FHE runner served on its own: `bentoml serve fhe_bento.runners.fhe_runner:FHERunner`, for HTTP
+"""The FHE runner served on its own: `bentoml serve fhe_bento.runners.fhe_runner:FHERunner
+--timeout-keep-alive 60`, for HTTP
 services elsewhere that reach it with `FHE_BENTO_RUNNER_URL` (`service/remote_runner.py`).
 
 Each method is one operation of `RunnerAPI` (`contract/runner_api.py`), carried out by a `Runner`

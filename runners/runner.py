@@ -32,7 +32,7 @@ from fhe_bento.contract.runner_api import (
     ScopedKey,
 )
 from fhe_bento.keys.service import KeyService
-from fhe_bento.models.repository import ModelSpec
+from fhe_bento.models.repository import ModelSpec, served_spec
 from fhe_bento.runners.memory_plan import plan_memory
 from fhe_bento.runners.supervisor import Engine
 from fhe_bento.runners.verification import KeyVerifier
@@ -69,10 +69,7 @@ class Runner:
         self.engine.shutdown()
 
     def _spec(self, name: str) -> ModelSpec:
-        try:
-            return self.specs[name]
-        except KeyError:
-            raise FHEBentoError("unknown_model", f"no model named {name!r} is served") from None
+        return served_spec(self.specs, name)
 
     async def predict(self, rows: Rows) -> RowResults:
         """The rows' results in order. Rows not started by the deadline, or when this call is cancelled

@@ -18,6 +18,10 @@ from fhe_bento.protocol.names import DEMO_MODELS, PART_BYTES, MiB
 
 # Past FHE_BENTO_REQUEST_TIMEOUT a request may still be winding down (BentoML's own deadline comes 5 s later).
 STAGING_GRACE_SECONDS = 60
+# A runner served on its own is started with `bentoml serve ... --timeout-keep-alive RUNNER_KEEPALIVE_SECONDS`:
+# longer than the 15 s that BentoML's client pool (aiohttp's default) keeps an idle connection, so that the
+# HTTP service's side closes first (`service/remote_runner.py`).
+RUNNER_KEEPALIVE_SECONDS = 60
 
 
 def _bentoml_home() -> Path:

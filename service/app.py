@@ -1,8 +1,8 @@
 """The fhe-bento HTTP service: `bentoml serve fhe_bento.service.app:FHEBento`.
 
 Routes live on a FastAPI app mounted into the BentoML service (BentoML's own `@bentoml.api` routes are
-POST-only and cannot carry path parameters): native v1 routes (`service/routes.py`, and the prediction
-routes as plain ASGI in front of FastAPI's routing, `service/hot_path.py`), Zama-compatible
+POST-only and cannot carry path parameters): native v1 routes (`service/routes.py`, and the two prediction
+routes as plain Starlette routes at the head of the route list, `service/prediction_routes.py`), Zama-compatible
 routes (`service/compat.py`) and SageMaker's `/ping` + `/invocations` (`service/sagemaker.py`). All of
 them call the one `Operations` object (`service/operations.py`) that `FHEBento` below builds, so each
 behaviour exists once.
@@ -22,9 +22,10 @@ from __future__ import annotations
 
 import logging
 import os
+from collections.abc import Sequence
 
 import bentoml
-from fastapi import FastAPI, Request
+from fastapi import APIRouter, FastAPI, Request
 from fastapi.exceptions import RequestValidationError
 from fastapi.responses import Response
 from starlette.exceptions import HTTPException as StarletteHTTPException
@@ -39,9 +40,9 @@ from fhe_bento.runtime.lifecycle import exit_nonzero_if_stopped
 from fhe_bento.service.admission import Admission
 from fhe_bento.service.auth import parse_token_settings
 from fhe_bento.service.compat import router as compat_router
-from fhe_bento.service.hot_path import HotPath
 from fhe_bento.service.limits import RequestLimits
 from fhe_bento.service.operations import Operations
+from fhe_bento.service.prediction_routes import prediction_routes
 from fhe_bento.service.remote_runner import RemoteRunner
 from fhe_bento.service.responses import error_response
 from fhe_bento.service.routes import admin_router
@@ -77,24 +78,27 @@ async def _validation_error(request: Request, exc: Exception) -> Response:
     )
 
 
-def build_app(settings: ServiceSettings) -> FastAPI:
+# The FastAPI routers of the service, after the prediction routes.
+ROUTERS = (sagemaker_router, native_router, admin_router, compat_router)
+
+
+def build_app(settings: ServiceSettings, routers: Sequence[APIRouter] = ROUTERS) -> FastAPI:
     """The routes, their error shape and request limits. Token settings that would turn auth off by mistake
     raise here (`service/auth.py`), so the service does not start."""
-    app = FastAPI(title="fhe-bento", version="1", docs_url=None, redoc_url=None)
+    # The prediction routes come first: matched before the FastAPI routes, whose `{name:path}` would
+    # otherwise be tried on every row's path.
+    app = FastAPI(title="fhe-bento", version="1", docs_url=None, redoc_url=None, routes=prediction_routes())
     app.state.settings = settings
     app.state.auth = parse_token_settings(
         settings.predict_tokens.get_secret_value(), settings.admin_tokens.get_secret_value()
     )
-    # Middlewares run in the reverse order of their adding: RequestLimits' checks and deadline hold for the
-    # prediction routes of HotPath too.
-    app.add_middleware(HotPath)
     app.add_middleware(
         RequestLimits, max_header_bytes=settings.max_header_bytes, timeout=settings.request_timeout
     )
     app.add_exception_handler(FHEBentoError, _fhe_error)
     app.add_exception_handler(StarletteHTTPException, _http_error)
     app.add_exception_handler(RequestValidationError, _validation_error)
-    for router in (sagemaker_router, native_router, admin_router, compat_router):
+    for router in routers:
         app.include_router(router)
     return app
 
@@ -137,6 +141,10 @@ def declare_service(settings: ServiceSettings, app: FastAPI) -> type:
                 self.ops.default.name,
                 f" with the runner at {settings.runner_url}" if settings.runner_url else "",
             )
+
+        async def __is_ready__(self) -> bool:
+            """BentoML's `/readyz`: the same answer as `/ping` (`service/sagemaker.py`)."""
+            return await self.ops.ready()
 
         @bentoml.on_shutdown
         def stop_engine(self) -> None:

@@ -159,5 +159,5 @@ async def compute(request: Request, caller: Caller = PREDICT, ops: Operations = 
         spec = _model(ops, form)
         uid = _required(form, "uid")
         ciphertext = await _file_bytes(form, "model_input", ops.settings.max_ciphertext_bytes)
-    result = await ops.predict(spec, caller, uid.strip().lower(), ciphertext)
+    result = await ops.predict(spec, caller, uid, ciphertext)
     return Response(result, media_type=OCTET_STREAM)

@@ -1,6 +1,6 @@
 """The operations of the fhe-bento service, whatever the transport: one plain class.
 
-The native routes (`service/routes.py`, `service/hot_path.py`), SageMaker's `/invocations`
+The native routes (`service/routes.py`, `service/prediction_routes.py`), SageMaker's `/invocations`
 (`service/sagemaker.py`) and the Zama-compatible routes (`service/compat.py`) get it by dependency
 injection (`current_operations`, `operations_of`), read
 their bodies by the one spec per operation (`service/bodies.py`), and call it. It holds no key state: every
@@ -31,7 +31,7 @@ from fhe_bento.contract.runner_api import (
     ScopedKey,
 )
 from fhe_bento.keys.rules import check_key_id, check_key_size
-from fhe_bento.models.repository import ModelSpec
+from fhe_bento.models.repository import ModelSpec, served_spec
 from fhe_bento.protocol import transform, wire
 from fhe_bento.service.admission import Admission
 from fhe_bento.service.auth import Caller
@@ -73,12 +73,7 @@ class Operations:
                 modules.setdefault(spec.circuit.module, {})[spec.circuit.shape] = spec
 
     def spec(self, name: str | None) -> ModelSpec:
-        if name is None:
-            return self.default
-        try:
-            return self.specs[name]
-        except KeyError:
-            raise FHEBentoError("unknown_model", f"no model named {name!r} is served") from None
+        return self.default if name is None else served_spec(self.specs, name)
 
     def list_models(self) -> list[dict[str, Any]]:
         return [spec.public() for spec in self.specs.values()]
@@ -275,7 +270,7 @@ async def current_operations() -> Operations:
 
 
 async def operations_of(app: FastAPI) -> Operations:
-    """`current_operations` outside FastAPI's dependency injection (`service/hot_path.py`), overridden
+    """`current_operations` outside FastAPI's dependency injection (`service/prediction_routes.py`), overridden
     as the dependency is."""
     provider = app.dependency_overrides.get(current_operations, current_operations)
     ops = provider()

@@ -8,8 +8,13 @@ runner's BentoML `/readyz` says, asked on a connection of its own every `WATCH_S
 `/ping` nor the watch ever waits behind queued calls. A runner served elsewhere is not this server's to
 replace: while it is down, `/ping` answers 503 and nothing stops.
 
-A pooled connection that the runner closed as idle fails before the runner reads the request, so such a
-failure is retried once; a timeout or a down runner is not (the row may be computing).
+Idle connections: BentoML's client of the runner keeps pooled connections for aiohttp's default 15 s,
+and BentoML has no setting for it; uvicorn closes idle ones after 5 s by default. The runner is therefore
+served with a longer keep-alive than the pool's (`bentoml serve ... --timeout-keep-alive 60`,
+`runtime/settings.RUNNER_KEEPALIVE_SECONDS`; tests/unit/test_library_assumptions.py fails if aiohttp's
+default grows past it), so that the client side closes first. A call on a pooled connection that the
+runner closed anyway fails before the runner reads the request, and is retried once; a timeout or a down
+runner is not (the row may be computing).
 """
 
 from __future__ import annotations
@@ -22,7 +27,7 @@ from typing import Any, TypeVar
 
 import httpx
 
-from fhe_bento.contract.errors import FHEBentoError
+from fhe_bento.contract.errors import FHEBentoError, runner_unavailable
 from fhe_bento.contract.runner_api import (
     KeyCompletion,
     KeyFacts,
@@ -37,21 +42,11 @@ from fhe_bento.contract.runner_api import (
     ScopedKey,
 )
 from fhe_bento.service.limits import request_deadline
-from fhe_bento.service.runner_connection import drop_idle_connections_first
 
 log = logging.getLogger("bentoml.fhe_bento.service")
 READYZ_TIMEOUT = 0.5  # seconds; SageMaker gives /ping 2 s
 WATCH_SECONDS = 0.25
-RUNNER_RETRY_AFTER = 5  # seconds a client is told to wait when the runner does not answer
 T = TypeVar("T")
-
-
-def _runner_unavailable() -> FHEBentoError:
-    return FHEBentoError(
-        "runner_unavailable",
-        "the FHE runner did not answer; retry",
-        headers={"Retry-After": str(RUNNER_RETRY_AFTER)},
-    )
 
 
 def _forget(future: asyncio.Future[Any]) -> None:
@@ -70,7 +65,6 @@ class RemoteRunner:
         self._up = False
         self._down: asyncio.Event | None = None  # set while a runner that was up is down
         self._watcher: asyncio.Future[None] | None = None
-        drop_idle_connections_first(client)
 
     # --- health ---------------------------------------------------------------------------------------
 
@@ -109,7 +103,7 @@ class RemoteRunner:
         down = self._watching()
         for attempt in (1, 2):
             if down.is_set():
-                raise _runner_unavailable()
+                raise runner_unavailable("the FHE runner did not answer")
             try:
                 outcome = await self._within_deadline(send(), down)
             except (FHEBentoError, asyncio.CancelledError):
@@ -117,7 +111,7 @@ class RemoteRunner:
             except Exception as exc:
                 log.warning("runner call %s failed (attempt %d): %s", name, attempt, type(exc).__name__)
                 if attempt == 2:
-                    raise _runner_unavailable() from None
+                    raise runner_unavailable("the FHE runner did not answer") from None
                 continue
             return outcome.unwrap()
         raise AssertionError("unreachable: the second attempt returns or raises")
@@ -140,7 +134,7 @@ class RemoteRunner:
         if pending.done() and not pending.cancelled():
             return pending.result()
         if seen_down.done() and not seen_down.cancelled():
-            raise _runner_unavailable()
+            raise runner_unavailable("the FHE runner did not answer")
         raise FHEBentoError("request_timeout", "the request's time ran out before the FHE runner answered")
 
     async def predict(self, rows: Rows) -> RowResults:

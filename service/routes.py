@@ -4,8 +4,8 @@ before any body is read; the operations come by dependency too (`current_operati
 
 A model name may hold slashes: a hybrid model's circuit is served as `MODEL/MODULE/SHAPE`
 (`models/repository.py`), so `{name:path}`, and the bare `GET /v1/models/{name}` comes last. The two
-prediction routes, `POST /v1/models/{name}/predict` and `.../predict_batch`, are served in front of
-FastAPI's routing (`service/hot_path.py`)."""
+prediction routes, `POST /v1/models/{name}/predict` and `.../predict_batch`, are plain Starlette routes
+ahead of these (`service/prediction_routes.py`)."""
 
 from __future__ import annotations
 

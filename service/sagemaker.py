@@ -21,6 +21,7 @@ from fastapi.responses import JSONResponse, Response
 from pydantic import BaseModel, ConfigDict, ValidationError, field_validator
 
 from fhe_bento.contract.errors import FHEBentoError
+from fhe_bento.keys.rules import check_key_id
 from fhe_bento.protocol import transform, wire
 from fhe_bento.protocol.names import ATTRIBUTES_HEADER, MAX_ATTRIBUTES, OCTET_STREAM
 from fhe_bento.protocol.sessions import SESSION_HEADER
@@ -119,7 +120,7 @@ async def _get_client(ops: Operations, caller: Caller, attrs: Attributes, body: 
 
 
 async def _has_key(ops: Operations, caller: Caller, attrs: Attributes, body: None) -> Response:
-    key_id = require(attrs.key, "key")
+    key_id = check_key_id(require(attrs.key, "key"))  # echoed as the key is stored
     return JSONResponse(
         {"key_id": key_id, "registered": await ops.has_key(ops.spec(attrs.model), caller, key_id)}
     )

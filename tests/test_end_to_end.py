@@ -220,3 +220,38 @@ def test_the_served_process_holds_no_private_key(server, demo, client_cache):
     for proc in [root, *root.children(recursive=True)]:
         assert not [f.path for f in proc.open_files() if str(client_cache) in f.path]
         assert not [v for v in proc.environ().values() if str(client_cache) in v]
+
+
+def test_readyz_and_ping_agree_while_the_engine_loads_and_once_it_has(demo, tmp_path):
+    """BentoML's /readyz (what Kubernetes or BentoCloud probe) and SageMaker's /ping give one answer: 503
+    while the worker's engine processes load their models, 200 once they have. Each /readyz is followed at
+    once by a /ping, so a ready /readyz followed by a not-ready /ping is a disagreement (readiness only
+    grows while a server starts)."""
+    from harness.devserver import Server
+
+    srv = Server(
+        tmp_path,
+        {
+            "FHE_BENTO_MODELS": f"{LOGREG}:latest",
+            "FHE_BENTO_WORKERS": "1",
+            "FHE_BENTO_KEY_STORE": (tmp_path / "keys").as_uri(),
+            "FHE_BENTO_STAGING_DIR": str(tmp_path / "staging"),
+        },
+        ready_path="/livez",  # up, engines not necessarily loaded
+    )
+    srv.start()
+    try:
+        pairs = []
+        deadline = time.monotonic() + 180
+        while not pairs or pairs[-1] != (200, 200):
+            assert time.monotonic() < deadline, pairs[-5:]
+            pairs.append(
+                (httpx.get(f"{srv.url}/readyz").status_code, httpx.get(f"{srv.url}/ping").status_code)
+            )
+            time.sleep(0.05)
+        assert (503, 503) in pairs  # the loading window was seen, and both said so
+        assert set(pairs) <= {(503, 503), (503, 200), (200, 200)}, sorted(set(pairs))
+        loaded = pairs.index((200, 200))
+        assert all(pair == (200, 200) for pair in pairs[loaded:])
+    finally:
+        srv.stop()

@@ -343,11 +343,8 @@ def test_concrete_ml_client_through_a_standalone_runner(hybrid_folders, tmp_path
         "FHE_BENTO_MODELS": f"{GPT}:latest,{RELU}:latest",
         "FHE_BENTO_KEY_STORE": (tmp_path / "keys").as_uri(),
     }
-    runner = Server(
-        tmp_path / "runner",
-        {**common, "FHE_BENTO_STAGING_DIR": str(tmp_path / "runner-staging")},
-        target="fhe_bento.runners.fhe_runner:FHERunner",
-        ready_path="/readyz",
+    runner = Server.runner(
+        tmp_path / "runner", {**common, "FHE_BENTO_STAGING_DIR": str(tmp_path / "runner-staging")}
     )
     service = Server(
         tmp_path / "service",

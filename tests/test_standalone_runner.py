@@ -45,11 +45,8 @@ def split(demo, tmp_path_factory):
         "FHE_BENTO_MODELS": f"{XGB}:latest,{LOGREG}:latest",
         "FHE_BENTO_KEY_STORE": f"s3://{BUCKET}/keys",
     }
-    runner = Server(
-        root / "runner",
-        {**common, "FHE_BENTO_STAGING_DIR": str(root / "runner" / "staging")},
-        target="fhe_bento.runners.fhe_runner:FHERunner",
-        ready_path="/readyz",
+    runner = Server.runner(
+        root / "runner", {**common, "FHE_BENTO_STAGING_DIR": str(root / "runner" / "staging")}
     )
     servers = []
     try:
