@@ -18,8 +18,8 @@ from typing import TYPE_CHECKING
 import numpy as np
 from tqdm.auto import tqdm
 
+from fhe_bento.client.answers import FHEServiceError
 from fhe_bento.client.api import RemoteModel, Transport
-from fhe_bento.client.http_transport import FHEServiceError
 from fhe_bento.client.sagemaker_transport import FromArtifacts, ModelFolders, split_s3
 from fhe_bento.protocol import transform
 

@@ -10,7 +10,7 @@ from pathlib import Path
 import click
 import numpy as np
 
-from fhe_bento.client.http_transport import FHEServiceError
+from fhe_bento.client.answers import FHEServiceError
 
 
 @click.group()

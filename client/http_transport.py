@@ -1,16 +1,20 @@
-"""The native HTTP API of an fhe-bento server, spoken with httpx. One method per route."""
+"""The native HTTP API of an fhe-bento server, spoken with httpx. One method per route; error answers and
+batch framing are `client/answers.py`'s, retries `client/retry.py`'s."""
 
 from __future__ import annotations
 
-import json
 from collections.abc import Callable
+from typing import Any
 
 import httpx
 
+from fhe_bento.client.answers import FHEServiceError, exchange_batch, raise_for_error
 from fhe_bento.client.uploads import upload_key
 from fhe_bento.protocol import wire
-from fhe_bento.protocol.errors import HTTP_ERROR, is_retryable
 from fhe_bento.protocol.names import CLIENT_SHA_HEADER, KEY_ID_HEADER, OCTET_STREAM, PART_BYTES
+
+# FHEServiceError is `client/answers.py`'s, and still importable from here, where it was first.
+__all__ = ["KEEPALIVE_SECONDS", "OCTET", "FHEServiceError", "HTTPTransport", "http_client"]
 
 OCTET = {"Content-Type": OCTET_STREAM}
 # An idle pooled connection is dropped after this long. It must stay well under the server's keep-alive
@@ -29,54 +33,9 @@ def http_client(url: str, timeout: float, headers: dict[str, str] | None = None)
     )
 
 
-class FHEServiceError(RuntimeError):
-    """An error answer of the service: HTTP status plus the JSON error code and message."""
-
-    def __init__(self, status: int, code: str, message: str, retry_after: float | None = None) -> None:
-        super().__init__(f"{status} {code}: {message}")
-        self.status = status
-        self.code = code
-        self.message = message
-        self.retry_after = retry_after  # seconds, from Retry-After on a retryable answer
-
-    @property
-    def retryable(self) -> bool:
-        return is_retryable(self.status, self.code)
-
-
-def error_from_body(
-    status: int, body: bytes | str, fallback_code: str, retry_after: float | None = None
-) -> FHEServiceError:
-    """The service error in a JSON error body, or `fallback_code` with the start of a body that is not one."""
-    try:
-        error = json.loads(body)["error"]
-        return FHEServiceError(status, error["code"], error["message"], retry_after)
-    except Exception:
-        text = body.decode(errors="replace") if isinstance(body, bytes) else body
-        return FHEServiceError(status, fallback_code, text[:200], retry_after)
-
-
-def retry_after_seconds(headers: httpx.Headers) -> float | None:
-    """Retry-After in seconds; None when it is absent or an HTTP date (the client then backs off itself)."""
-    value = headers.get("retry-after")
-    try:
-        return float(value) if value else None
-    except ValueError:
-        return None
-
-
-def _raise_for_error(response: httpx.Response) -> httpx.Response:
-    if response.status_code < 400:
-        return response
-    raise error_from_body(
-        response.status_code,
-        response.content or response.reason_phrase,
-        HTTP_ERROR,
-        retry_after_seconds(response.headers),
-    )
-
-
 class HTTPTransport:
+    """The `Transport` of a server's native API: one request per operation, never retried here."""
+
     def __init__(
         self,
         url: str,
@@ -93,47 +52,49 @@ class HTTPTransport:
     def close(self) -> None:
         self.http.close()
 
-    def list_models(self) -> list[dict]:
-        return _raise_for_error(self.http.get("/v1/models")).json()
+    def list_models(self) -> list[dict[str, Any]]:
+        return raise_for_error(self.http.get("/v1/models")).json()
 
-    def get_model(self, name: str) -> dict:
-        return _raise_for_error(self.http.get(f"/v1/models/{name}")).json()
+    def get_model(self, name: str) -> dict[str, Any]:
+        return raise_for_error(self.http.get(f"/v1/models/{name}")).json()
 
     def get_client_zip(self, name: str) -> tuple[bytes, str]:
-        response = _raise_for_error(self.http.get(f"/v1/models/{name}/client.zip"))
+        response = raise_for_error(self.http.get(f"/v1/models/{name}/client.zip"))
         return response.content, response.headers.get(CLIENT_SHA_HEADER, "")
 
     def has_key(self, name: str, key_id: str) -> bool:
         response = self.http.head(f"/v1/models/{name}/keys/{key_id}")
         if response.status_code == 404:
             return False
-        _raise_for_error(response)
+        raise_for_error(response)
         return True
 
-    def put_key(self, name: str, key: bytes, on_progress: Callable[[int], None]) -> dict:
+    def put_key(self, name: str, key: bytes, on_progress: Callable[[int], None]) -> dict[str, Any]:
         return upload_key(self, name, key, self.part_bytes, on_progress)
 
-    def put_whole_key(self, name: str, key: bytes) -> dict:
+    def put_whole_key(self, name: str, key: bytes) -> dict[str, Any]:
         response = self.http.post(f"/v1/models/{name}/keys", content=key, headers=OCTET)
-        return _raise_for_error(response).json()
+        return raise_for_error(response).json()
 
     def key_parts(self, name: str, key_id: str) -> list[int]:
-        return _raise_for_error(self.http.get(f"/v1/models/{name}/keys/{key_id}/parts")).json()["parts"]
+        return raise_for_error(self.http.get(f"/v1/models/{name}/keys/{key_id}/parts")).json()["parts"]
 
     def put_key_part(self, name: str, key_id: str, index: int, data: bytes) -> None:
-        _raise_for_error(
+        raise_for_error(
             self.http.put(f"/v1/models/{name}/keys/{key_id}/parts/{index}", content=data, headers=OCTET)
         )
 
-    def complete_key(self, name: str, key_id: str, count: int) -> dict:
+    def complete_key(self, name: str, key_id: str, count: int) -> dict[str, Any]:
         response = self.http.post(f"/v1/models/{name}/keys/{key_id}/complete", params={"parts": count})
-        return _raise_for_error(response).json()
+        return raise_for_error(response).json()
 
     def predict_batch(self, name: str, key_id: str | None, rows: list[bytes]) -> list[bytes]:
         headers = {"Content-Type": wire.CONTENT_TYPE}
         if key_id:
             headers[KEY_ID_HEADER] = key_id
-        response = self.http.post(
-            f"/v1/models/{name}/predict_batch", content=wire.encode_batch(rows), headers=headers
-        )
-        return wire.decode_batch(_raise_for_error(response).content, max_rows=len(rows))
+
+        def send(body: bytes) -> bytes:
+            response = self.http.post(f"/v1/models/{name}/predict_batch", content=body, headers=headers)
+            return raise_for_error(response).content
+
+        return exchange_batch(rows, send)

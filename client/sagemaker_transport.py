@@ -10,6 +10,8 @@
   polled from the output location. Model facts come from the model folders (a local copy, or the
   deployed `model.tar.gz` in S3) because an async endpoint cannot answer metadata queries.
 
+Error answers and batch framing are `client/answers.py`'s, retries `client/retry.py`'s: no transport
+here retries a failed answer (a refused session is opened anew, which is key affinity: `_in_session`).
 Credentials and region come from boto3's usual chain; `AWS_ENDPOINT_URL` points boto3 elsewhere.
 """
 
@@ -28,7 +30,15 @@ from urllib.parse import urlparse
 
 from tqdm.auto import tqdm
 
-from fhe_bento.client.http_transport import FHEServiceError, error_from_body, http_client, retry_after_seconds
+from fhe_bento.client.answers import (
+    MODEL_ERROR,
+    FHEServiceError,
+    batch_answer,
+    error_from_body,
+    exchange_batch,
+    raise_for_error,
+)
+from fhe_bento.client.http_transport import http_client
 from fhe_bento.client.uploads import upload_key
 from fhe_bento.protocol import keys, wire
 from fhe_bento.protocol.names import ATTRIBUTES_HEADER, OCTET_STREAM, PART_BYTES
@@ -39,8 +49,9 @@ def attributes(**fields: object) -> str:
     return "; ".join(f"{name}={value}" for name, value in fields.items() if value is not None)
 
 
-def _model_error(status: int, body: bytes | str, retry_after: float | None = None) -> FHEServiceError:
-    return error_from_body(status, body, "model_error", retry_after)
+def _model_error(status: int, body: bytes | str) -> FHEServiceError:
+    """A container's error as SageMaker reports it (ModelError), or an async job's failure."""
+    return error_from_body(status, body, MODEL_ERROR)
 
 
 class Reply(NamedTuple):
@@ -59,7 +70,7 @@ class RuntimeInvoker:
     SageMaker itself refuses a session whose instance is gone (ValidationError): that is `invalid_session`,
     as the container says of a session that ended."""
 
-    def __init__(self, endpoint_name: str, runtime_client=None) -> None:
+    def __init__(self, endpoint_name: str, runtime_client: Any = None) -> None:
         import boto3
 
         self.endpoint_name = endpoint_name
@@ -103,8 +114,7 @@ class LocalInvoker:
             content=body,
             headers={**headers, **({SESSION_HEADER: session_id} if session_id else {})},
         )
-        if response.status_code >= 400:
-            raise _model_error(response.status_code, response.content, retry_after_seconds(response.headers))
+        raise_for_error(response, MODEL_ERROR)
         return Reply(response.content, response.headers.get(SESSION_HEADER))
 
 
@@ -127,10 +137,10 @@ class SageMakerTransport:
     def _json(self, **attrs: object) -> Any:
         return json.loads(self.invoke(b"{}", attributes(**attrs), "application/json").body)
 
-    def list_models(self) -> list[dict]:
+    def list_models(self) -> list[dict[str, Any]]:
         return self._json(op="list_models")
 
-    def get_model(self, name: str) -> dict:
+    def get_model(self, name: str) -> dict[str, Any]:
         return self._json(op="get_model", model=name)
 
     def get_client_zip(self, name: str) -> tuple[bytes, str]:
@@ -139,10 +149,10 @@ class SageMakerTransport:
     def has_key(self, name: str, key_id: str) -> bool:
         return bool(self._json(op="has_key", model=name, key=key_id)["registered"])
 
-    def put_key(self, name: str, key: bytes, on_progress: Callable[[int], None]) -> dict:
+    def put_key(self, name: str, key: bytes, on_progress: Callable[[int], None]) -> dict[str, Any]:
         return upload_key(self, name, key, self.part_bytes, on_progress)
 
-    def put_whole_key(self, name: str, key: bytes) -> dict:
+    def put_whole_key(self, name: str, key: bytes) -> dict[str, Any]:
         return json.loads(self.invoke(key, attributes(op="put_key", model=name), OCTET_STREAM).body)
 
     def key_parts(self, name: str, key_id: str) -> list[int]:
@@ -151,18 +161,23 @@ class SageMakerTransport:
     def put_key_part(self, name: str, key_id: str, index: int, data: bytes) -> None:
         self.invoke(data, attributes(op="put_key_part", model=name, key=key_id, part=index), OCTET_STREAM)
 
-    def complete_key(self, name: str, key_id: str, count: int) -> dict:
+    def complete_key(self, name: str, key_id: str, count: int) -> dict[str, Any]:
         return self._json(op="complete_key", model=name, key=key_id, parts=count)
 
     def predict_batch(self, name: str, key_id: str | None, rows: list[bytes]) -> list[bytes]:
-        body, attrs = wire.encode_batch(rows), attributes(op="predict_batch", model=name, key=key_id)
-        if key_id and self.key_affinity:
-            answer = self._in_session(key_id, body, attrs)
-        else:
-            answer = self.invoke(body, attrs, wire.CONTENT_TYPE).body
-        return wire.decode_batch(answer, max_rows=len(rows))
+        attrs = attributes(op="predict_batch", model=name, key=key_id)
+
+        def send(body: bytes) -> bytes:
+            if key_id and self.key_affinity:
+                return self._in_session(key_id, body, attrs)
+            return self.invoke(body, attrs, wire.CONTENT_TYPE).body
+
+        return exchange_batch(rows, send)
 
     def _in_session(self, key_id: str, body: bytes, attrs: str) -> bytes:
+        """The answer sent in the key's session: its open one, or else one opened now. A refused session
+        is opened anew (on any instance) before any answer to the request: that is session affinity, not a
+        retry of a failed answer, which only the client's `RetryPolicy` makes."""
         opening = self._opening[hash(key_id) % OPENING_LOCKS]
         if (answer := self._in_known_session(key_id, body, attrs)) is not None:
             return answer
@@ -214,7 +229,7 @@ def split_s3(url: str) -> tuple[str, str]:
 class ModelFolders:
     """Model facts from the deployed artifacts: a local folder of model folders, or `s3://.../model.tar.gz`."""
 
-    def __init__(self, source: str | Path, s3=None) -> None:
+    def __init__(self, source: str | Path, s3: Any = None) -> None:
         self.files: dict[str, dict[str, bytes]] = {}
         if str(source).startswith("s3://"):
             bucket, key = split_s3(str(source))
@@ -233,7 +248,7 @@ class ModelFolders:
                         n: (folder / n).read_bytes() for n in ("client.zip", "fhe-bento.json")
                     }
 
-    def info(self, name: str) -> dict:
+    def info(self, name: str) -> dict[str, Any]:
         if name not in self.files:
             raise FHEServiceError(404, "unknown_model", f"no model named {name!r} in the deployed artifacts")
         meta = json.loads(self.files[name]["fhe-bento.json"])
@@ -245,7 +260,7 @@ class FromArtifacts:
 
     models: ModelFolders
 
-    def get_model(self, name: str) -> dict:
+    def get_model(self, name: str) -> dict[str, Any]:
         return self.models.info(name)
 
     def get_client_zip(self, name: str) -> tuple[bytes, str]:
@@ -255,7 +270,7 @@ class FromArtifacts:
 class AsyncJob:
     """One asynchronous invocation: where its answer (or failure) will appear in S3."""
 
-    def __init__(self, s3, output_location: str, failure_location: str | None, rows: int) -> None:
+    def __init__(self, s3: Any, output_location: str, failure_location: str | None, rows: int) -> None:
         self.s3 = s3
         self.output_location = output_location
         self.failure_location = failure_location
@@ -271,12 +286,14 @@ class AsyncJob:
             return None
 
     def result(self, timeout: float = 3600.0, poll: float = 2.0, progress: bool = True) -> list[bytes]:
+        """The job's answers, polled for every `poll` seconds until they (or its failure) appear: waiting
+        for one answer, not retrying a failed one."""
         deadline = time.monotonic() + timeout
         with tqdm(desc="async inference", unit="poll", disable=not progress) as bar:
             while time.monotonic() < deadline:
                 answer = self._fetch(self.output_location)
                 if answer is not None:
-                    return wire.decode_batch(answer, max_rows=self.rows)
+                    return batch_answer(answer, self.rows)
                 failure = self._fetch(self.failure_location)
                 if failure is not None:
                     raise _model_error(424, failure)
@@ -293,8 +310,8 @@ class AsyncSageMakerTransport(FromArtifacts):
         endpoint_name: str,
         input_prefix: str,
         models: ModelFolders,
-        runtime_client=None,
-        s3_client=None,
+        runtime_client: Any = None,
+        s3_client: Any = None,
         progress: bool = True,
     ) -> None:
         import boto3
@@ -311,7 +328,7 @@ class AsyncSageMakerTransport(FromArtifacts):
     def has_key(self, name: str, key_id: str) -> bool:
         return key_id in self._registered
 
-    def put_key(self, name: str, key: bytes, on_progress: Callable[[int], None]) -> dict:
+    def put_key(self, name: str, key: bytes, on_progress: Callable[[int], None]) -> dict[str, Any]:
         key_id = keys.key_id(key)
         self._pending_keys[key_id] = key
         on_progress(len(key))

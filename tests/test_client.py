@@ -96,7 +96,7 @@ def test_client_retries_a_busy_or_restarting_server_after_retry_after(
     import httpx
     from conftest import LOGREG
 
-    from fhe_bento.client import FHEClient, api
+    from fhe_bento.client import FHEClient, retry
     from fhe_bento.client.http_transport import FHEServiceError, HTTPTransport
     from fhe_bento.client.sagemaker_transport import LocalInvoker, SageMakerTransport
     from fhe_bento.protocol.names import ATTRIBUTES_HEADER
@@ -127,7 +127,7 @@ def test_client_retries_a_busy_or_restarting_server_after_retry_after(
         invoker.http = http
         chosen = SageMakerTransport(invoker)
     sleeps: list[float] = []
-    monkeypatch.setattr(api, "time", SimpleNamespace(sleep=sleeps.append))
+    monkeypatch.setattr(retry, "time", SimpleNamespace(sleep=sleeps.append))
     model = FHEClient(transport=chosen, cache_dir=tmp_path, progress=False, max_retries=3).model(LOGREG)
 
     refusals["left"] = 3  # as many as max_retries: the last attempt answers
@@ -139,6 +139,34 @@ def test_client_retries_a_busy_or_restarting_server_after_retry_after(
     with pytest.raises(FHEServiceError) as refused:
         model._run_batch([b"row"])
     assert refused.value.code == code and refused.value.status == 503 and len(sleeps) == 3
+
+
+def test_the_retry_policy_retries_only_busy_answers_and_backs_off_without_retry_after(monkeypatch):
+    """One policy for every transport: `protocol.errors.is_retryable` says which answers, Retry-After (or
+    a capped exponential backoff, with jitter) how long, `max_retries` how often."""
+    from types import SimpleNamespace
+
+    from fhe_bento.client import retry
+    from fhe_bento.client.answers import FHEServiceError
+
+    sleeps: list[float] = []
+    monkeypatch.setattr(retry, "time", SimpleNamespace(sleep=sleeps.append))
+    policy = retry.RetryPolicy(max_retries=7)
+
+    def failing(error: FHEServiceError):
+        def call() -> None:
+            raise error
+
+        return call
+
+    for refused in (FHEServiceError(400, "invalid_batch", ""), FHEServiceError(404, "unknown_key", "")):
+        with pytest.raises(FHEServiceError):
+            policy(failing(refused))
+    assert sleeps == []  # not retried
+    with pytest.raises(FHEServiceError):
+        policy(failing(FHEServiceError(503, "http_error", "a proxy's 503")))
+    waits = [min(retry.BACKOFF_CAP, retry.BACKOFF_BASE * 2**n) for n in range(7)]
+    assert len(sleeps) == 7 and all(w <= s <= w * retry.JITTER for w, s in zip(waits, sleeps, strict=True))
 
 
 def test_session_answers_round_trip_and_sessions_can_be_turned_off():

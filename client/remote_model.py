@@ -1,0 +1,185 @@
+"""`RemoteModel`: one served model, as a data owner holding its own keys calls it. Rows are encrypted,
+sent in batches on a thread pool (with progress bars), and their answers decrypted, in order; the
+evaluation key is uploaded once, and again once if the server lost it. Nothing sent to the server holds
+plaintext or a private key.
+"""
+
+from __future__ import annotations
+
+import threading
+from collections import deque
+from collections.abc import Iterable, Iterator
+from concurrent.futures import Future, ThreadPoolExecutor
+from pathlib import Path
+from typing import TYPE_CHECKING, Any
+
+import numpy as np
+from tqdm.auto import tqdm
+
+from fhe_bento.client.answers import FHEServiceError
+from fhe_bento.client.key_folder import KeyFolder
+from fhe_bento.client.retry import RetryPolicy
+from fhe_bento.protocol import keys
+
+if TYPE_CHECKING:
+    from fhe_bento.client.api import Transport
+
+
+class RemoteModel:
+    """One served model, as seen by a data owner holding its own keys."""
+
+    def __init__(
+        self,
+        transport: Transport,
+        name: str,
+        cache_dir: Path,
+        batch_size: int,
+        concurrency: int,
+        progress: bool,
+        max_retries: int = 8,
+    ) -> None:
+        self.transport = transport
+        self.name = name
+        self.info = transport.get_model(name)
+        self.batch_size = batch_size
+        self.concurrency = concurrency
+        self.progress = progress
+        self.retry = RetryPolicy(max_retries)
+        self.key_folder = KeyFolder(
+            cache_dir, name, self.info["client_sha256"], lambda: transport.get_client_zip(name)
+        )
+        self.folder = self.key_folder.path
+        self.fhe = self.key_folder.fhe
+        self._key_id: str | None = None
+        self._key_lock = threading.Lock()
+
+    @property
+    def max_retries(self) -> int:
+        return self.retry.max_retries
+
+    def evaluation_key(self) -> bytes:
+        """The serialized evaluation key, generated on first use and kept in the key cache folder."""
+        return self.key_folder.evaluation_key()
+
+    def ensure_key(self, force_upload: bool = False) -> str | None:
+        """Register the evaluation key unless the server has it; returns the key id (None if unneeded)."""
+        if not self.info["needs_key"]:
+            return None
+        with self._key_lock:
+            if self._key_id and not force_upload:
+                return self._key_id
+            key = self.evaluation_key()
+            key_id = keys.key_id(key)
+            if force_upload or not self.transport.has_key(self.name, key_id):
+                with tqdm(
+                    total=len(key),
+                    unit="B",
+                    unit_scale=True,
+                    desc=f"upload key {self.name}",
+                    disable=not self.progress,
+                ) as bar:
+
+                    def upload() -> dict[str, Any]:
+                        bar.reset()  # a retried upload starts over
+                        return self.transport.put_key(self.name, key, bar.update)
+
+                    answer = self.retry(upload)
+                if answer["key_id"] != key_id:
+                    raise FHEServiceError(0, "key_id_mismatch", "the server computed another key id")
+            self._key_id = key_id
+            return key_id
+
+    def encrypt(self, x: np.ndarray) -> list[bytes]:
+        """One ciphertext per row of `x`, each a batch of one of the circuit's input shape: a row of
+        features, or a hybrid module's (1, *rest) input."""
+        self.key_folder.generate_keys()  # a model without an evaluation key gets its private key here
+        return [self.fhe.quantize_encrypt_serialize(np.asarray(row)[np.newaxis]) for row in x]
+
+    def _run_batch(self, rows: list[bytes]) -> list[bytes]:
+        """One batch, with the two recoveries: a lost key is uploaded again (once), and a retryable answer
+        (overloaded, runner restarting) is retried by the client's `RetryPolicy`."""
+        reuploaded = False
+        while True:
+            try:
+                return self.retry(lambda: self.transport.predict_batch(self.name, self.ensure_key(), rows))
+            except FHEServiceError as exc:
+                if exc.code != "unknown_key" or reuploaded:
+                    raise
+                # Evicted, expired or deleted on the server: upload once more and retry.
+                self.ensure_key(force_upload=True)
+                reuploaded = True
+
+    def _predict_rows(self, batch: np.ndarray) -> np.ndarray:
+        """Encrypt, send and decrypt one batch of rows (runs on the client's thread pool)."""
+        if batch.ndim != 2 or batch.shape[1] != self.info["n_features"]:
+            raise ValueError(
+                f"{self.name} takes rows of {self.info['n_features']} features, got shape {batch.shape}"
+            )
+        return np.vstack([self.decrypt(answer) for answer in self._run_batch(self.encrypt(batch))])
+
+    def call_rows(self, x: np.ndarray) -> np.ndarray:
+        """A hybrid model's module call (`client/hybrid.py`): the rows of `x` encrypted, sent `batch_size`
+        rows a request, and their results decrypted whole, in order."""
+        results: list[np.ndarray] = []
+        for start in range(0, len(x), self.batch_size):
+            answers = self._run_batch(self.encrypt(x[start : start + self.batch_size]))
+            results += [np.asarray(self.fhe.deserialize_decrypt_dequantize(a)) for a in answers]
+        return np.concatenate(results)
+
+    def decrypt(self, answer: bytes) -> np.ndarray:
+        """The scores of one row from the server's encrypted answer."""
+        self.key_folder.load_private_key()
+        return np.asarray(self.fhe.deserialize_decrypt_dequantize(answer)).reshape(-1)
+
+    def predict_proba_stream(
+        self, rows: Iterable[np.ndarray], total: int | None = None
+    ) -> Iterator[np.ndarray]:
+        """Scores for rows read lazily, in order. Batches are encrypted, sent and decrypted on
+        `concurrency` threads while later rows are still being read, so a large input streams through
+        with bounded memory instead of being loaded first."""
+        self.ensure_key()
+        in_flight: deque[Future[np.ndarray]] = deque()
+        with (
+            tqdm(total=total, unit="row", desc=f"predict {self.name}", disable=not self.progress) as bar,
+            ThreadPoolExecutor(self.concurrency) as pool,
+        ):
+            for batch in _batches(rows, self.batch_size):
+                in_flight.append(pool.submit(self._predict_rows, batch))
+                while len(in_flight) > 2 * self.concurrency:
+                    yield from self._drain(in_flight.popleft(), bar)
+            while in_flight:
+                yield from self._drain(in_flight.popleft(), bar)
+
+    @staticmethod
+    def _drain(future: Future[np.ndarray], bar: tqdm) -> Iterator[np.ndarray]:
+        scores = future.result()
+        bar.update(len(scores))
+        yield from scores
+
+    def predict_proba(self, x: np.ndarray) -> np.ndarray:
+        x = np.asarray(x, dtype=np.float64)
+        if not len(x):
+            return np.empty((0, self.info["n_outputs"]))
+        return np.vstack(list(self.predict_proba_stream(x, total=len(x))))
+
+    def labels(self, scores: np.ndarray) -> np.ndarray:
+        """Predictions from scores: the class with the highest score, or the value for a regressor."""
+        classes = self.info.get("classes")
+        if not classes:
+            return scores[:, 0] if scores.shape[1] == 1 else scores
+        return np.asarray(classes)[np.argmax(scores, axis=1)]
+
+    def predict(self, x: np.ndarray) -> np.ndarray:
+        return self.labels(self.predict_proba(x))
+
+
+def _batches(rows: Iterable[np.ndarray], size: int) -> Iterator[np.ndarray]:
+    """`rows` as float64 arrays of at most `size` rows each."""
+    batch: list[np.ndarray] = []
+    for row in rows:
+        batch.append(np.asarray(row, dtype=np.float64).reshape(-1))
+        if len(batch) == size:
+            yield np.vstack(batch)
+            batch = []
+    if batch:
+        yield np.vstack(batch)
