@@ -8,13 +8,10 @@ from typing import Any
 
 import httpx
 
-from fhe_bento.client.answers import FHEServiceError, exchange_batch, raise_for_error
+from fhe_bento.client.answers import exchange_batch, raise_for_error
 from fhe_bento.client.uploads import upload_key
 from fhe_bento.protocol import wire
 from fhe_bento.protocol.names import CLIENT_SHA_HEADER, KEY_ID_HEADER, OCTET_STREAM, PART_BYTES
-
-# FHEServiceError is `client/answers.py`'s, and still importable from here, where it was first.
-__all__ = ["KEEPALIVE_SECONDS", "OCTET", "FHEServiceError", "HTTPTransport", "http_client"]
 
 OCTET = {"Content-Type": OCTET_STREAM}
 # An idle pooled connection is dropped after this long. It must stay well under the server's keep-alive

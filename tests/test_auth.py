@@ -15,7 +15,8 @@ from conftest import LOGREG, XGB, assert_error, serve_in_process
 from fastapi.testclient import TestClient
 
 from fhe_bento.client import FHEClient
-from fhe_bento.client.http_transport import FHEServiceError, HTTPTransport
+from fhe_bento.client.answers import FHEServiceError
+from fhe_bento.client.http_transport import HTTPTransport
 from fhe_bento.contract.errors import FHEBentoError
 from fhe_bento.protocol import wire
 from fhe_bento.protocol.names import ATTRIBUTES_HEADER

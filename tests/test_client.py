@@ -97,7 +97,8 @@ def test_client_retries_a_busy_or_restarting_server_after_retry_after(
     from conftest import LOGREG
 
     from fhe_bento.client import FHEClient, retry
-    from fhe_bento.client.http_transport import FHEServiceError, HTTPTransport
+    from fhe_bento.client.answers import FHEServiceError
+    from fhe_bento.client.http_transport import HTTPTransport
     from fhe_bento.client.sagemaker_transport import LocalInvoker, SageMakerTransport
     from fhe_bento.protocol.names import ATTRIBUTES_HEADER
 
