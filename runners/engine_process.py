@@ -72,7 +72,7 @@ class _EngineState:
                 raise FHEBentoError(
                     "unknown_key", f"key {key_id} is not registered for model {model.spec.name!r}"
                 )
-            # Stored keys passed payload_check and the throwaway verification when they were uploaded.
+            # Stored keys passed checks/payloads.py and the throwaway verification when they were uploaded.
             return _fhe().EvaluationKeys.deserialize(
                 self.keys.read(scope, key_id)
             ), model.spec.meta.warm_key_bytes
