@@ -9,10 +9,12 @@ from __future__ import annotations
 
 import os
 from collections.abc import Mapping
+from functools import cache
 from pathlib import Path
+from typing import TypeVar
 
 from pydantic import Field
-from pydantic_settings import BaseSettings, SettingsConfigDict
+from pydantic_settings import BaseSettings, PydanticBaseSettingsSource, SettingsConfigDict
 
 from fhe_bento.protocol.names import DEMO_MODELS, PART_BYTES, MiB
 
@@ -22,6 +24,27 @@ STAGING_GRACE_SECONDS = 60
 # longer than the 15 s that BentoML's client pool (aiohttp's default) keeps an idle connection, so that the
 # HTTP service's side closes first (`service/remote_runner.py`).
 RUNNER_KEEPALIVE_SECONDS = 60
+
+
+S = TypeVar("S", bound="Settings")
+
+
+@cache
+def _from_values_only(cls: type[S]) -> type[S]:
+    """`cls` reading only the values it is given: no environment variable, no file."""
+
+    class FromValues(cls):  # type: ignore[valid-type,misc]
+        @classmethod
+        def settings_customise_sources(
+            cls,
+            settings_cls: type[BaseSettings],
+            init_settings: PydanticBaseSettingsSource,
+            **other_sources: PydanticBaseSettingsSource,
+        ) -> tuple[PydanticBaseSettingsSource, ...]:
+            return (init_settings,)
+
+    FromValues.__name__ = FromValues.__qualname__ = cls.__name__
+    return FromValues
 
 
 def _bentoml_home() -> Path:
@@ -119,8 +142,8 @@ class Settings(BaseSettings):
         """The settings of an instance started with exactly `env` (a deployment's environment), defaults
         for the rest: this process's own environment is not read."""
         prefix = cls.model_config["env_prefix"]
-        return cls.model_validate(
-            {k.removeprefix(prefix).lower(): v for k, v in env.items() if k.startswith(prefix)}
+        return _from_values_only(cls)(
+            **{k.removeprefix(prefix).lower(): v for k, v in env.items() if k.startswith(prefix)}
         )
 
     def parallel_rows(self) -> int:

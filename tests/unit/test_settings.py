@@ -32,9 +32,6 @@ LITERAL = {
     for field, cell in DOCUMENTED.items()
     if cell.startswith("`") and "$" not in cell
 }
-STALE_IN_DOCS = {
-    "models": "docs/operations.md lists two demo models; protocol/names.py DEMO_MODELS also serves tiny-gpt2"
-}
 
 
 @pytest.fixture(autouse=True)
@@ -59,12 +56,7 @@ def test_every_setting_has_a_row_in_the_docs_table_and_every_row_is_a_setting():
 
 @pytest.mark.parametrize(
     "field",
-    [
-        pytest.param(field, marks=pytest.mark.xfail(strict=True, reason=STALE_IN_DOCS[field]))
-        if field in STALE_IN_DOCS
-        else field
-        for field in sorted(LITERAL)
-    ],
+    sorted(LITERAL),
 )
 def test_documented_literal_defaults_are_the_codes(field):
     assert str(plain(getattr(ServiceSettings(), field))) == LITERAL[field]
@@ -210,11 +202,6 @@ def test_for_environment_reads_the_prefixed_variables_of_the_mapping_it_is_given
     assert isinstance(service, ServiceSettings) and service.session_seconds == 60
 
 
-@pytest.mark.xfail(
-    strict=True,
-    reason="pydantic v2's model_validate runs BaseSettings.__init__, which reads os.environ: "
-    "for_environment's docstring says this process's own environment is not read",
-)
 def test_for_environment_ignores_this_processs_own_environment(monkeypatch):
     monkeypatch.setenv("FHE_BENTO_WORKERS", "5")
     assert Settings.for_environment({"FHE_BENTO_ROW_THREADS": "4"}).workers == 1
