@@ -4,10 +4,12 @@ from __future__ import annotations
 
 import contextlib
 import os
+import shutil
 import signal
 import socket
 import subprocess
 import sys
+import tempfile
 import time
 from pathlib import Path
 
@@ -185,15 +187,20 @@ class Server:
 
 
 class MotoServer:
-    """moto in server mode on 127.0.0.1: a real S3 + SageMaker HTTP endpoint for boto3."""
+    """moto in server mode on 127.0.0.1: a real S3 + SageMaker HTTP endpoint for boto3. It runs through
+    `harness.moto_sagemaker_update`, which adds SageMaker's UpdateEndpoint (moto has none) and changes
+    nothing else. moto's request recorder (`/moto-api/recorder/...`) writes to a file of its own."""
 
     def __init__(self) -> None:
         self.port = free_port()
         self.url = f"http://127.0.0.1:{self.port}"
+        self.workdir = Path(tempfile.mkdtemp(prefix="fhe-bento-moto-"))
         self.proc = subprocess.Popen(
-            [sys.executable, "-m", "moto.server", "-H", "127.0.0.1", "-p", str(self.port)],
+            [sys.executable, "-m", "harness.moto_sagemaker_update", "-H", "127.0.0.1", "-p", str(self.port)],
             stdout=subprocess.DEVNULL,
             stderr=subprocess.DEVNULL,
+            cwd=ROOT,
+            env={**os.environ, "MOTO_RECORDER_FILEPATH": str(self.workdir / "recording.jsonl")},
         )
         for _ in range(150):
             try:
@@ -215,3 +222,4 @@ class MotoServer:
     def stop(self) -> None:
         self.proc.terminate()
         self.proc.wait(10)
+        shutil.rmtree(self.workdir, ignore_errors=True)
