@@ -48,12 +48,13 @@ ERROR_CODES: dict[str, int] = {
     "not_ready": 503,
     "runner_unavailable": 503,
     "overloaded": 503,
+    "draining": 503,
     "request_timeout": 504,
 }
 
-# Codes a client retries after the answer's Retry-After: the model is overloaded, or its runner is
-# restarting.
-RETRYABLE_CODES = frozenset({"overloaded", "runner_unavailable"})
+# Codes a client retries after the answer's Retry-After: the model is overloaded, its runner is
+# restarting, or the instance is shutting down (another one takes the retry).
+RETRYABLE_CODES = frozenset({"overloaded", "runner_unavailable", "draining"})
 # The client's code for an error answer without the service's JSON error (a proxy in front of it).
 HTTP_ERROR = "http_error"
 

@@ -72,3 +72,9 @@ VERIFICATIONS_REFUSED = bentoml.metrics.Counter(
     name="fhe_bento_key_verifications_refused",
     documentation="Key uploads refused with 503 overloaded because every verification slot and queue place was taken",
 )
+DRAINS = bentoml.metrics.Counter(
+    name="fhe_bento_drains",
+    documentation="Drains on SIGTERM, by outcome (drained: every request in flight finished; timed_out: "
+    "FHE_BENTO_DRAIN_SECONDS ran out first)",
+    labelnames=["outcome"],
+)

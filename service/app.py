@@ -40,6 +40,7 @@ from fhe_bento.runtime.lifecycle import exit_nonzero_if_stopped
 from fhe_bento.service.admission import Admission
 from fhe_bento.service.auth import parse_token_settings
 from fhe_bento.service.compat import router as compat_router
+from fhe_bento.service.drain import Drain, DrainMiddleware
 from fhe_bento.service.limits import RequestLimits
 from fhe_bento.service.operations import Operations
 from fhe_bento.service.prediction_routes import prediction_routes
@@ -95,6 +96,9 @@ def build_app(settings: ServiceSettings, routers: Sequence[APIRouter] = ROUTERS)
     app.add_middleware(
         RequestLimits, max_header_bytes=settings.max_header_bytes, timeout=settings.request_timeout
     )
+    # Outermost: a draining worker refuses a request before anything else reads it.
+    app.state.drain = Drain(settings.drain_seconds)
+    app.add_middleware(DrainMiddleware, drain=app.state.drain)
     app.add_exception_handler(FHEBentoError, _fhe_error)
     app.add_exception_handler(StarletteHTTPException, _http_error)
     app.add_exception_handler(RequestValidationError, _validation_error)
@@ -134,7 +138,9 @@ def declare_service(settings: ServiceSettings, app: FastAPI) -> type:
                 parallelism=os.cpu_count() or 1,
                 batch_parallelism=settings.row_threads,
             )
-            self.ops = Operations(runner, specs, default_model(settings, specs), settings, admission)
+            drain: Drain = app.state.drain
+            self.ops = Operations(runner, specs, default_model(settings, specs), settings, admission, drain)
+            drain.install()
             log.info(
                 "serving models %s (default %s)%s",
                 sorted(specs),

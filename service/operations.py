@@ -35,6 +35,7 @@ from fhe_bento.models.repository import ModelSpec, served_spec
 from fhe_bento.protocol import transform, wire
 from fhe_bento.service.admission import Admission
 from fhe_bento.service.auth import Caller
+from fhe_bento.service.drain import Drain
 from fhe_bento.service.limits import request_deadline
 from fhe_bento.service.settings import ServiceSettings
 
@@ -58,13 +59,16 @@ class Operations:
         default: ModelSpec,
         settings: ServiceSettings,
         admission: Admission,
+        drain: Drain | None = None,
     ) -> None:
-        """`runner`: the FHE runner in this process, or the client of one served elsewhere."""
+        """`runner`: the FHE runner in this process, or the client of one served elsewhere; `drain`: the
+        worker's (`service/drain.py`), none for a test's app that is never signalled."""
         self.runner = runner
         self.specs = specs
         self.default = default
         self.settings = settings
         self.admission = admission
+        self.drain = drain or Drain(settings.drain_seconds)
         # hybrid model -> module -> input shape (as concrete-ml's client writes it) -> its circuit
         self.hybrids: dict[str, dict[str, dict[str, ModelSpec]]] = {}
         for spec in specs.values():
@@ -120,7 +124,8 @@ class Operations:
             ) from None
 
     async def ready(self) -> bool:
-        return await self.runner.ready()
+        """`/ping` and `/readyz`: the runner is ready and this worker is not draining."""
+        return not self.drain.draining and await self.runner.ready()
 
     # --- predictions ----------------------------------------------------------------------------------
 

@@ -28,8 +28,9 @@ from fhe_bento.protocol.sessions import SESSION_HEADER
 from fhe_bento.service import bodies
 from fhe_bento.service.auth import Caller, predict_caller
 from fhe_bento.service.bodies import media_type
+from fhe_bento.service.drain import draining_error
 from fhe_bento.service.operations import Operations, current_operations, decode_rows
-from fhe_bento.service.responses import client_zip_response, key_registered
+from fhe_bento.service.responses import client_zip_response, error_response, key_registered
 from fhe_bento.service.sessions import session_for
 
 router = APIRouter()
@@ -82,7 +83,8 @@ def require(value, name: str):
 async def ping(ops: Operations = Depends(current_operations)) -> Response:
     if await ops.ready():
         return Response(status_code=200)
-    return JSONResponse(FHEBentoError("not_ready", "models are still loading").body(), status_code=503)
+    error = draining_error() if ops.drain.draining else FHEBentoError("not_ready", "models are still loading")
+    return error_response(error, "GET")
 
 
 @router.get("/execution-parameters")

@@ -22,6 +22,12 @@ class ServiceSettings(Settings):
         default=SecretStr(""),
         description="Comma-separated bearer tokens that may also list and delete every key.",
     )
+    drain_seconds: float = Field(
+        default=20,
+        ge=0,
+        description="Seconds a worker waits on SIGTERM for its requests in flight before it stops "
+        "(SageMaker kills 30 s after SIGTERM).",
+    )
     session_seconds: int = Field(
         default=1200,
         ge=0,

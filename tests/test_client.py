@@ -85,7 +85,7 @@ def test_client_key_cache_is_private_whatever_the_umask(demo, tmp_path):
     }
 
 
-@pytest.mark.parametrize("code", ["overloaded", "runner_unavailable"])
+@pytest.mark.parametrize("code", ["overloaded", "runner_unavailable", "draining"])
 @pytest.mark.parametrize("transport", ["http", "sagemaker"])
 def test_client_retries_a_busy_or_restarting_server_after_retry_after(
     demo, tmp_path, monkeypatch, code, transport
