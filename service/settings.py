@@ -22,7 +22,7 @@ class ServiceSettings(Settings):
         default=SecretStr(""),
         description="Comma-separated bearer tokens that may also list and delete every key.",
     )
-    drain_seconds: float = Field(
+    drain_seconds: int = Field(
         default=20,
         ge=0,
         description="Seconds a worker waits on SIGTERM for its requests in flight before it stops "
