@@ -32,12 +32,19 @@ log = logging.getLogger("bentoml.fhe_bento.keys")
 
 
 class KeyService:
-    def __init__(self, settings: Settings, verify: Callable[[str], Awaitable[int]]) -> None:
-        """`verify(path)` deserializes a checked upload as concrete will, in a throwaway process."""
+    def __init__(
+        self,
+        settings: Settings,
+        verify: Callable[[str], Awaitable[int]],
+        forget: Callable[[str, str], Awaitable[None]],
+    ) -> None:
+        """`verify(path)` deserializes a checked upload as concrete will, in a throwaway process;
+        `forget(scope, key_id)` drops a deleted key from the engines' warm-key caches."""
         self.registry = KeyRegistry(open_store(settings.key_store_url()), settings)
         self.staging = settings.staging_path()
         self.max_key_bytes = settings.max_key_bytes
         self._verify = verify
+        self._forget = forget
 
     @staticmethod
     def scope(spec: ModelSpec, tenant: str) -> str:
@@ -105,6 +112,7 @@ class KeyService:
     async def _delete(self, scope: str, key_id: str, where: str) -> None:
         if not await asyncio.to_thread(self.registry.delete, scope, key_id):
             raise FHEBentoError("unknown_key", f"key {key_id} is not registered {where}")
+        await self._forget(scope, key_id)  # in this request: no engine keeps a warm copy
         log.info("key deleted: scope=%s key_id=%s", scope[:12], key_id)
 
     async def listing(self) -> list[dict[str, Any]]:

@@ -3,9 +3,11 @@
 
 Messages, in order, on an engine's pipe:
 - child -> supervisor, once: `LOADED`, when its models are loaded;
-- supervisor -> child: a `Row` to evaluate, or None to stop;
+- supervisor -> child: a `Row` to evaluate, a `Forget` (drop a deleted key from the warm-key cache), or
+  None to stop;
 - child -> supervisor, per row: `(True, FHE seconds)` then the result's bytes as a raw message (pickling
-  megabytes cost a copy each way), `(True, None)` for a row dropped at its deadline, or `(False, error)`.
+  megabytes cost a copy each way), `(True, None)` for a row dropped at its deadline, or `(False, error)`;
+  per `Forget`: `(True, None)`.
 A verifier sends one `(ok, value)` and exits. A child that dies reads as EOF on its pipe.
 
 Children fork from a forkserver that has imported concrete, so a restart or a verification does not pay
@@ -20,7 +22,7 @@ import select
 import socket
 from collections.abc import Callable
 from multiprocessing.connection import Connection
-from typing import Any
+from typing import Any, NamedTuple
 
 STOP_GRACE = 1.0  # seconds a stopped process has to exit on its own before it is killed
 PIPE_BUFFER_BYTES = 4 << 20  # socket buffers of the pipe to each child (`_widen`)
@@ -28,6 +30,13 @@ LOADED = "loaded"  # an engine process's first message
 
 Row = tuple[str, str, str | None, bytes, float]  # model, key scope, key id, ciphertext, deadline
 RowResult = tuple[bytes, float] | None  # result and FHE seconds; None: dropped at its deadline
+
+
+class Forget(NamedTuple):
+    """Drop this key from the engine's warm-key cache: it was deleted."""
+
+    scope: str
+    key_id: str
 
 
 def _context() -> multiprocessing.context.ForkServerContext:
@@ -57,7 +66,8 @@ def _widen(conn: Connection) -> None:
 
 
 def send_row_answer(conn: Connection, answer: tuple[bool, Any]) -> None:
-    """In an engine process: a row's `(ok, value)`, its result's bytes as a raw message after its seconds."""
+    """In an engine process: a row's `(ok, value)`, its result's bytes as a raw message after its seconds
+    (a `Forget`'s answer, `(True, None)`, goes as it is)."""
     ok, value = answer
     if ok and value is not None:
         result, seconds = value
@@ -106,7 +116,8 @@ class Child:
 
     def receive_row(self) -> tuple[bool, Any]:
         """An engine's answer to a row, once `answered`: (True, (result, FHE seconds)), (True, None) for a
-        row dropped at its deadline, or (False, the error); EOFError (or OSError) if it died first."""
+        row dropped at its deadline (or a `Forget` done), or (False, the error); EOFError (or OSError) if it
+        died first."""
         ok, value = self.receive()
         if ok and value is not None:
             return True, (self.conn.recv_bytes(), value)

@@ -25,7 +25,7 @@ from fhe_bento.keys.cache import KeyCache
 from fhe_bento.keys.registry import KeyRegistry
 from fhe_bento.keys.store_url import open_store
 from fhe_bento.models.repository import ModelSpec
-from fhe_bento.runners.engine_pipe import LOADED, RowResult, send_row_answer
+from fhe_bento.runners.engine_pipe import LOADED, Forget, RowResult, send_row_answer
 from fhe_bento.runners.memory_plan import plan_memory
 from fhe_bento.runtime import metrics
 from fhe_bento.runtime.settings import Settings
@@ -58,6 +58,11 @@ class _EngineState:
         self.models = {name: _LoadedModel(spec) for name, spec in specs.items()}
         self.keys = KeyRegistry(open_store(settings.key_store_url()), settings)
         self.cache = KeyCache(plan_memory(settings, specs).key_cache_bytes)
+
+    def forget(self, key: Forget) -> None:
+        """A deleted key leaves the warm-key cache, and its memory goes back to the system."""
+        self.cache.discard((key.scope, key.key_id))
+        _return_freed_memory()
 
     def evaluation_key(self, model: _LoadedModel, scope: str, key_id: str | None) -> Any:
         """The row's key: built in, or the one its request was checked for (`KeyService.usable`), warm
@@ -173,8 +178,11 @@ def engine_main(conn: Connection, supervisor: int, settings: Settings, specs: di
     state = _start_engine(supervisor, settings, specs)
     conn.send(LOADED)
     with contextlib.suppress(EOFError):
-        while (row := conn.recv()) is not None:
-            send_row_answer(conn, _outcome(_run_row, state, *row))
+        while (message := conn.recv()) is not None:
+            if isinstance(message, Forget):
+                send_row_answer(conn, _outcome(state.forget, message))
+            else:
+                send_row_answer(conn, _outcome(_run_row, state, *message))
 
 
 def verify_main(conn: Connection, path: str) -> None:

@@ -49,7 +49,7 @@ class Runner:
         memory = plan_memory(settings, specs)
         self.engine = Engine(settings, specs, give_up=stop_server)
         self.verifier = KeyVerifier(memory.verifications, memory.queued_verifications)
-        self.keys = KeyService(settings, verify=self.verifier.verify)
+        self.keys = KeyService(settings, verify=self.verifier.verify, forget=self.engine.forget)
         log.info(
             "FHE runner started: models=%s engine processes=%d omp_threads=%s memory=%d MB warm-key bound "
             "per engine=%d MB verifications=%d (+%d queued)",

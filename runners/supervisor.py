@@ -34,10 +34,11 @@ from collections import deque
 from collections.abc import Callable
 from concurrent.futures import Future
 from dataclasses import dataclass
+from typing import Any
 
 from fhe_bento.contract.errors import runner_unavailable
 from fhe_bento.models.repository import ModelSpec
-from fhe_bento.runners.engine_pipe import LOADED, Child, Row, RowResult
+from fhe_bento.runners.engine_pipe import LOADED, Child, Forget, Row, RowResult
 from fhe_bento.runners.engine_process import engine_main
 from fhe_bento.runtime import metrics
 from fhe_bento.runtime.settings import Settings
@@ -45,6 +46,14 @@ from fhe_bento.runtime.settings import Settings
 log = logging.getLogger("bentoml.fhe_bento.engine")
 MONITOR_SECONDS = 0.5  # how soon a supervisor sees its process die while idle, or the engine stop
 FIRST_LOAD_POLL = 0.1  # seconds between looks at a worker's first engine load, by the rows waiting for it
+
+
+def _fail(future: Future[Any], message: Row | Forget, why: str) -> None:
+    """The process could not answer `message`: a row gets 503; a forget is done, the cache went with it."""
+    if isinstance(message, Forget):
+        future.set_result(None)
+    else:
+        future.set_exception(runner_unavailable(why))
 
 
 @dataclass
@@ -78,12 +87,14 @@ class Engine:
         self._give_up = give_up
         self._cond = threading.Condition()  # guards everything below
         self._queue: deque[tuple[Row, Future[RowResult]]] = deque()
+        # per engine process: deleted keys to drop from its warm-key cache (`forget`)
+        self._forgets: list[deque[tuple[Forget, Future[None]]]] = [deque() for _ in range(self.processes)]
         self._loaded = 0  # engine processes ready for rows
         self._started = threading.Event()  # set once the engine has been ready: its first load is done
         self._stopping = False
         self.restarts = 0
         self._supervisors = [
-            threading.Thread(target=self._supervise, name=f"fhe-engine-{i}", daemon=True)
+            threading.Thread(target=self._supervise, args=(i,), name=f"fhe-engine-{i}", daemon=True)
             for i in range(self.processes)
         ]
         for thread in self._supervisors:
@@ -97,14 +108,14 @@ class Engine:
     # One thread per engine process: start it, wait for its models, hand it rows, and start another when it
     # dies, until the engine stops or gives up.
 
-    def _supervise(self) -> None:
+    def _supervise(self, index: int) -> None:
         restarts = RestartPolicy(self.max_failed_starts)
         while not self._stopping:
-            loaded, exitcode = self._run_engine()
+            loaded, exitcode = self._run_engine(index)
             if not self._died(loaded, exitcode, restarts):
                 return
 
-    def _run_engine(self) -> tuple[bool, int | None]:
+    def _run_engine(self, index: int) -> tuple[bool, int | None]:
         """One engine process, from its start to its end: whether it loaded its models, and its exit code."""
         try:
             engine = Child("fhe-engine", engine_main, os.getpid(), self.settings, self.specs)
@@ -114,9 +125,10 @@ class Engine:
         loaded = self._wait_loaded(engine)
         if loaded:
             self._count_loaded(+1)
-            self._serve(engine)
+            self._serve(engine, index)
             self._count_loaded(-1)
         engine.stop()  # dead already, unless the engine stops
+        self._settle_forgets(self._forgets[index])  # its cache is gone with it
         return loaded, engine.process.exitcode
 
     def _answered(self, engine: Child) -> bool:
@@ -139,27 +151,30 @@ class Engine:
                 self._started.set()
                 log.info("FHE engine ready: %d process(es)", self.processes)
 
-    def _serve(self, engine: Child) -> None:
-        while (item := self._next_row(engine)) is not None:
-            row, future = item
+    def _serve(self, engine: Child, index: int) -> None:
+        while (item := self._next_message(engine, index)) is not None:
+            message, future = item
             try:
-                engine.conn.send(row)
+                engine.conn.send(message)
                 if not self._answered(engine):
-                    future.set_exception(runner_unavailable("the FHE engine is stopping"))
+                    _fail(future, message, "the FHE engine is stopping")
                     return
                 ok, value = engine.receive_row()
             except (EOFError, OSError):  # OSError: it died before it read the row
-                future.set_exception(runner_unavailable("the FHE engine process died while computing"))
+                _fail(future, message, "the FHE engine process died while computing")
                 return
             if ok:
                 future.set_result(value)
             else:
                 future.set_exception(value)
 
-    def _next_row(self, engine: Child) -> tuple[Row, Future[RowResult]] | None:
-        """The next row not dropped, or None once the process died while idle or the engine stops."""
+    def _next_message(self, engine: Child, index: int) -> tuple[Row | Forget, Future[Any]] | None:
+        """What the process does next: a deleted key to forget, first, else the next row not dropped;
+        None once the process died while idle or the engine stops."""
         with self._cond:
             while not self._stopping and engine.idle_and_alive():  # a row goes to a live process only
+                if self._forgets[index]:
+                    return self._forgets[index].popleft()
                 while self._queue:
                     row, future = self._queue.popleft()
                     if future.set_running_or_notify_cancel():  # from now on the row cannot be dropped
@@ -195,6 +210,8 @@ class Engine:
             self._stopping = True
             queued, self._queue = self._queue, deque()
             self._cond.notify_all()
+        for forgets in self._forgets:
+            self._settle_forgets(forgets)
         for _, future in queued:
             if future.set_running_or_notify_cancel():
                 future.set_exception(runner_unavailable("the FHE engine is stopping"))
@@ -232,6 +249,27 @@ class Engine:
                     self._queue = deque(item for item in self._queue if not item[1].cancelled())
                 metrics.ROWS.labels(model=model, outcome="dropped").inc(dropped)
                 log.info("%d rows of a cancelled request dropped before they started", dropped)
+
+    async def forget(self, scope: str, key_id: str) -> None:
+        """Drop a deleted key from every engine process's warm-key cache; returns once each has (a process
+        computing a row does it after that row; one that dies or restarts has no cache left to clear)."""
+        futures: list[Future[None]] = []
+        with self._cond:
+            if self._stopping:
+                return
+            for forgets in self._forgets:
+                futures.append(Future())
+                forgets.append((Forget(scope, key_id), futures[-1]))
+            self._cond.notify_all()
+        await asyncio.gather(*(asyncio.wrap_future(future) for future in futures))
+
+    def _settle_forgets(self, forgets: deque[tuple[Forget, Future[None]]]) -> None:
+        """Forgets a process will never do: its cache died with it (or the engine stops)."""
+        with self._cond:
+            pending = list(forgets)
+            forgets.clear()
+        for _, future in pending:
+            future.set_result(None)
 
     async def _first_load(self, deadline: float) -> None:
         """Until this worker's engine has first been ready, its rows wait for it (until their deadline):
