@@ -3,7 +3,8 @@ attacker would, at the Cap'n Proto level.
 
 `write_message` writes a message (one segment) from a shape read with `read_shape(..., keep_blobs=True)`;
 `mutate` applies one attack family to a real message. Both tests (hypothesis draws the choices) and
-`bench/hostile.py` (a seeded random draws them) use the same families.
+`bench/hostile.py` (a seeded random draws them) use the same families. `layout_refusal` says which of the
+documented layout checks a message trips, so that a test knows the one answer a route owes it.
 """
 
 from __future__ import annotations
@@ -12,7 +13,15 @@ import itertools
 import struct
 from collections.abc import Callable
 
-from fhe_bento.checks.capnp_wire import COMPOSITE_LIST, POINTER_LIST, Shape, read_shape
+from fhe_bento.checks.capnp_wire import (
+    COMPOSITE_LIST,
+    POINTER_LIST,
+    MalformedMessage,
+    Shape,
+    first_difference,
+    read_shape,
+)
+from fhe_bento.models.repository import ModelSpec
 
 _MASK32 = (1 << 32) - 1
 
@@ -176,3 +185,24 @@ def mutate(data: bytes, family: str, draw: Callable[[int, int], int]) -> bytes:
     else:
         raise ValueError(f"unknown attack family {family!r}")
     return bytes(raw)
+
+
+def layout_refusal(spec: ModelSpec, data: bytes, what: str) -> tuple[int, str] | None:
+    """The answer that the layout check of a ciphertext or evaluation key (`what`: "ciphertext" or "key")
+    owes `data` for the model `spec`, in the documented order (docs/http-api.md's error table, docs/security.md
+    "Untrusted bytes"): 400 `invalid_<what>` when the strict reader refuses it as Cap'n Proto, else 422
+    `<what>_mismatch` when its size (checked first) or its shape is not the model's; None when it passes,
+    as a message that differs from the model's only in the contents of its payload blobs does."""
+    meta = spec.meta
+    size, shape = (
+        (meta.eval_key_bytes, meta.key_shape)
+        if what == "key"
+        else (meta.ciphertext_bytes, meta.ciphertext_shape)
+    )
+    try:
+        got = read_shape(data)
+    except MalformedMessage:
+        return 400, f"invalid_{what}"
+    if len(data) != size or first_difference(got, shape) is not None:
+        return 422, f"{what}_mismatch"
+    return None

@@ -74,14 +74,16 @@ def assert_error(response, status: int, code: str) -> None:
     assert isinstance(body["error"]["message"], str) and body["error"]["message"]
 
 
-def assert_documented_rejection(response) -> str:
+def assert_documented_rejection(response, expected: tuple[int, str] | None = None) -> str:
     """A 4xx in the JSON error shape whose code is one of the documented ones, with its documented status;
-    returns the code."""
+    with `expected`, exactly that (status, code), as a test's oracle worked it out. Returns the code."""
     from fhe_bento.protocol.errors import ERROR_CODES
 
-    assert 400 <= response.status_code < 500, (response.status_code, response.text[:300])
+    assert 400 <= response.status_code < 500, (expected, response.status_code, response.text[:300])
     code = response.json()["error"]["code"]
     assert_error(response, ERROR_CODES.get(code, -1), code)
+    if expected is not None:
+        assert (response.status_code, code) == expected, (expected, response.text[:300])
     return code
 
 

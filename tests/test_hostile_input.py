@@ -5,7 +5,9 @@ In process: the attacks measured in issue 10 (payload split into several blobs, 
 tiny fake key sets), and a structured fuzzer (hypothesis) that mutates real messages at the Cap'n Proto
 level: pointer words (offsets, kinds, list lengths, struct sizes), data sections (key parameters),
 segment tables, truncations, blob counts and sizes. Then the same fuzzer against a real served runner,
-while honest clients predict: no engine death, no 5xx, every honest answer decrypts correctly.
+while honest clients predict: no engine death, every honest answer decrypts correctly, and every fuzzed
+message gets exactly the answer that the documented layout checks owe it (`layout_refusal`, worked out
+from the strict reader and the model's recorded size and shape, in the documented order).
 """
 
 from __future__ import annotations
@@ -24,7 +26,16 @@ from fhe_bento.checks.payloads import check_ciphertext, check_key
 from fhe_bento.client import FHEClient
 from fhe_bento.contract.errors import FHEBentoError
 from fhe_bento.models.repository import ModelSpec
-from harness.capnp_attacks import FAMILIES, mutate, payloads, split_blobs, unfar, write_message
+from fhe_bento.protocol.keys import key_id
+from harness.capnp_attacks import (
+    FAMILIES,
+    layout_refusal,
+    mutate,
+    payloads,
+    split_blobs,
+    unfar,
+    write_message,
+)
 
 OCTET = {"Content-Type": "application/octet-stream"}
 IN_PROCESS = settings(
@@ -64,10 +75,24 @@ def check(spec: ModelSpec, data: bytes, what: str) -> None:
 
 
 def refusal(spec: ModelSpec, data: bytes, what: str) -> FHEBentoError:
+    """The check's refusal of `data`, which must be exactly the one its layout calls for."""
+    expected = layout_refusal(spec, data, what)
+    assert expected is not None, "this attack has the model's exact layout"
     with pytest.raises(FHEBentoError) as caught:
         check(spec, data, what)
-    assert (caught.value.status, caught.value.code) in {(400, f"invalid_{what}"), (422, f"{what}_mismatch")}
+    assert (caught.value.status, caught.value.code) == expected, caught.value.message
     return caught.value
+
+
+def assert_checked(spec: ModelSpec, message: bytes, content_only: bool, what: str) -> None:
+    """The model's check refuses a fuzzed message exactly as its layout calls for, or passes it when it has
+    the model's exact layout: always when only its payload changed."""
+    expected = layout_refusal(spec, message, what)
+    assert expected is None or not content_only, expected
+    if expected is not None:
+        refusal(spec, message, what)
+    else:
+        check(spec, message, what)
 
 
 # --- the attacks of issue 10, in process ---------------------------------------------------------------
@@ -178,30 +203,14 @@ def mutation(draw, data: bytes, allow_content: bool = True):
 def test_fuzzed_ciphertexts_are_refused_unless_only_their_payload_changed(real, data):
     name = data.draw(st.sampled_from([XGB, LOGREG]))
     message, content_only = data.draw(mutation(real[f"{'xgb' if name == XGB else 'logreg'}_ct"]))
-    try:
-        check(real["specs"][name], message, "ciphertext")
-    except FHEBentoError as exc:
-        assert not content_only
-        assert (exc.status, exc.code) in {(400, "invalid_ciphertext"), (422, "ciphertext_mismatch")}
-    else:
-        assert (
-            content_only
-            or first_difference(read_shape(message), real["specs"][name].meta.ciphertext_shape) is None
-        )
+    assert_checked(real["specs"][name], message, content_only, "ciphertext")
 
 
 @given(data=st.data())
 @settings(max_examples=12, deadline=None, derandomize=True, suppress_health_check=[HealthCheck.too_slow])
 def test_fuzzed_keys_are_refused_unless_only_their_payload_changed(real, data):
     message, content_only = data.draw(mutation(real["xgb_key"]))
-    try:
-        check(real["specs"][XGB], message, "key")
-    except FHEBentoError:
-        assert not content_only
-    else:
-        assert (
-            content_only or first_difference(read_shape(message), real["specs"][XGB].meta.key_shape) is None
-        )
+    assert_checked(real["specs"][XGB], message, content_only, "key")
 
 
 # --- the same fuzzer against a served runner ------------------------------------------------------------
@@ -245,11 +254,32 @@ def honest(real, demo, server):
     assert "FHE engine process died" not in server.log()[logged:]
 
 
-def served_answer(response: httpx.Response, content_only: bool) -> None:
-    assert response.status_code < 500, (response.status_code, response.text[:300])
-    if response.status_code not in (200, 201):
-        assert not content_only
-        assert_documented_rejection(response)
+Answer = tuple[int, str | None]  # status, error code (None for a 2xx)
+
+
+def expected_prediction(spec: ModelSpec, message: bytes) -> Answer:
+    """`POST /v1/models/{name}/predict` of `message` with the registered XGB key's id (runners/runner.py:
+    the model, its key, then the row): an empty body is refused as it is read; then the model's layout
+    check; a row of the model's exact layout is computed (the key is registered, or the model needs none),
+    200."""
+    if not message:
+        return 400, "empty_body"
+    return layout_refusal(spec, message, "ciphertext") or (200, None)
+
+
+def expected_upload(server, spec: ModelSpec, message: bytes) -> Answer:
+    """`POST /v1/models/{name}/keys` of `message` (keys/service.py): an empty body, then a key registered
+    already is 200 unchecked, else the model's layout check, then the throwaway verifier, where concrete
+    deserializes it. That last answer is concrete's: a key of the model's exact layout carries every
+    parameter and blob size of the model's keyset (only blob contents are free, and concrete reads any bytes
+    there as integers), so it deserializes and is stored, 201; were concrete's deserializer to die on it,
+    the answer would be 400 invalid_key, and this test would say so."""
+    if not message:
+        return 400, "empty_body"
+    head = httpx.head(f"{server.url}/v1/models/{spec.name}/keys/{key_id(message)}", timeout=60)
+    if head.status_code == 200:
+        return 200, None
+    return layout_refusal(spec, message, "key") or (201, None)
 
 
 @given(data=st.data())
@@ -261,10 +291,14 @@ def test_fuzzed_ciphertexts_never_take_the_served_engine_down(server, real, hone
         mutation(real["xgb_ct" if name == XGB else "logreg_ct"], allow_content=name == LOGREG)
     )
     headers = {**OCTET, "X-FHE-Key-Id": real["xgb_key_id"]}
+    expected = expected_prediction(real["specs"][name], message)
+    assert not content_only or expected == (200, None)  # only a payload changed: the engine computes on it
     response = httpx.post(
         f"{server.url}/v1/models/{name}/predict", content=message, headers=headers, timeout=120
     )
-    served_answer(response, content_only)
+    assert response.status_code == expected[0], (expected, response.text[:300])
+    if expected[1] is not None:
+        assert_documented_rejection(response, expected)
 
 
 @given(data=st.data())
@@ -275,6 +309,9 @@ def test_fuzzed_ciphertexts_never_take_the_served_engine_down(server, real, hone
     suppress_health_check=[HealthCheck.too_slow, HealthCheck.function_scoped_fixture],
 )
 def test_fuzzed_keys_never_take_the_served_engine_down(server, real, honest, data):
-    message, content_only = data.draw(mutation(real["xgb_key"], allow_content=False))
+    message, _ = data.draw(mutation(real["xgb_key"], allow_content=False))
+    expected = expected_upload(server, real["specs"][XGB], message)
     response = httpx.post(f"{server.url}/v1/models/{XGB}/keys", content=message, headers=OCTET, timeout=300)
-    served_answer(response, content_only)
+    assert response.status_code == expected[0], (expected, response.text[:300])
+    if expected[1] is not None:
+        assert_documented_rejection(response, expected)

@@ -229,15 +229,25 @@ def test_unknown_names_and_shapes_get_a_json_4xx_on_every_hybrid_route(hybrid_se
 
 def test_hostile_ciphertexts_and_keys_per_circuit_are_refused_before_concrete(hybrid_server, tmp_path):
     """Garbage, Cap'n Proto-crafted ciphertexts (every structural attack family on a real ciphertext of the
-    circuit) and a key made for another circuit: each a documented 4xx, and no engine process dies."""
+    circuit) and a key made for another circuit: each gets exactly the answer the circuit's layout check
+    owes it (`layout_refusal`), and no engine process dies."""
     import random
 
+    import bentoml
     from concrete.ml.deployment import FHEModelClient
 
-    from harness.capnp_attacks import FAMILIES, mutate
+    from fhe_bento.models.repository import circuit_name, load_model
+    from harness.capnp_attacks import FAMILIES, layout_refusal, mutate
 
     url = hybrid_server.url
     fields = {"model_name": GPT, "module_name": ATTN, "input_shape": "(1, 3, 16)"}
+    served = circuit_name(GPT, ATTN, fields["input_shape"])  # the circuit, as the server loads it
+    spec = next(
+        s for s in load_model(Path(bentoml.models.get(f"{GPT}:latest").path), GPT) if s.name == served
+    )
+    # A levelled circuit needs no key: every row of /compute reaches its layout check (the uid is not
+    # looked up).
+    assert not spec.meta.needs_key
     for name, circuit in [
         (RELU, {"model_name": RELU, "module_name": "act", "input_shape": "(1, 2, 4)"}),
         (GPT, fields),
@@ -247,7 +257,9 @@ def test_hostile_ciphertexts_and_keys_per_circuit_are_refused_before_concrete(hy
     other_key = FHEModelClient(
         str(tmp_path / RELU), key_dir=str(tmp_path / "keys")
     ).get_serialized_evaluation_keys()
-    assert_documented_rejection(_form(url, "add_key", "POST", key=other_key, **fields))
+    expected = layout_refusal(spec, other_key, "key")
+    assert expected is not None, "the other circuit's key has this circuit's layout"
+    assert_documented_rejection(_form(url, "add_key", "POST", key=other_key, **fields), expected)
     real = FHEModelClient(str(tmp_path / GPT), key_dir=str(tmp_path / "keys")).quantize_encrypt_serialize(
         np.zeros((1, 3, 16))
     )
@@ -257,7 +269,12 @@ def test_hostile_ciphertexts_and_keys_per_circuit_are_refused_before_concrete(hy
     ]
     restarts = hybrid_server.metric("fhe_bento_engine_restarts_total")
     for body in [b"garbage" * 50, real[:-8], *crafted]:
-        assert_documented_rejection(_form(url, "compute", "POST", model_input=body, uid="0" * 64, **fields))
+        answer = _form(url, "compute", "POST", model_input=body, uid="0" * 64, **fields)
+        expected = (400, "empty_body") if not body else layout_refusal(spec, body, "ciphertext")
+        if expected is None:  # the circuit's exact layout: computed
+            assert answer.status_code == 200, answer.text
+        else:
+            assert_documented_rejection(answer, expected)
     assert hybrid_server.metric("fhe_bento_engine_restarts_total") == restarts
 
 
