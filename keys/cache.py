@@ -5,7 +5,8 @@ costs a dict lookup. The policy is scan-resistant: under round robin over more k
 each key just before it is asked for again and misses every time. Here a key that does not fit is
 admitted only if it was asked for clearly more often than every key it would evict (TinyLFU's admission
 test), so a stable set stays warm and round robin over K keys with room for C misses (K - C) / K of the time. The
-counts halve every `AGING_LOOKUPS` lookups, so keys that were popular once give way to today's.
+counts halve every `AGING_LOOKUPS` lookups, so keys that were popular once give way to today's. The bytes
+it holds are the gauge `fhe_bento_key_cache_bytes`.
 """
 
 from __future__ import annotations
@@ -14,6 +15,8 @@ import threading
 from collections import Counter, OrderedDict
 from collections.abc import Callable, Hashable
 from typing import Any
+
+from fhe_bento.runtime import metrics
 
 AGING_LOOKUPS = 256
 # A newcomer must be asked for more than one lookup above its victims: in round robin, counts differ by one
@@ -72,6 +75,7 @@ class KeyCache:
                 self._bytes -= self._entries.pop(victim)[1]
             self._entries[key] = (value, nbytes)
             self._bytes += nbytes
+            metrics.KEY_CACHE_BYTES.set(self._bytes)
             return True
 
     def _victims(self, nbytes: int) -> list[Hashable]:
@@ -93,6 +97,7 @@ class KeyCache:
             self._counts.pop(key, None)
             if entry is not None:
                 self._bytes -= entry[1]
+                metrics.KEY_CACHE_BYTES.set(self._bytes)
 
     def get_or_load(self, key: Hashable, load: Callable[[], tuple[Any, int]]) -> tuple[Any, bool]:
         """The cached value and whether it was a hit; `load` runs outside the lock."""

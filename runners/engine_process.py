@@ -85,7 +85,9 @@ class _EngineState:
         key, hit = self.cache.get_or_load((scope, key_id), load)
         if not hit:
             _return_freed_memory()  # keys the load evicted
-        metrics.KEY_CACHE.labels(model=model.spec.name, result="hit" if hit else "miss").inc()
+        metrics.KEY_CACHE.labels(
+            model=model.spec.name, version=model.spec.version, result="hit" if hit else "miss"
+        ).inc()
         return key
 
 
@@ -135,20 +137,21 @@ def _run_row(
 ) -> RowResult:
     """One row, in an engine process: its result and FHE seconds, or None when its request's deadline
     passed before it started."""
-    if time.time() > deadline:
-        metrics.ROWS.labels(model=model, outcome="dropped").inc()
-        return None
     loaded = state.models[model]
+    labels = {"model": loaded.spec.name, "version": loaded.spec.version}
+    if time.time() > deadline:
+        metrics.ROWS.labels(**labels, outcome="dropped").inc()
+        return None
     key = state.evaluation_key(loaded, scope, key_id)
     started = time.perf_counter()
     try:
         result = loaded.server.run(ciphertext, key)
     except (RuntimeError, ValueError, AssertionError) as exc:
-        metrics.ROWS.labels(model=model, outcome="error").inc()
+        metrics.ROWS.labels(**labels, outcome="error").inc()
         raise _classify_run_error(exc) from None
     seconds = time.perf_counter() - started
-    metrics.FHE_RUN_SECONDS.labels(model=model).observe(seconds)
-    metrics.ROWS.labels(model=model, outcome="ok").inc()
+    metrics.FHE_RUN_SECONDS.labels(**labels).observe(seconds)
+    metrics.ROWS.labels(**labels, outcome="ok").inc()
     return result, seconds
 
 

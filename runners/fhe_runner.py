@@ -33,6 +33,7 @@ from fhe_bento.contract.runner_api import (
 from fhe_bento.models.repository import load_specs
 from fhe_bento.runners.runner import Runner
 from fhe_bento.runtime import staging
+from fhe_bento.runtime.emf import start_exporter
 from fhe_bento.runtime.lifecycle import exit_nonzero_if_stopped
 from fhe_bento.runtime.settings import Settings
 
@@ -78,6 +79,7 @@ class FHERunner:
     def __init__(self) -> None:
         staging.clear_stale(settings)  # the spool files a crashed process of this runner left behind
         self.runner = Runner(settings, load_specs(settings))
+        self.emf = start_exporter(settings)  # CloudWatch EMF lines of this runner's metrics, in worker 1
 
     def __is_ready__(self) -> bool:  # BentoML's /readyz
         return self.runner.engine.ready()
@@ -87,6 +89,8 @@ class FHERunner:
         """The worker is stopping: its engine processes end now, on purpose. Left to the interpreter's exit,
         they would end under a running supervisor, which would take them for a crash."""
         self.runner.shutdown()
+        if self.emf is not None:
+            self.emf.stop()
 
     @bentoml.api
     # BentoML injects a parameter annotated exactly `bentoml.Context`: hence no `| None` on the default.

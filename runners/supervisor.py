@@ -128,6 +128,7 @@ class Engine:
             self._serve(engine, index)
             self._count_loaded(-1)
         engine.stop()  # dead already, unless the engine stops
+        metrics.process_ended(engine.process.pid)  # its warm keys leave fhe_bento_key_cache_bytes
         self._settle_forgets(self._forgets[index])  # its cache is gone with it
         return loaded, engine.process.exitcode
 
@@ -247,7 +248,8 @@ class Engine:
             if dropped:
                 with self._cond:  # their ciphertexts need not wait for their turn in the queue
                     self._queue = deque(item for item in self._queue if not item[1].cancelled())
-                metrics.ROWS.labels(model=model, outcome="dropped").inc(dropped)
+                spec = self.specs[model]
+                metrics.ROWS.labels(model=spec.name, version=spec.version, outcome="dropped").inc(dropped)
                 log.info("%d rows of a cancelled request dropped before they started", dropped)
 
     async def forget(self, scope: str, key_id: str) -> None:

@@ -20,6 +20,9 @@ from fhe_bento.protocol.names import DEMO_MODELS, PART_BYTES, MiB
 
 # Past FHE_BENTO_REQUEST_TIMEOUT a request may still be winding down (BentoML's own deadline comes 5 s later).
 STAGING_GRACE_SECONDS = 60
+# EMF lines (runtime/emf.py) every this many seconds by default on SageMaker, where the deploy command sets
+# FHE_BENTO_ENDPOINT_NAME: CloudWatch's standard resolution is one minute.
+DEFAULT_EMF_SECONDS = 60
 # A runner served on its own is started with `bentoml serve ... --timeout-keep-alive RUNNER_KEEPALIVE_SECONDS`:
 # longer than the 15 s that BentoML's client pool (aiohttp's default) keeps an idle connection, so that the
 # HTTP service's side closes first (`service/remote_runner.py`).
@@ -136,6 +139,16 @@ class Settings(BaseSettings):
     staging_dir: Path | None = Field(
         default=None, description="Where uploads are spooled before they are verified."
     )
+    endpoint_name: str = Field(
+        default="",
+        description="The SageMaker endpoint's name (set by the deploy command): the EndpointName dimension of "
+        "the EMF lines, which it turns on.",
+    )
+    emf_seconds: int | None = Field(
+        default=None,
+        ge=0,
+        description="Seconds between EMF lines on stdout; unset: 60 when endpoint_name is set, else 0 (off).",
+    )
 
     @classmethod
     def for_environment(cls, env: Mapping[str, str]) -> Settings:
@@ -154,6 +167,12 @@ class Settings(BaseSettings):
         """concrete parallelises the loops of one circuit with OpenMP: split the cores so that workers x
         rows at once x threads per row fill the machine without oversubscribing it."""
         return self.omp_threads or max(1, (os.cpu_count() or 1) // self.parallel_rows())
+
+    def emf_interval(self) -> int:
+        """Seconds between the EMF lines of `runtime/emf.py`; 0: none."""
+        if self.emf_seconds is not None:
+            return self.emf_seconds
+        return DEFAULT_EMF_SECONDS if self.endpoint_name else 0
 
     def model_tags(self) -> list[str]:
         return [tag.strip() for tag in self.models.split(",") if tag.strip()]

@@ -36,6 +36,7 @@ from fhe_bento.models.repository import default_model, load_specs
 from fhe_bento.runners.fhe_runner import FHERunner
 from fhe_bento.runners.runner import Runner
 from fhe_bento.runtime import staging
+from fhe_bento.runtime.emf import start_exporter
 from fhe_bento.runtime.lifecycle import exit_nonzero_if_stopped
 from fhe_bento.service.admission import Admission
 from fhe_bento.service.auth import parse_token_settings
@@ -141,6 +142,7 @@ def declare_service(settings: ServiceSettings, app: FastAPI) -> type:
             drain: Drain = app.state.drain
             self.ops = Operations(runner, specs, default_model(settings, specs), settings, admission, drain)
             drain.install()
+            self.emf = start_exporter(settings)  # CloudWatch EMF lines on stdout (SageMaker), in worker 1
             log.info(
                 "serving models %s (default %s)%s",
                 sorted(specs),
@@ -158,6 +160,8 @@ def declare_service(settings: ServiceSettings, app: FastAPI) -> type:
             exit, they would end under a running supervisor, which would take them for a crash."""
             if not settings.runner_url:
                 self.runner.shutdown()
+            if self.emf is not None:  # after the drain: its count goes out in the last lines
+                self.emf.stop()
 
     return FHEBento
 

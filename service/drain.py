@@ -25,11 +25,11 @@ import time
 from collections.abc import Callable
 from types import FrameType
 
-from fastapi.responses import JSONResponse
 from starlette.types import ASGIApp, Receive, Scope, Send
 
 from fhe_bento.contract.errors import FHEBentoError
 from fhe_bento.runtime import metrics
+from fhe_bento.service.responses import error_response
 
 log = logging.getLogger("bentoml.fhe_bento.service")
 DRAIN_RETRY_AFTER = 1  # seconds: another instance takes the request, no need to wait for this one
@@ -110,10 +110,7 @@ class DrainMiddleware:
         drain = self.drain
         if drain.draining:
             drain.refused += 1
-            error = draining_error()
-            await JSONResponse(error.body(), status_code=error.status, headers=error.headers)(
-                scope, receive, send
-            )
+            await error_response(draining_error(), scope["method"])(scope, receive, send)
             return
         drain.in_flight += 1
         try:

@@ -14,10 +14,11 @@ import contextvars
 import logging
 import time
 
-from fastapi.responses import JSONResponse, Response
+from fastapi.responses import Response
 from starlette.types import ASGIApp, Message, Receive, Scope, Send
 
 from fhe_bento.contract.errors import FHEBentoError
+from fhe_bento.service.responses import error_response
 
 log = logging.getLogger("bentoml.fhe_bento.service")
 CLIENT_CLOSED_REQUEST = 499
@@ -46,7 +47,7 @@ class RequestLimits:
                 "headers_too_large",
                 f"the request line and headers are {size} bytes; the limit is {self.max_header_bytes}",
             )
-            await JSONResponse(error.body(), status_code=error.status)(scope, receive, send)
+            await error_response(error, scope["method"])(scope, receive, send)
             return
 
         started = False
@@ -98,6 +99,6 @@ class RequestLimits:
             if started:  # the answer is half sent: all that is left is to cut the connection
                 raise
             error = FHEBentoError("request_timeout", f"the request took over {self.timeout} s")
-            await JSONResponse(error.body(), status_code=error.status)(scope, receive, send)
+            await error_response(error, scope["method"])(scope, receive, send)
         finally:
             watcher.cancel()

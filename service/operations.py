@@ -11,6 +11,7 @@ from __future__ import annotations
 
 import inspect
 import logging
+import time
 from pathlib import Path
 from typing import Any
 
@@ -33,6 +34,7 @@ from fhe_bento.contract.runner_api import (
 from fhe_bento.keys.rules import check_key_id, check_key_size
 from fhe_bento.models.repository import ModelSpec, served_spec
 from fhe_bento.protocol import transform, wire
+from fhe_bento.runtime import metrics
 from fhe_bento.service.admission import Admission
 from fhe_bento.service.auth import Caller
 from fhe_bento.service.drain import Drain
@@ -136,6 +138,7 @@ class Operations:
         self, spec: ModelSpec, caller: Caller, key_id: str | None, rows: list[bytes]
     ) -> list[bytes]:
         """Every adapter's rows come here: a malformed key id is refused before any row is looked at."""
+        started = time.perf_counter()
         call = Rows(
             model=spec.name,
             tenant=caller.tenant,
@@ -146,6 +149,8 @@ class Operations:
         async with self.admission.admit(spec, len(rows)):
             done = await self.runner.predict(call)
         self.admission.observe(spec.name, done.row_seconds)
+        overhead = time.perf_counter() - started - done.row_seconds * len(rows)
+        metrics.SERVING_OVERHEAD.labels(model=spec.name, version=spec.version).observe(max(0.0, overhead))
         return done.results
 
     async def envelope(self, caller: Caller, path: Path, model: str | None, key_id: str | None) -> bytes:

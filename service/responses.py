@@ -8,10 +8,15 @@ from fhe_bento.contract.errors import FHEBentoError
 from fhe_bento.contract.runner_api import KeyFacts
 from fhe_bento.models.repository import ModelSpec
 from fhe_bento.protocol.names import CLIENT_SHA_HEADER
+from fhe_bento.runtime import metrics
 
 
-def error_response(exc: FHEBentoError, method: str) -> Response:
-    """The service's one error shape (`{"error": {"code", "message"}}`), with the error's headers."""
+def error_response(exc: FHEBentoError, method: str, *, counted: bool = True) -> Response:
+    """The service's one error shape (`{"error": {"code", "message"}}`), with the error's headers. Every error
+    answer is rendered here, and counted by code (`fhe_bento_errors_total`), but for `/ping`'s readiness
+    (`counted=False`): a platform polls it, and a 503 while loading or draining is an answer, not an error."""
+    if counted:
+        metrics.ERRORS.labels(code=exc.code).inc()
     if method == "HEAD":
         return Response(status_code=exc.status, headers=exc.headers)
     return JSONResponse(exc.body(), status_code=exc.status, headers=exc.headers)

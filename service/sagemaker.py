@@ -84,7 +84,7 @@ async def ping(ops: Operations = Depends(current_operations)) -> Response:
     if await ops.ready():
         return Response(status_code=200)
     error = draining_error() if ops.drain.draining else FHEBentoError("not_ready", "models are still loading")
-    return error_response(error, "GET")
+    return error_response(error, "GET", counted=False)
 
 
 @router.get("/execution-parameters")

@@ -73,9 +73,19 @@ def test_a_handful_of_defaults_users_rely_on_by_name():
 def test_settings_documented_as_unset_or_empty_default_to_nothing():
     settings = ServiceSettings()
     empty = [field for field, cell in DOCUMENTED.items() if cell.startswith(("unset", "empty"))]
-    assert sorted(empty) == ["admin_tokens", "key_cache_bytes", "model_dir", "predict_tokens", "runner_url"]
+    assert sorted(empty) == [
+        "admin_tokens",
+        "emf_seconds",
+        "endpoint_name",
+        "key_cache_bytes",
+        "model_dir",
+        "predict_tokens",
+        "runner_url",
+    ]
     assert {field: plain(getattr(settings, field)) for field in empty} == {
         "admin_tokens": "",
+        "emf_seconds": None,
+        "endpoint_name": "",
         "key_cache_bytes": None,
         "model_dir": None,
         "predict_tokens": "",
@@ -220,3 +230,26 @@ def test_tokens_never_show_in_the_settings_repr(monkeypatch):
     assert settings.predict_tokens.get_secret_value() == "tok-predict-secret"
     assert settings.admin_tokens.get_secret_value() == "tok-admin-secret"
     assert "secret" not in repr(settings) and "secret" not in str(settings)
+
+
+@pytest.mark.parametrize(
+    ("env", "interval"),
+    [
+        ({}, 0),  # off outside SageMaker
+        ({"FHE_BENTO_ENDPOINT_NAME": "prod"}, 60),  # the deploy command sets the endpoint's name
+        ({"FHE_BENTO_ENDPOINT_NAME": "prod", "FHE_BENTO_EMF_SECONDS": "0"}, 0),
+        ({"FHE_BENTO_EMF_SECONDS": "5"}, 5),
+    ],
+)
+def test_emf_lines_are_on_with_an_endpoint_name_unless_their_interval_says_otherwise(
+    monkeypatch, env, interval
+):
+    for name, value in env.items():
+        monkeypatch.setenv(name, value)
+    assert Settings().emf_interval() == interval
+
+
+def test_the_endpoint_name_is_read_from_the_variable_the_deploy_command_sets():
+    from fhe_bento.runtime.cloudwatch import ENDPOINT_ENV
+
+    assert Settings.for_environment({ENDPOINT_ENV: "prod"}).endpoint_name == "prod"
