@@ -35,6 +35,7 @@ from fhe_bento.keys.rules import check_key_id, check_key_size
 from fhe_bento.models.repository import ModelSpec, served_spec
 from fhe_bento.protocol import transform, wire
 from fhe_bento.runtime import metrics
+from fhe_bento.runtime.audit import Audit, audited
 from fhe_bento.service.admission import Admission
 from fhe_bento.service.auth import Caller
 from fhe_bento.service.drain import Drain
@@ -139,19 +140,23 @@ class Operations:
     ) -> list[bytes]:
         """Every adapter's rows come here: a malformed key id is refused before any row is looked at."""
         started = time.perf_counter()
-        call = Rows(
-            model=spec.name,
-            tenant=caller.tenant,
-            key_id=None if key_id is None else check_key_id(key_id),
-            ciphertexts=rows,
-            deadline=request_deadline(self.settings.request_timeout),
-        )
-        async with self.admission.admit(spec, len(rows)):
-            done = await self.runner.predict(call)
-        self.admission.observe(spec.name, done.row_seconds)
-        overhead = time.perf_counter() - started - done.row_seconds * len(rows)
-        metrics.SERVING_OVERHEAD.labels(model=spec.name, version=spec.version).observe(max(0.0, overhead))
-        return done.results
+        deadline = request_deadline(self.settings.request_timeout)
+        entry = Audit("predict_batch", caller.tenant, spec.name, spec.version, rows=len(rows))
+        with audited(entry, deadline):
+            call = Rows(
+                model=spec.name,
+                tenant=caller.tenant,
+                key_id=None if key_id is None else check_key_id(key_id),
+                ciphertexts=rows,
+                deadline=deadline,
+            )
+            entry.key_id = call.key_id
+            async with self.admission.admit(spec, len(rows)):
+                done = await self.runner.predict(call)
+            self.admission.observe(spec.name, done.row_seconds)
+            overhead = time.perf_counter() - started - done.row_seconds * len(rows)
+            metrics.SERVING_OVERHEAD.labels(model=spec.name, version=spec.version).observe(max(0.0, overhead))
+            return done.results
 
     async def envelope(self, caller: Caller, path: Path, model: str | None, key_id: str | None) -> bytes:
         """Run a spooled async-inference envelope: its optional inline key (registered like an upload),
@@ -238,7 +243,10 @@ class Operations:
     # --- keys: each a call to the runner's key service ------------------------------------------------
 
     async def register_key(self, spec: ModelSpec, caller: Caller, key: bytes) -> KeyFacts:
-        return await self.runner.register_key(KeyUpload(model=spec.name, tenant=caller.tenant, key=key))
+        with audited(Audit("key_upload", caller.tenant, spec.name, spec.version)) as entry:
+            facts = await self.runner.register_key(KeyUpload(model=spec.name, tenant=caller.tenant, key=key))
+            entry.key_id, entry.status = facts.key_id, _registered_status(facts)
+            return facts
 
     async def put_key_part(
         self, spec: ModelSpec, caller: Caller, key_id: str, index: int, data: bytes
@@ -250,26 +258,41 @@ class Operations:
         return await self.runner.key_parts(self._key(spec, caller, key_id))
 
     async def complete_key(self, spec: ModelSpec, caller: Caller, key_id: str, count: int) -> KeyFacts:
-        key = self._key(spec, caller, key_id)
-        return await self.runner.complete_key(KeyCompletion(**key.model_dump(), count=count))
+        """The end of a chunked key upload: audited as its key_upload."""
+        with audited(Audit("key_upload", caller.tenant, spec.name, spec.version)) as entry:
+            key = self._key(spec, caller, key_id)
+            entry.key_id = key.key_id
+            facts = await self.runner.complete_key(KeyCompletion(**key.model_dump(), count=count))
+            entry.status = _registered_status(facts)
+            return facts
 
     async def has_key(self, spec: ModelSpec, caller: Caller, key_id: str) -> bool:
         return await self.runner.has_key(self._key(spec, caller, key_id))
 
     async def delete_key(self, spec: ModelSpec, caller: Caller, key_id: str) -> None:
-        await self.runner.delete_key(self._key(spec, caller, key_id))
+        with audited(Audit("key_delete", caller.tenant, spec.name, spec.version, status=204)) as entry:
+            key = self._key(spec, caller, key_id)
+            entry.key_id = key.key_id
+            await self.runner.delete_key(key)
 
     async def list_keys(self) -> list[dict[str, Any]]:
         """Every stored key of every model and tenant (admin)."""
         return await self.runner.list_keys()
 
-    async def delete_any_key(self, scope: str, key_id: str) -> None:
-        """Delete a key found with `list_keys` (admin)."""
-        await self.runner.delete_any_key(ScopedKey(scope=scope, key_id=check_key_id(key_id)))
+    async def delete_any_key(self, scope: str, key_id: str, caller: Caller | None = None) -> None:
+        """Delete a key found with `list_keys` (admin: `caller`, audited as the tenant that deleted it)."""
+        with audited(Audit("key_delete", caller.tenant if caller else None, status=204)) as entry:
+            key = ScopedKey(scope=scope, key_id=check_key_id(key_id))
+            entry.key_id = key.key_id
+            await self.runner.delete_any_key(key)
 
     @staticmethod
     def _key(spec: ModelSpec, caller: Caller, key_id: str) -> KeyRef:
         return KeyRef(model=spec.name, tenant=caller.tenant, key_id=check_key_id(key_id))
+
+
+def _registered_status(facts: KeyFacts) -> int:
+    return 201 if facts.created else 200  # as `service/responses.key_registered` answers
 
 
 async def current_operations() -> Operations:

@@ -91,5 +91,5 @@ async def list_keys(caller: Caller = ADMIN, ops: Operations = OPS) -> list[dict[
 
 @admin_router.delete("/{scope}/{key_id}")
 async def delete_any_key(scope: str, key_id: str, caller: Caller = ADMIN, ops: Operations = OPS) -> Response:
-    await ops.delete_any_key(scope, key_id)
+    await ops.delete_any_key(scope, key_id, caller)
     return Response(status_code=204)
