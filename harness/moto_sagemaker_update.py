@@ -21,6 +21,10 @@ What the added action does, as close to SageMaker as botocore's model of `Descri
   variants. Either way `LastDeploymentConfig` is the request's `DeploymentConfig`, and both configs are
   kept (neither is deleted).
 `RetainAllVariantProperties` and the traffic-shifting steps and waits are accepted and not simulated.
+
+One fix to moto's CloudWatch goes with it: `PutMetricAlarm` on an existing alarm keeps the alarm's state,
+as CloudWatch documents ("When you update an existing alarm, its state is left unchanged"); moto resets it
+to OK, which would hide an alarm a test set before `update` re-puts its alarms.
 """
 
 from __future__ import annotations
@@ -30,7 +34,7 @@ from typing import Any
 
 from moto import server
 from moto.applicationautoscaling.models import applicationautoscaling_backends
-from moto.cloudwatch.models import cloudwatch_backends
+from moto.cloudwatch.models import Alarm, CloudWatchBackend, cloudwatch_backends
 from moto.core.responses import ActionResult
 from moto.core.utils import utcnow
 from moto.sagemaker.exceptions import ValidationError
@@ -138,8 +142,22 @@ def _update_endpoint_action(self: SageMakerResponse) -> ActionResult:
     return ActionResult({"EndpointArn": arn})
 
 
+_put_metric_alarm = CloudWatchBackend.put_metric_alarm
+ALARM_STATE = ("state_value", "state_reason", "state_reason_data", "state_updated_timestamp")
+
+
+def _put_metric_alarm_keeping_state(self: CloudWatchBackend, name: str, *args: Any, **kwargs: Any) -> Alarm:
+    before = self.alarms.get(name)
+    alarm = _put_metric_alarm(self, name, *args, **kwargs)
+    if before is not None:
+        for attribute in ALARM_STATE:
+            setattr(alarm, attribute, getattr(before, attribute))
+    return alarm
+
+
 def install() -> None:
-    """Add UpdateEndpoint to moto's SageMaker in this process."""
+    """Add UpdateEndpoint to moto's SageMaker in this process; keep an alarm's state when it is re-put."""
+    CloudWatchBackend.put_metric_alarm = _put_metric_alarm_keeping_state  # type: ignore[method-assign]
     SageMakerModelBackend.describe_endpoint = _describe_endpoint_advancing  # type: ignore[method-assign]
     SageMakerResponse.update_endpoint = _update_endpoint_action  # type: ignore[attr-defined]
 
