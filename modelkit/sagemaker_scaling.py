@@ -7,11 +7,15 @@ Targets come from the model's measured FHE seconds per row (`row_seconds`, recor
 - async: target tracking on `ApproximateBacklogSizePerInstance`, so that the queue holds about
   `QUEUE_SECONDS` of work per instance; and, so that an endpoint scaled to zero wakes up, a step policy
   fired by a CloudWatch alarm on `HasBacklogWithoutCapacity`.
+
+`registration` reads a variant's autoscaling back and `register_again` restores it: `fhe-bento sagemaker
+update` deregisters the variant around a change of instance type, as SageMaker requires.
 """
 
 from __future__ import annotations
 
 import math
+from dataclasses import dataclass
 from typing import Any
 
 from pydantic import BaseModel, Field, model_validator
@@ -23,6 +27,7 @@ DIMENSION = "sagemaker:variant:DesiredInstanceCount"
 TARGET_UTILIZATION = 0.7
 QUEUE_SECONDS = 300.0
 COOLDOWN_SECONDS = 300
+POLICY_CONFIGURATIONS = ("TargetTrackingScalingPolicyConfiguration", "StepScalingPolicyConfiguration")
 
 
 class ScalingConfig(BaseModel):
@@ -66,10 +71,19 @@ def names(endpoint_name: str) -> dict[str, str]:
     }
 
 
+def scalable_target(endpoint_name: str) -> dict[str, str]:
+    """The arguments that name the variant's scalable target in Application Auto Scaling's calls."""
+    return {
+        "ServiceNamespace": NAMESPACE,
+        "ResourceId": resource_id(endpoint_name),
+        "ScalableDimension": DIMENSION,
+    }
+
+
 def enable(aas, cloudwatch, endpoint_name: str, config: ScalingConfig) -> dict:
     """Register the variant as a scalable target with its policies (and the async wake-up alarm)."""
     resource, named = resource_id(endpoint_name), names(endpoint_name)
-    scalable = {"ServiceNamespace": NAMESPACE, "ResourceId": resource, "ScalableDimension": DIMENSION}
+    scalable = scalable_target(endpoint_name)
     aas.register_scalable_target(
         **scalable, MinCapacity=config.min_instances, MaxCapacity=config.max_instances
     )
@@ -116,32 +130,82 @@ def enable(aas, cloudwatch, endpoint_name: str, config: ScalingConfig) -> dict:
                 "StepAdjustments": [{"MetricIntervalLowerBound": 0, "ScalingAdjustment": 1}],
             },
         )
-        cloudwatch.put_metric_alarm(
-            AlarmName=named["wake_alarm"],
-            Namespace="AWS/SageMaker",
-            MetricName="HasBacklogWithoutCapacity",
-            Dimensions=[{"Name": "EndpointName", "Value": endpoint_name}],
-            Statistic="Average",
-            Period=60,
-            EvaluationPeriods=2,
-            DatapointsToAlarm=2,
-            Threshold=1,
-            ComparisonOperator="GreaterThanOrEqualToThreshold",
-            TreatMissingData="missing",
-            AlarmActions=[wake["PolicyARN"]],
-        )
+        made["alarm"] = put_wake_alarm(cloudwatch, endpoint_name, wake["PolicyARN"])
         made["policies"].append(named["wake_policy"])
-        made["alarm"] = named["wake_alarm"]
     return made
+
+
+def put_wake_alarm(cloudwatch, endpoint_name: str, wake_policy_arn: str) -> str:
+    """The alarm that fires the wake-up step policy of an async endpoint scaled to zero; returns its name."""
+    name = names(endpoint_name)["wake_alarm"]
+    cloudwatch.put_metric_alarm(
+        AlarmName=name,
+        Namespace="AWS/SageMaker",
+        MetricName="HasBacklogWithoutCapacity",
+        Dimensions=[{"Name": "EndpointName", "Value": endpoint_name}],
+        Statistic="Average",
+        Period=60,
+        EvaluationPeriods=2,
+        DatapointsToAlarm=2,
+        Threshold=1,
+        ComparisonOperator="GreaterThanOrEqualToThreshold",
+        TreatMissingData="missing",
+        AlarmActions=[wake_policy_arn],
+    )
+    return name
+
+
+@dataclass(frozen=True)
+class Registration:
+    """A variant's autoscaling as Application Auto Scaling describes it: enough to register it again after
+    SageMaker required it gone (an update that changes the instance type)."""
+
+    min_capacity: int
+    max_capacity: int
+    policies: tuple[dict[str, Any], ...]  # put_scaling_policy's PolicyName, PolicyType and configuration
+
+
+def registration(aas, endpoint_name: str) -> Registration | None:
+    """The variant's scalable target and policies, or None when it is not registered."""
+    scalable = scalable_target(endpoint_name)
+    targets = aas.describe_scalable_targets(
+        ServiceNamespace=NAMESPACE, ResourceIds=[scalable["ResourceId"]], ScalableDimension=DIMENSION
+    )["ScalableTargets"]
+    if not targets:
+        return None
+    policies = aas.describe_scaling_policies(ServiceNamespace=NAMESPACE, ResourceId=scalable["ResourceId"])[
+        "ScalingPolicies"
+    ]
+    return Registration(
+        min_capacity=targets[0]["MinCapacity"],
+        max_capacity=targets[0]["MaxCapacity"],
+        policies=tuple(
+            {
+                key: policy[key]
+                for key in ("PolicyName", "PolicyType", *POLICY_CONFIGURATIONS)
+                if key in policy
+            }
+            for policy in policies
+        ),
+    )
+
+
+def register_again(aas, cloudwatch, endpoint_name: str, registered: Registration) -> None:
+    """Register the variant with the bounds and policies it had; the wake-up alarm follows its policy's new
+    ARN."""
+    scalable = scalable_target(endpoint_name)
+    aas.register_scalable_target(
+        **scalable, MinCapacity=registered.min_capacity, MaxCapacity=registered.max_capacity
+    )
+    for policy in registered.policies:
+        made = aas.put_scaling_policy(**scalable, **policy)
+        if policy["PolicyName"] == names(endpoint_name)["wake_policy"]:
+            put_wake_alarm(cloudwatch, endpoint_name, made["PolicyARN"])
 
 
 def disable(aas, cloudwatch, endpoint_name: str) -> None:
     """Remove the policies, the alarm and the scalable target, whichever exist."""
-    scalable = {
-        "ServiceNamespace": NAMESPACE,
-        "ResourceId": resource_id(endpoint_name),
-        "ScalableDimension": DIMENSION,
-    }
+    scalable = scalable_target(endpoint_name)
     named = names(endpoint_name)
     for policy in aas.describe_scaling_policies(
         ServiceNamespace=NAMESPACE, ResourceId=scalable["ResourceId"]
