@@ -32,6 +32,69 @@ def models(url: str, token: str | None) -> None:
         )
 
 
+@main.group()
+def versions() -> None:
+    """See and change which versions of a model serve (admin token if the server has tokens)."""
+
+
+def _version_options(command):
+    for option in reversed(
+        (
+            click.option("--url", envvar="FHE_BENTO_URL", help="Server URL."),
+            click.option("--token", envvar="FHE_BENTO_TOKEN", help="Bearer token, if the server needs one."),
+            click.option("--endpoint-name", help="Or a SageMaker endpoint (boto3's credentials and region)."),
+            click.option("--model", "model_name", required=True, help="Served model name."),
+        )
+    ):
+        command = option(command)
+    return command
+
+
+def _admin_transport(url: str | None, token: str | None, endpoint_name: str | None):
+    """The server at `url`, or the SageMaker endpoint `endpoint_name` (exactly one of them)."""
+    if endpoint_name and not url:
+        from fhe_bento.client.sagemaker_transport import RuntimeInvoker, SageMakerTransport
+
+        return SageMakerTransport(RuntimeInvoker(endpoint_name))
+    if not url or endpoint_name:
+        raise click.UsageError("give --url or --endpoint-name")
+    from fhe_bento.client.http_transport import HTTPTransport
+
+    return HTTPTransport(url, token=token)
+
+
+@versions.command("list")
+@_version_options
+def list_versions(url: str | None, token: str | None, endpoint_name: str | None, model_name: str) -> None:
+    """The model's served versions: default, retired, client SHA-256."""
+    info = _admin_transport(url, token, endpoint_name).get_model(model_name)
+    for version, facts in info["versions"].items():
+        flags = "default" if facts["default"] else "retired" if facts["retired"] else "served"
+        click.echo(f"{model_name}:{version}  {flags}  client_sha256={facts['client_sha256']}")
+
+
+@versions.command("default")
+@_version_options
+@click.argument("version")
+def default_version(
+    url: str | None, token: str | None, endpoint_name: str | None, model_name: str, version: str
+) -> None:
+    """Make VERSION serve requests that name the model alone."""
+    state = _admin_transport(url, token, endpoint_name).set_default_version(model_name, version)
+    click.echo(f"{model_name}: default {state['default']} (revision {state['revision']})")
+
+
+@versions.command("retire")
+@_version_options
+@click.argument("version")
+def retire_version(
+    url: str | None, token: str | None, endpoint_name: str | None, model_name: str, version: str
+) -> None:
+    """Retire VERSION: its clients move to the default (they make and upload new keys once)."""
+    state = _admin_transport(url, token, endpoint_name).retire_version(model_name, version)
+    click.echo(f"{model_name}: retired {', '.join(state['retired'])} (revision {state['revision']})")
+
+
 @main.command("predict")
 @click.option("--url", required=True, envvar="FHE_BENTO_URL", help="Server URL.")
 @click.option("--token", envvar="FHE_BENTO_TOKEN", help="Bearer token, if the server needs one.")

@@ -55,6 +55,15 @@ class HTTPTransport:
     def get_model(self, name: str) -> dict[str, Any]:
         return raise_for_error(self.http.get(f"/v1/models/{name}")).json()
 
+    def set_default_version(self, name: str, version: str) -> dict[str, Any]:
+        """Admin: `version` serves requests naming `name` alone."""
+        response = self.http.put(f"/v1/models/{name}/default", json={"version": version})
+        return raise_for_error(response).json()
+
+    def retire_version(self, name: str, version: str) -> dict[str, Any]:
+        """Admin: requests naming `version` get 410 version_retired from now on."""
+        return raise_for_error(self.http.post(f"/v1/models/{name}/versions/{version}/retire")).json()
+
     def get_client_zip(self, name: str) -> tuple[bytes, str]:
         response = raise_for_error(self.http.get(f"/v1/models/{name}/client.zip"))
         return response.content, response.headers.get(CLIENT_SHA_HEADER, "")

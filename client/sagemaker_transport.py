@@ -149,6 +149,14 @@ class SageMakerTransport:
     def has_key(self, name: str, key_id: str) -> bool:
         return bool(self._json(op="has_key", model=name, key=key_id)["registered"])
 
+    def set_default_version(self, name: str, version: str) -> dict[str, Any]:
+        """Admin (IAM on the endpoint): `version` serves requests naming `name` alone."""
+        return self._json(op="set_default", model=name, version=version)
+
+    def retire_version(self, name: str, version: str) -> dict[str, Any]:
+        """Admin: requests naming `version` get 410 version_retired from now on."""
+        return self._json(op="retire", model=name, version=version)
+
     def put_key(self, name: str, key: bytes, on_progress: Callable[[int], None]) -> dict[str, Any]:
         return upload_key(self, name, key, self.part_bytes, on_progress)
 

@@ -25,6 +25,8 @@ class WireModel(BaseModel):
 
 
 # --- requests ---------------------------------------------------------------------------------------
+# `model` is always a served version's tag, `name:version` (`ModelSpec.tag`): several versions of one model
+# may be served side by side.
 
 
 class Rows(WireModel):

@@ -68,6 +68,10 @@ class Balancer:
         self._server.should_exit = True
         self._thread.join(10)
 
+    def add(self, instance: str) -> None:
+        """A new instance joins the endpoint (an update's new fleet): it takes a share of new requests."""
+        self.instances.append(instance)
+
     def remove(self, instance: str) -> None:
         """The instance leaves the endpoint (SageMaker replaced it): nothing is routed to it any more."""
         self._gone.add(instance)

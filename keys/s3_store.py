@@ -15,7 +15,7 @@ from collections.abc import Iterator
 from pathlib import Path
 
 from fhe_bento.contract.errors import FHEBentoError
-from fhe_bento.keys.store import Upload, check_scope
+from fhe_bento.keys.store import Upload, check_scope, document_file
 
 
 class S3KeyStore:
@@ -145,3 +145,19 @@ class S3KeyStore:
         for start in range(0, len(objects), 1000):
             batch = [{"Key": o["Key"]} for o in objects[start : start + 1000]]
             self.s3.delete_objects(Bucket=self.bucket, Delete={"Objects": batch})
+
+    def read_document(self, name: str) -> bytes | None:
+        from botocore.exceptions import ClientError
+
+        try:
+            return self.s3.get_object(Bucket=self.bucket, Key=self._path("documents", document_file(name)))[
+                "Body"
+            ].read()
+        except ClientError as exc:
+            if exc.response["Error"]["Code"] in ("404", "NoSuchKey", "NotFound"):
+                return None
+            raise
+
+    def write_document(self, name: str, data: bytes) -> None:
+        # One PUT: S3 replaces an object whole, and a reader gets the old or the new one.
+        self.s3.put_object(Bucket=self.bucket, Key=self._path("documents", document_file(name)), Body=data)

@@ -16,6 +16,7 @@ import uuid
 from collections.abc import Iterator
 from pathlib import Path
 from typing import NamedTuple, Protocol
+from urllib.parse import quote
 
 from fhe_bento.contract.errors import FHEBentoError
 from fhe_bento.keys.rules import check_key_id
@@ -84,6 +85,17 @@ class KeyStore(Protocol):
         """The bytes of parts 0..count-1 in order; raises FHEBentoError if one is missing."""
 
     def drop_parts(self, scope: str, key_id: str) -> None: ...
+
+    def read_document(self, name: str) -> bytes | None:
+        """A small state document the server keeps beside the keys (a model's versions), or None."""
+
+    def write_document(self, name: str, data: bytes) -> None:
+        """Replace a state document whole: a reader sees the old one or the new one, never a mix."""
+
+
+def document_file(name: str) -> str:
+    """A state document's file name: its name quoted, so a model name's slashes stay in one segment."""
+    return f"{quote(name, safe='')}.json"
 
 
 class FileKeyStore:
@@ -195,6 +207,20 @@ class FileKeyStore:
 
     def drop_parts(self, scope: str, key_id: str) -> None:
         shutil.rmtree(self._parts_dir(scope, key_id), ignore_errors=True)
+
+    def _document(self, name: str) -> Path:
+        return self.root / "documents" / document_file(name)  # never a scope: scopes are hex ids
+
+    def read_document(self, name: str) -> bytes | None:
+        try:
+            return self._document(name).read_bytes()
+        except FileNotFoundError:
+            return None
+
+    def write_document(self, name: str, data: bytes) -> None:
+        path = self._document(name)
+        path.parent.mkdir(parents=True, exist_ok=True)
+        _write_synced(path, data)
 
 
 def _write_synced(path: Path, data: bytes) -> None:

@@ -106,14 +106,20 @@ class ModelSpec(BaseModel):
     def key_scope(self) -> str:
         return self.meta.client_sha256
 
+    @property
+    def tag(self) -> str:
+        """`name:version`, as BentoML tags it: what identifies one served version, between the service, the
+        runner and its engines, where several versions of a model are served side by side."""
+        return f"{self.name}:{self.version}"
 
-def served_spec(specs: dict[str, ModelSpec], name: str) -> ModelSpec:
-    """The served model `name`, or 404 `unknown_model`: the one lookup of a model by name, in the service's
-    operations and in the runner alike."""
+
+def served_spec(specs: dict[str, ModelSpec], tag: str) -> ModelSpec:
+    """The served model version `tag` (`name:version`), or 404 `unknown_model`: the one lookup of a served
+    version by its tag, in the service's operations and in the runner alike."""
     try:
-        return specs[name]
+        return specs[tag]
     except KeyError:
-        raise FHEBentoError("unknown_model", f"no model named {name[:128]!r} is served") from None
+        raise FHEBentoError("unknown_model", f"no model {tag[:128]!r} is served") from None
 
 
 class ModelLoadError(RuntimeError):
@@ -225,15 +231,31 @@ def load_specs(settings: Settings) -> dict[str, ModelSpec]:
         specs = [spec for tag in settings.model_tags() for spec in _from_bentoml_store(tag)]
     if not specs:
         raise ModelLoadError("no models configured: set FHE_BENTO_MODELS or FHE_BENTO_MODEL_DIR")
-    return {spec.name: spec for spec in specs}
+    served: dict[str, ModelSpec] = {}
+    for spec in specs:
+        if spec.tag in served:
+            raise ModelLoadError(f"model {spec.tag!r} is configured twice")
+        served[spec.tag] = spec
+    hybrid_versions: dict[str, set[str]] = {}
+    for spec in specs:
+        if spec.circuit:
+            hybrid_versions.setdefault(spec.circuit.model, set()).add(spec.version)
+    for model, versions in hybrid_versions.items():
+        if len(versions) > 1:
+            raise ModelLoadError(
+                f"hybrid model {model!r}: serve one version at a time, not {sorted(versions)}"
+            )
+    return served
 
 
-def default_model(settings: Settings, specs: dict[str, ModelSpec]) -> ModelSpec:
-    """The model of requests that name none: FHE_BENTO_DEFAULT_MODEL, else the first single model (a hybrid
-    model's circuits are always named by its client), else the first circuit."""
+def default_model(settings: Settings, specs: dict[str, ModelSpec]) -> str:
+    """The name of the model of requests that name none (its default version serves them):
+    FHE_BENTO_DEFAULT_MODEL, else the first single model (a hybrid model's circuits are always named by its
+    client), else the first circuit."""
+    names = [spec.name for spec in specs.values()]
     if settings.default_model is None:
-        singles = [spec for spec in specs.values() if spec.circuit is None]
-        return (singles or list(specs.values()))[0]
-    if settings.default_model not in specs:
+        singles = [spec.name for spec in specs.values() if spec.circuit is None]
+        return (singles or names)[0]
+    if settings.default_model not in names:
         raise ModelLoadError(f"FHE_BENTO_DEFAULT_MODEL={settings.default_model!r} is not served")
-    return specs[settings.default_model]
+    return settings.default_model

@@ -36,6 +36,8 @@ ERROR_CODES: dict[str, int] = {
     "unknown_module": 404,
     "unknown_shape": 404,
     "method_not_allowed": 405,
+    "version_conflict": 409,
+    "version_retired": 410,
     "body_timeout": 408,
     "payload_too_large": 413,
     "key_store_full": 413,

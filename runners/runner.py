@@ -68,8 +68,8 @@ class Runner:
     def shutdown(self) -> None:
         self.engine.shutdown()
 
-    def _spec(self, name: str) -> ModelSpec:
-        return served_spec(self.specs, name)
+    def _spec(self, tag: str) -> ModelSpec:
+        return served_spec(self.specs, tag)
 
     async def predict(self, rows: Rows) -> RowResults:
         """The rows' results in order. Rows not started by the deadline, or when this call is cancelled
@@ -80,7 +80,7 @@ class Runner:
         meta = spec.meta
         for ciphertext in rows.ciphertexts:  # all of them before any row runs
             check_ciphertext(ciphertext, meta.ciphertext_bytes, meta.ciphertext_shape, spec.name)
-        done = await self.engine.run(spec.name, scope, key_id, rows.ciphertexts, rows.deadline)
+        done = await self.engine.run(spec.tag, scope, key_id, rows.ciphertexts, rows.deadline)
         if len(done) < len(rows.ciphertexts):
             raise FHEBentoError("request_timeout", "the request's time ran out before all its rows started")
         return RowResults(results=[r for r, _ in done], row_seconds=sum(s for _, s in done) / len(done))
@@ -89,8 +89,9 @@ class Runner:
 
     async def register_key(self, upload: KeyUpload) -> KeyFacts:
         """Check a whole key, deserialize it once in a throwaway process, then store it for the tenant."""
-        with _counted_rejection(upload.model):
-            return await self.keys.register(self._spec(upload.model), upload.tenant, upload.key)
+        spec = self._spec(upload.model)
+        with _counted_rejection(spec.name):
+            return await self.keys.register(spec, upload.tenant, upload.key)
 
     async def put_key_part(self, part: KeyPart) -> PartStored:
         return await self.keys.put_part(
@@ -101,10 +102,9 @@ class Runner:
         return await self.keys.parts(self._spec(key.model), key.tenant, key.key_id)
 
     async def complete_key(self, completion: KeyCompletion) -> KeyFacts:
-        with _counted_rejection(completion.model):
-            return await self.keys.complete(
-                self._spec(completion.model), completion.tenant, completion.key_id, completion.count
-            )
+        spec = self._spec(completion.model)
+        with _counted_rejection(spec.name):
+            return await self.keys.complete(spec, completion.tenant, completion.key_id, completion.count)
 
     async def has_key(self, key: KeyRef) -> bool:
         return await self.keys.has(self._spec(key.model), key.tenant, key.key_id)

@@ -32,7 +32,8 @@ from fhe_bento.contract.runner_api import (
     ScopedKey,
 )
 from fhe_bento.keys.rules import check_key_id, check_key_size
-from fhe_bento.models.repository import ModelSpec, served_spec
+from fhe_bento.keys.store_url import open_store
+from fhe_bento.models.repository import ModelSpec
 from fhe_bento.protocol import transform, wire
 from fhe_bento.runtime import metrics
 from fhe_bento.runtime.audit import Audit, audited
@@ -41,6 +42,7 @@ from fhe_bento.service.auth import Caller
 from fhe_bento.service.drain import Drain
 from fhe_bento.service.limits import request_deadline
 from fhe_bento.service.settings import ServiceSettings
+from fhe_bento.service.versions import VersionBook
 
 log = logging.getLogger("bentoml.fhe_bento.service")
 # Errors of one bad row, which fail its whole batch: a transform runs such a batch again row by row.
@@ -59,16 +61,20 @@ class Operations:
         self,
         runner: RunnerAPI,
         specs: dict[str, ModelSpec],
-        default: ModelSpec,
+        default_name: str,
         settings: ServiceSettings,
         admission: Admission,
         drain: Drain | None = None,
     ) -> None:
-        """`runner`: the FHE runner in this process, or the client of one served elsewhere; `drain`: the
-        worker's (`service/drain.py`), none for a test's app that is never signalled."""
+        """`runner`: the FHE runner in this process, or the client of one served elsewhere; `specs`: every
+        served version, by tag; `default_name`: the model of requests that name none; `drain`: the worker's
+        (`service/drain.py`), none for a test's app that is never signalled."""
         self.runner = runner
         self.specs = specs
-        self.default = default
+        self.default_name = default_name
+        self.versions = VersionBook(
+            specs, open_store(settings.key_store_url()), settings.versions_refresh_seconds
+        )
         self.settings = settings
         self.admission = admission
         self.drain = drain or Drain(settings.drain_seconds)
@@ -80,13 +86,26 @@ class Operations:
                 modules.setdefault(spec.circuit.module, {})[spec.circuit.shape] = spec
 
     def spec(self, name: str | None) -> ModelSpec:
-        return self.default if name is None else served_spec(self.specs, name)
+        """The served version a request names (`name` or `name:version`, `service/versions.py`); the
+        default model's default version for none."""
+        return self.versions.resolve(self.default_name if name is None else name)
+
+    @property
+    def default(self) -> ModelSpec:
+        return self.spec(None)
 
     def list_models(self) -> list[dict[str, Any]]:
-        return [spec.public() for spec in self.specs.values()]
+        """Every served version, each saying whether it is its name's default and whether it is retired."""
+        listed = []
+        for spec in self.specs.values():
+            state = self.versions.state(spec.name)
+            default = spec.version == self.versions.default_version(spec.name)
+            listed.append({**spec.public(), "default": default, "retired": spec.version in state.retired})
+        return listed
 
     def describe(self, name: str) -> dict[str, Any]:
-        """`GET /v1/models/{name}`: a model, or a hybrid model's modules and shapes with their circuits."""
+        """`GET /v1/models/{name}`: a model's default version (or the version named) with every served
+        version, or a hybrid model's modules and shapes with their circuits."""
         if name in self.hybrids:
             return {
                 "name": name,
@@ -96,7 +115,8 @@ class Operations:
                     for module, shapes in self.hybrids[name].items()
                 },
             }
-        return self.spec(name).public()
+        spec = self.spec(name)  # 404 or 410 as any request naming it
+        return {**self.versions.describe(spec.name), **spec.public()}
 
     def hybrid(self, model: str) -> dict[str, dict[str, ModelSpec]]:
         """A hybrid model's circuits: module -> input shape -> spec."""
@@ -144,7 +164,7 @@ class Operations:
         entry = Audit("predict_batch", caller.tenant, spec.name, spec.version, rows=len(rows))
         with audited(entry, deadline):
             call = Rows(
-                model=spec.name,
+                model=spec.tag,
                 tenant=caller.tenant,
                 key_id=None if key_id is None else check_key_id(key_id),
                 ciphertexts=rows,
@@ -244,7 +264,7 @@ class Operations:
 
     async def register_key(self, spec: ModelSpec, caller: Caller, key: bytes) -> KeyFacts:
         with audited(Audit("key_upload", caller.tenant, spec.name, spec.version)) as entry:
-            facts = await self.runner.register_key(KeyUpload(model=spec.name, tenant=caller.tenant, key=key))
+            facts = await self.runner.register_key(KeyUpload(model=spec.tag, tenant=caller.tenant, key=key))
             entry.key_id, entry.status = facts.key_id, _registered_status(facts)
             return facts
 
@@ -288,7 +308,7 @@ class Operations:
 
     @staticmethod
     def _key(spec: ModelSpec, caller: Caller, key_id: str) -> KeyRef:
-        return KeyRef(model=spec.name, tenant=caller.tenant, key_id=check_key_id(key_id))
+        return KeyRef(model=spec.tag, tenant=caller.tenant, key_id=check_key_id(key_id))
 
 
 def _registered_status(facts: KeyFacts) -> int:

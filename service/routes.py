@@ -9,10 +9,12 @@ ahead of these (`service/prediction_routes.py`)."""
 
 from __future__ import annotations
 
+import asyncio
 from typing import Any
 
 from fastapi import APIRouter, Depends, Request
 from fastapi.responses import FileResponse, Response
+from pydantic import BaseModel
 
 from fhe_bento.contract.errors import FHEBentoError
 from fhe_bento.contract.runner_api import PartsHeld, PartStored
@@ -77,6 +79,28 @@ async def complete_key(
     name: str, key_id: str, parts: int, caller: Caller = PREDICT, ops: Operations = OPS
 ) -> Response:
     return key_registered(await ops.complete_key(ops.spec(name), caller, key_id, parts))
+
+
+class DefaultVersion(BaseModel):
+    version: str
+
+
+@router.put("/{name:path}/default")
+async def set_default_version(
+    name: str, body: DefaultVersion, caller: Caller = ADMIN, ops: Operations = OPS
+) -> dict[str, Any]:
+    """Admin: the version that serves requests naming `name` alone (`service/versions.py`)."""
+    state = await asyncio.to_thread(ops.versions.set_default, name, body.version)
+    return state.model_dump()
+
+
+@router.post("/{name:path}/versions/{version}/retire")
+async def retire_version(
+    name: str, version: str, caller: Caller = ADMIN, ops: Operations = OPS
+) -> dict[str, Any]:
+    """Admin: requests naming this version get 410 version_retired from now on."""
+    state = await asyncio.to_thread(ops.versions.retire, name, version)
+    return state.model_dump()
 
 
 @router.get("/{name:path}")

@@ -2,15 +2,17 @@
 
 SageMaker forwards nothing but `/invocations`, so the operation, model and key id travel in
 `X-Amzn-SageMaker-Custom-Attributes`, e.g. `op=predict; model=breast-cancer-xgb; key=<key_id>`.
-Operations (docs/sagemaker.md, "SageMaker operations"): list_models, get_client, predict, predict_batch,
-has_key, put_key, put_key_part, key_parts, complete_key, envelope (asynchronous inference; also chosen when the body
-starts with the envelope magic and no op is given) and transform (Batch Transform's JSON Lines, chosen by
+Operations (docs/sagemaker.md, "SageMaker operations"): list_models, get_model, get_client, predict,
+predict_batch, has_key, set_default and retire (admin: model versions, `service/versions.py`), put_key,
+put_key_part, key_parts, complete_key, envelope (asynchronous inference; also chosen when the body starts
+with the envelope magic and no op is given) and transform (Batch Transform's JSON Lines, chosen by
 their content type); `GET /execution-parameters` gives Batch Transform its defaults. A request that names a
 key may open or carry a stateful session (`service/sessions.py`).
 """
 
 from __future__ import annotations
 
+import asyncio
 from collections.abc import Awaitable, Callable
 from dataclasses import dataclass
 from pathlib import Path
@@ -44,6 +46,7 @@ class Attributes(BaseModel):
     key: str | None = None
     part: int | None = None
     parts: int | None = None
+    version: str | None = None
 
     @field_validator("op")
     @classmethod
@@ -141,6 +144,23 @@ async def _complete_key(ops: Operations, caller: Caller, attrs: Attributes, body
     )
 
 
+def _admin(caller: Caller) -> None:
+    if not caller.admin:
+        raise FHEBentoError("forbidden", "this op needs an admin token")
+
+
+async def _set_default(ops: Operations, caller: Caller, attrs: Attributes, body: None) -> Response:
+    _admin(caller)
+    name, version = require(attrs.model, "model"), require(attrs.version, "version")
+    return JSONResponse((await asyncio.to_thread(ops.versions.set_default, name, version)).model_dump())
+
+
+async def _retire(ops: Operations, caller: Caller, attrs: Attributes, body: None) -> Response:
+    _admin(caller)
+    name, version = require(attrs.model, "model"), require(attrs.version, "version")
+    return JSONResponse((await asyncio.to_thread(ops.versions.retire, name, version)).model_dump())
+
+
 async def _put_key(ops: Operations, caller: Caller, attrs: Attributes, key: bytes) -> Response:
     return key_registered(await ops.register_key(ops.spec(attrs.model), caller, key))
 
@@ -181,6 +201,8 @@ INVOCATIONS: dict[str, Invocation] = {
     "get_model": Invocation(None, _get_model),
     "get_client": Invocation(None, _get_client),
     "has_key": Invocation(None, _has_key),
+    "set_default": Invocation(None, _set_default),
+    "retire": Invocation(None, _retire),
     "key_parts": Invocation(None, _key_parts),
     "complete_key": Invocation(None, _complete_key),
     "put_key": Invocation(bodies.KEY, _put_key),

@@ -28,6 +28,12 @@ class ServiceSettings(Settings):
         description="Seconds a worker waits on SIGTERM for its requests in flight before it stops "
         "(SageMaker kills 30 s after SIGTERM).",
     )
+    versions_refresh_seconds: int = Field(
+        default=2,
+        ge=0,
+        description="Seconds between two reads of the model versions' shared state (default, retired) from "
+        "the key store; 0 reads it only at start.",
+    )
     session_seconds: int = Field(
         default=1200,
         ge=0,

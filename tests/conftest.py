@@ -157,6 +157,33 @@ def realistic_xgb(demo: Demo) -> str:
     return REALISTIC_XGB
 
 
+@dataclass
+class Versions:
+    name: str
+    tags: list[str]  # `name:version`, oldest first
+    models: dict[str, Any]  # tag -> its fitted, compiled estimator (the clear reference)
+    dev_dirs: dict[str, Path]  # tag -> its FHEModelDev folder
+
+
+@pytest.fixture(scope="session")
+def logreg_versions(demo: Demo) -> Versions:
+    """Two versions of one model name in the model store, with different client specs (n_bits 6, then 8):
+    a retrained model, as a model owner imports it again."""
+    from concrete.ml.sklearn import LogisticRegression
+
+    from fhe_bento.modelkit.demo import save_dev_folder, train
+    from fhe_bento.modelkit.importer import import_model
+
+    name, versions = "versioned-logreg", Versions("versioned-logreg", [], {}, {})
+    for n_bits in (6, 8):
+        models, _ = train(estimators={name: LogisticRegression(n_bits=n_bits)})
+        folder = save_dev_folder(models[name], _SESSION_DIR / "dev" / f"{name}-{n_bits}")
+        tag = str(import_model(folder, name, classes=[int(c) for c in models[name].classes_]))
+        versions.tags.append(tag)
+        versions.models[tag], versions.dev_dirs[tag] = models[name], folder
+    return versions
+
+
 @pytest.fixture(scope="session")
 def in_process(demo: Demo):
     """The operations a served worker builds, around a real `Runner` in this process (its engine processes

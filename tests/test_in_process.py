@@ -253,19 +253,20 @@ def test_each_runner_operation_takes_and_answers_its_own_types(http, in_process,
     )
 
     runner = in_process.runner
+    tag = in_process.spec(XGB).tag  # the runner knows served versions by their tag
     key = owner.evaluation_key()
     key_id = hashlib.sha256(key).hexdigest()
     whole, parted = (
-        KeyRef(model=XGB, tenant="whole", key_id=key_id),
-        KeyRef(model=XGB, tenant="parts", key_id=key_id),
+        KeyRef(model=tag, tenant="whole", key_id=key_id),
+        KeyRef(model=tag, tenant="parts", key_id=key_id),
     )
 
-    facts = _on_app_loop(http, runner.register_key, KeyUpload(model=XGB, tenant="whole", key=key))
+    facts = _on_app_loop(http, runner.register_key, KeyUpload(model=tag, tenant="whole", key=key))
     assert facts == KeyFacts(key_id=key_id, bytes=len(key), created=True)
     assert _on_app_loop(http, runner.has_key, whole) is True
     x = demo.x_test[:2]
     rows = Rows(
-        model=XGB, tenant="whole", key_id=key_id, ciphertexts=owner.encrypt(x), deadline=time.time() + 600
+        model=tag, tenant="whole", key_id=key_id, ciphertexts=owner.encrypt(x), deadline=time.time() + 600
     )
     done = _on_app_loop(http, runner.predict, rows)
     assert isinstance(done, RowResults) and done.row_seconds > 0
@@ -315,16 +316,10 @@ def test_a_refusal_crosses_the_boundary_once_with_its_documented_status(http, in
     from fhe_bento.protocol.errors import ERROR_CODES
 
     ops = in_process
-    call = Rows(
-        **{
-            "model": XGB,
-            "tenant": "anyone",
-            "key_id": "1" * 64,
-            "ciphertexts": [b"\x00" * 64],
-            "deadline": time.time() + 60,
-            **rows,
-        }
-    )
+    fields = {"model": XGB, "tenant": "anyone", "key_id": "1" * 64, "ciphertexts": [b"\x00" * 64], **rows}
+    name = fields["model"]  # the runner knows a served version by its tag, the routes by name
+    fields["model"] = next((spec.tag for spec in ops.specs.values() if spec.name == name), name)
+    call = Rows(**fields, deadline=time.time() + 60)
     with pytest.raises(FHEBentoError) as raised:
         _on_app_loop(http, ops.runner.predict, call)
     assert raised.value.code == code and raised.value.status == ERROR_CODES[code]
@@ -334,7 +329,7 @@ def test_a_refusal_crosses_the_boundary_once_with_its_documented_status(http, in
     assert (received.value.code, received.value.message) == (code, raised.value.message)
 
     headers = {**OCTET, **({KEY_ID_HEADER: call.key_id} if call.key_id else {})}
-    answer = http.post(f"/v1/models/{call.model}/predict", content=call.ciphertexts[0], headers=headers)
+    answer = http.post(f"/v1/models/{name}/predict", content=call.ciphertexts[0], headers=headers)
     assert_error(answer, ERROR_CODES[code], code)
 
 
@@ -383,8 +378,9 @@ def test_rows_sent_before_a_workers_engine_first_loads_wait_for_it(demo, tmp_pat
     )
     client = FHEModelClient(str(demo.dev_dirs[LOGREG]), key_dir=str(tmp_path / "client"))
     x = demo.x_test[:1]
+    specs = load_specs(settings)
     rows = Rows(
-        model=LOGREG,
+        model=next(iter(specs)),
         tenant="t",
         key_id=None,
         ciphertexts=[client.quantize_encrypt_serialize(x)],
@@ -395,7 +391,7 @@ def test_rows_sent_before_a_workers_engine_first_loads_wait_for_it(demo, tmp_pat
         assert not await runner.ready()  # its engine processes are still loading
         return await runner.predict(rows)
 
-    runner = Runner(settings, load_specs(settings))
+    runner = Runner(settings, specs)
     try:
         done = asyncio.run(first_rows(runner))
     finally:
