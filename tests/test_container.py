@@ -5,15 +5,19 @@ from __future__ import annotations
 
 import hashlib
 import subprocess
+import time
+from concurrent.futures import ThreadPoolExecutor
 from pathlib import Path
 
 import boto3
 import httpx
+import numpy as np
 import pytest
 from conftest import LOGREG, REAL_XGB_CIPHERTEXT, XGB, real_body
 
 from fhe_bento.client import FHEClient
 from fhe_bento.client.sagemaker_transport import LocalInvoker, SageMakerTransport
+from fhe_bento.protocol import wire
 from fhe_bento.protocol.names import PART_BYTES
 from harness.container import RUN, URL, invoke, running, wait_for_ping
 
@@ -159,11 +163,51 @@ def model_dir_of(container: str) -> Path:
     return Path(mounts)
 
 
-def test_sigterm_stops_the_container_cleanly(container):
-    """`podman stop -t 30` sends SIGTERM and SIGKILLs after 30 s, as SageMaker does: exit code 0 means
-    the server shut down by itself on SIGTERM, inside the 30 s."""
+def _queued_rows() -> float:
+    from prometheus_client.parser import text_string_to_metric_families
+
+    text = httpx.get(f"{URL}/metrics", timeout=10).text
+    return sum(
+        sample.value
+        for family in text_string_to_metric_families(text)
+        for sample in family.samples
+        if sample.name == "fhe_bento_queue_rows"
+    )
+
+
+def test_sigterm_drains_the_container_then_stops_it_cleanly(container, demo, tmp_path):
+    """`podman stop -t 30` sends SIGTERM to the container's PID 1 and SIGKILLs after 30 s, as SageMaker
+    does. The entrypoint passes the signal on (it `exec`s `bentoml serve`), so the server drains: `/ping`
+    503 `draining` at once, a new request 503 `draining`, the rows in flight answered; and exit code 0
+    means it then shut down by itself, inside the 30 s (docs/operations.md, "Drain on SIGTERM")."""
     wait_for_ping()
-    subprocess.run(["podman", "stop", "-t", "30", container], check=True, capture_output=True)
+    xgb = FHEClient(
+        transport=SageMakerTransport(LocalInvoker(URL)), cache_dir=tmp_path, progress=False
+    ).model(XGB)
+    key_id = xgb.ensure_key()
+    rows = demo.x_test[:6]  # seconds of FHE on the image's engine: still running at SIGTERM
+    body = wire.encode_batch(xgb.encrypt(rows))
+    with ThreadPoolExecutor(2) as pool:
+        batch = pool.submit(invoke, f"op=predict_batch; model={XGB}; key={key_id}", body, wire.CONTENT_TYPE)
+        deadline = time.monotonic() + 60  # only stops a broken run from hanging
+        while _queued_rows() < len(rows):  # the batch is in flight in the server
+            assert time.monotonic() < deadline and not batch.done(), "the batch never got in flight"
+            time.sleep(0.05)
+        stop = pool.submit(
+            subprocess.run, ["podman", "stop", "-t", "30", container], check=True, capture_output=True
+        )
+        deadline = time.monotonic() + 20  # only stops a broken run from hanging
+        while (ping := httpx.get(f"{URL}/ping", timeout=5)).status_code == 200:
+            assert time.monotonic() < deadline, "/ping stayed 200 after SIGTERM"
+            time.sleep(0.05)
+        assert ping.status_code == 503 and ping.json()["error"]["code"] == "draining"
+        refused = invoke(f"op=predict_batch; model={XGB}; key={key_id}", body, wire.CONTENT_TYPE)
+        assert refused.status_code == 503 and refused.json()["error"]["code"] == "draining"
+        answered = batch.result(timeout=120)
+        assert answered.status_code == 200, answered.text
+        decrypted = [xgb.decrypt(a) for a in wire.decode_batch(answered.content, len(rows))]
+        assert list(xgb.labels(np.vstack(decrypted))) == list(demo.clear_predict(XGB, rows))
+        stop.result(timeout=60)
     state = subprocess.run(
         ["podman", "inspect", "--format", "{{.State.Status}} {{.State.ExitCode}}", container],
         capture_output=True,
