@@ -17,19 +17,25 @@ import base64
 import shutil
 import subprocess
 import tarfile
+import tempfile
+from collections.abc import Iterable
 from pathlib import Path
 from typing import TYPE_CHECKING
 
 from pydantic import BaseModel, Field, model_validator
 
 from fhe_bento.modelkit.image import SAGEMAKER_ENV
-from fhe_bento.models.repository import HYBRID_FILE, METADATA_FILE, load_model
+from fhe_bento.models.repository import HYBRID_FILE, METADATA_FILE, ModelLoadError, load_model
+from fhe_bento.runtime.cloudwatch import ENDPOINT_ENV
 
 if TYPE_CHECKING:
     from sagemaker.core.helper.session_helper import Session
 
 VARIANT = "AllTraffic"
 MODEL_FILES = ("client.zip", "server.zip", METADATA_FILE)
+KEY_STORE_ENV = "FHE_BENTO_KEY_STORE"
+# What `create_model_and_config` sets in every Model's environment, whatever `--env` says.
+MANAGED_ENV = (*SAGEMAKER_ENV, KEY_STORE_ENV, ENDPOINT_ENV)
 
 
 class DeployConfig(BaseModel):
@@ -73,6 +79,33 @@ def model_folders_from_store(tags: list[str]) -> dict[str, Path]:
 
     models = [bentoml.models.get(tag) for tag in tags]
     return {model.tag.name: Path(model.path) for model in models}
+
+
+def checked_model_folders(model_dir: Path | None, tags: list[str]) -> dict[str, Path]:
+    """The model folders to pack (from `model_dir`, else the BentoML store), each loaded as the server loads
+    it; a ValueError says what is missing or broken."""
+    from bentoml.exceptions import BentoMLException
+
+    try:
+        folders = model_folders_from_dir(model_dir) if model_dir else model_folders_from_store(tags)
+        for name, folder in folders.items():
+            load_model(folder, name)
+    except (ModelLoadError, BentoMLException, OSError) as exc:
+        raise ValueError(f"the models do not load: {exc}") from None
+    if not folders:
+        raise ValueError(f"no model folders in {model_dir}")
+    return folders
+
+
+def parse_environment(pairs: Iterable[str]) -> dict[str, str]:
+    """`--env NAME=VALUE` items as a dict."""
+    env = {}
+    for pair in pairs:
+        name, sep, value = pair.partition("=")
+        if not (sep and name):
+            raise ValueError(f"--env takes NAME=VALUE, not {pair!r}")
+        env[name] = value
+    return env
 
 
 def slowest_row_seconds(folders: dict[str, Path]) -> float:
@@ -121,6 +154,12 @@ def upload_model_data(s3, tarball: Path, url: str) -> None:
     s3.upload_file(str(tarball), bucket, key)
 
 
+def upload_models(s3, folders: dict[str, Path], url: str) -> None:
+    """Pack the folders as model.tar.gz and upload it to `url`."""
+    with tempfile.TemporaryDirectory() as tmp:
+        upload_model_data(s3, pack_models(folders, Path(tmp) / "model.tar.gz"), url)
+
+
 def push_image(ecr, local_image: str, repository: str, tool: str = "podman") -> str:
     """Tag and push a local image to ECR (creating the repository if needed); returns the image URI."""
     try:
@@ -139,19 +178,21 @@ def push_image(ecr, local_image: str, repository: str, tool: str = "podman") -> 
     return target
 
 
-def create_endpoint(session: Session, config: DeployConfig) -> dict:
-    """Create the Model, EndpointConfig and Endpoint with the sagemaker SDK's `Session`; returns the names
-    and the endpoint ARN."""
-    names = resource_names(config.endpoint_name)
+def create_model_and_config(
+    session: Session, config: DeployConfig, model_name: str, config_name: str
+) -> None:
+    """Create the Model (the image, the model data and the environment every instance needs) and the
+    EndpointConfig (real time or async) with the sagemaker SDK's `Session`."""
     session.create_model(
-        names["model"],
+        model_name,
         role=config.role_arn,
         container_defs={
             "Image": config.image_uri,
             "ModelDataUrl": config.model_data_url,
             "Environment": {
                 **SAGEMAKER_ENV,
-                "FHE_BENTO_KEY_STORE": config.key_store,
+                KEY_STORE_ENV: config.key_store,
+                ENDPOINT_ENV: config.endpoint_name,
                 **config.environment,
             },
         },
@@ -167,17 +208,24 @@ def create_endpoint(session: Session, config: DeployConfig) -> dict:
                 "MaxConcurrentInvocationsPerInstance": config.max_concurrent_invocations
             }
     session.create_endpoint_config(
-        names["config"],
+        config_name,
         [
             {
                 "VariantName": VARIANT,
-                "ModelName": names["model"],
+                "ModelName": model_name,
                 "InstanceType": config.instance_type,
                 "InitialInstanceCount": config.instance_count,
             }
         ],
         async_inference_config_dict=async_config,
     )
+
+
+def create_endpoint(session: Session, config: DeployConfig) -> dict:
+    """Create the Model, EndpointConfig and Endpoint with the sagemaker SDK's `Session`; returns the names
+    and the endpoint ARN."""
+    names = resource_names(config.endpoint_name)
+    create_model_and_config(session, config, names["model"], names["config"])
     session.create_endpoint(config.endpoint_name, names["config"], wait=False)
     return {**names, "endpoint": config.endpoint_name, "endpoint_arn": session.endpoint_arn}
 
@@ -193,15 +241,14 @@ def wait_in_service(session: Session, endpoint_name: str, poll: int = 15) -> str
         return session.sagemaker_client.describe_endpoint(EndpointName=endpoint_name)["EndpointStatus"]
 
 
-def delete_endpoint(endpoint_name: str) -> None:
-    """Tear down the endpoint, its config and its model (names as `create_endpoint` made them) with the
-    sagemaker SDK's resources, in the environment's AWS account and region."""
+def delete_endpoint(endpoint_name: str, configs: Iterable[str], models: Iterable[str]) -> None:
+    """Tear down the endpoint, then the EndpointConfigs and Models it held (`fhe-bento sagemaker delete` asks
+    `sagemaker_update.held_resources` which), with the sagemaker SDK's resources, in the environment's AWS
+    account and region."""
     from sagemaker.core.resources import Endpoint, EndpointConfig, Model
 
-    names = resource_names(endpoint_name)
-    for resource in (
-        Endpoint(endpoint_name=endpoint_name),
-        EndpointConfig(endpoint_config_name=names["config"]),
-        Model(model_name=names["model"]),
-    ):
-        resource.delete()
+    Endpoint(endpoint_name=endpoint_name).delete()
+    for config in configs:
+        EndpointConfig(endpoint_config_name=config).delete()
+    for model in models:
+        Model(model_name=model).delete()

@@ -95,6 +95,7 @@ def test_deploy_creates_model_config_endpoint_and_artifacts(mode, demo, bucket, 
         "PORT": "8080",
         "FHE_BENTO_WORKERS": "4",
         "FHE_BENTO_KEY_STORE": f"s3://{bucket}/models/{mode}/keys",
+        "FHE_BENTO_ENDPOINT_NAME": name,
     }  # shared by default
     config = sm.describe_endpoint_config(EndpointConfigName=f"{name}-config")
     (variant,) = config["ProductionVariants"]
@@ -118,7 +119,10 @@ def test_deploy_creates_model_config_endpoint_and_artifacts(mode, demo, bucket, 
             f"{m}/{f}" for m in (XGB, LOGREG) for f in ("client.zip", "server.zip", "fhe-bento.json")
         )
         tar.extractall(tmp_path / "opt-ml-model", filter="data")
-    assert set(load_specs(Settings(model_dir=tmp_path / "opt-ml-model"))) == {XGB, LOGREG}
+    assert {spec.name for spec in load_specs(Settings(model_dir=tmp_path / "opt-ml-model")).values()} == {
+        XGB,
+        LOGREG,
+    }
 
     cli("sagemaker", "delete", "--endpoint-name", name)
     with pytest.raises(sm.exceptions.ClientError):
@@ -201,18 +205,20 @@ def test_autoscaling_is_registered_and_deleted_with_the_endpoint(mode, demo, buc
         row_seconds=imported_spec(XGB).meta.row_seconds,
     ).target()
     assert tracking["TargetValue"] == pytest.approx(expected) and expected > 0
-    alarms = cloudwatch.describe_alarms(AlarmNamePrefix=name)["MetricAlarms"]
+    alarms = {a["AlarmName"]: a for a in cloudwatch.describe_alarms(AlarmNamePrefix=name)["MetricAlarms"]}
+    rollback_alarms = {f"{name}-5xx-errors", f"{name}-model-latency"}  # deploy's, for updates
     if mode == "realtime":
         assert (
             tracking["PredefinedMetricSpecification"]["PredefinedMetricType"]
             == "SageMakerVariantInvocationsPerInstance"
         )
-        assert set(policies) == {f"{name}-target"} and alarms == []
+        assert set(policies) == {f"{name}-target"} and set(alarms) == rollback_alarms
     else:
         assert tracking["CustomizedMetricSpecification"]["MetricName"] == "ApproximateBacklogSizePerInstance"
         wake = policies[f"{name}-wake-from-zero"]
         assert wake["PolicyType"] == "StepScaling"
-        (alarm,) = alarms
+        assert set(alarms) == {*rollback_alarms, f"{name}-backlog-without-capacity"}
+        alarm = alarms[f"{name}-backlog-without-capacity"]
         assert alarm["MetricName"] == "HasBacklogWithoutCapacity" and alarm["AlarmActions"] == [
             wake["PolicyARN"]
         ]
