@@ -236,15 +236,11 @@ def load_specs(settings: Settings) -> dict[str, ModelSpec]:
         if spec.tag in served:
             raise ModelLoadError(f"model {spec.tag!r} is configured twice")
         served[spec.tag] = spec
-    hybrid_versions: dict[str, set[str]] = {}
-    for spec in specs:
-        if spec.circuit:
-            hybrid_versions.setdefault(spec.circuit.model, set()).add(spec.version)
-    for model, versions in hybrid_versions.items():
-        if len(versions) > 1:
-            raise ModelLoadError(
-                f"hybrid model {model!r}: serve one version at a time, not {sorted(versions)}"
-            )
+    circuits = [
+        (spec.circuit.model, spec.circuit.module, spec.circuit.shape) for spec in specs if spec.circuit
+    ]
+    if len(set(circuits)) < len(circuits):
+        raise ModelLoadError("a hybrid model is configured in two versions: serve one version at a time")
     return served
 
 

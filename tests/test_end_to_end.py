@@ -65,7 +65,15 @@ def test_model_listing_and_client_zip(server, demo):
     assert models[XGB]["needs_key"] is True and models[LOGREG]["needs_key"] is False
     assert models[XGB]["n_features"] == demo.x_test.shape[1] and models[XGB]["classes"] == [0, 1]
     one = httpx.get(f"{server.url}/v1/models/{XGB}").json()
-    assert one == models[XGB]
+    listed = models[XGB]
+    assert listed["default"] is True and listed["retired"] is False  # the one version served
+    assert {k: v for k, v in one.items() if k not in ("versions", "default_version")} == {
+        k: v for k, v in listed.items() if k not in ("default", "retired")
+    }
+    assert one["default_version"] == one["version"]
+    assert one["versions"] == {
+        one["version"]: {"client_sha256": one["client_sha256"], "default": True, "retired": False}
+    }
     zipped = httpx.get(f"{server.url}/v1/models/{XGB}/client.zip")
     assert zipped.headers["content-type"] == "application/zip"
     assert (
