@@ -74,7 +74,7 @@ class RemoteModel:
         """The version `name` (`name` or `name:version`) names now: a bare name's default (a server
         without versions: the name itself)."""
         info = self.transport.get_model(name)
-        tag = f"{info['name']}:{info['version']}" if "versions" in info else name
+        tag = f"{info['name']}:{info['version']}" if "default_version" in info else name
         folder = KeyFolder(
             self.cache_dir, self.name, info["client_sha256"], lambda: self.transport.get_client_zip(tag)
         )
