@@ -73,6 +73,11 @@ def list_versions(url: str | None, token: str | None, endpoint_name: str | None,
         click.echo(f"{model_name}:{version}  {flags}  client_sha256={facts['client_sha256']}")
 
 
+def _show(model_name: str, state: dict) -> None:
+    retired = ", ".join(state["retired"]) or "none"
+    click.echo(f"{model_name}: default {state['default']}, retired {retired} (revision {state['revision']})")
+
+
 @versions.command("default")
 @_version_options
 @click.argument("version")
@@ -80,8 +85,7 @@ def default_version(
     url: str | None, token: str | None, endpoint_name: str | None, model_name: str, version: str
 ) -> None:
     """Make VERSION serve requests that name the model alone."""
-    state = _admin_transport(url, token, endpoint_name).set_default_version(model_name, version)
-    click.echo(f"{model_name}: default {state['default']} (revision {state['revision']})")
+    _show(model_name, _admin_transport(url, token, endpoint_name).set_default_version(model_name, version))
 
 
 @versions.command("retire")
@@ -91,8 +95,7 @@ def retire_version(
     url: str | None, token: str | None, endpoint_name: str | None, model_name: str, version: str
 ) -> None:
     """Retire VERSION: its clients move to the default (they make and upload new keys once)."""
-    state = _admin_transport(url, token, endpoint_name).retire_version(model_name, version)
-    click.echo(f"{model_name}: retired {', '.join(state['retired'])} (revision {state['revision']})")
+    _show(model_name, _admin_transport(url, token, endpoint_name).retire_version(model_name, version))
 
 
 @main.command("predict")

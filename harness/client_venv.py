@@ -11,19 +11,9 @@ from pathlib import Path
 
 from harness.devserver import ROOT
 
-SOURCES = (
-    "pyproject.toml",
-    "README.md",
-    "bentofile.yaml",
-    "docker",
-    "fhe_bento",
-    "protocol",
-    "core",
-    "client",
-    "service",
-    "runners",
-    "modelkit",
-)
+# The product's folders: each is `fhe_bento/<folder>`, a symlink to the top-level folder (fhe_bento/__init__.py).
+PRODUCT_FOLDERS = tuple(sorted(p.name for p in (ROOT / "fhe_bento").iterdir() if p.is_symlink()))
+SOURCES = ("pyproject.toml", "README.md", "bentofile.yaml", "docker", "fhe_bento", *PRODUCT_FOLDERS)
 
 
 def copy_sources(source: Path) -> Path:

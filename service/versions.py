@@ -130,12 +130,17 @@ class VersionBook:
     # --- changing (admin) ---------------------------------------------------------------------------
 
     def set_default(self, name: str, version: str) -> VersionState:
-        """Make `version` the default of `name`; setting it again changes nothing."""
-        return self._change(name, version, default=True)
+        """Make `version` the default of `name`; setting it again changes nothing. Returns the state, its
+        default filled in."""
+        return self._shown(name, self._change(name, version, default=True))
 
     def retire(self, name: str, version: str) -> VersionState:
-        """Retire `version` of `name` (never the default: set another one first); again changes nothing."""
-        return self._change(name, version, default=False)
+        """Retire `version` of `name` (never the default: set another one first); again changes nothing.
+        Returns the state, its default filled in."""
+        return self._shown(name, self._change(name, version, default=False))
+
+    def _shown(self, name: str, state: VersionState) -> VersionState:
+        return state.model_copy(update={"default": state.default or self.default_version(name)})
 
     def _change(self, name: str, version: str, default: bool) -> VersionState:
         if f"{name}:{version}" not in self.specs:

@@ -134,7 +134,10 @@ def test_clients_predict_through_an_update_a_drain_and_a_retirement(
                 retired = _fhe_bento(
                     "versions", "retire", "--url", new.url, "--model", name, v1.split(":")[1]
                 )
-                assert retired.startswith(f"{name}: retired {v1.split(':')[1]} ")
+                assert (
+                    retired
+                    == f"{name}: default {v2.split(':')[1]}, retired {v1.split(':')[1]} (revision 1)\n"
+                )
                 _until(lambda: all(c.on(v2) >= 3 for c in clients), "predictions on version 2")
         finally:
             stop.set()

@@ -11,7 +11,7 @@ from pathlib import Path
 
 import pytest
 
-from harness.client_venv import copy_sources
+from harness.client_venv import PRODUCT_FOLDERS, copy_sources
 
 ROOT = Path(__file__).resolve().parents[1]
 
@@ -45,10 +45,9 @@ def wheel_site(tmp_path_factory) -> Path:
 
 def test_the_wheel_holds_the_product_packages_and_nothing_else(wheel_site):
     packages = {p.parent.relative_to(wheel_site).as_posix() for p in wheel_site.rglob("__init__.py")}
-    assert packages == {
-        f"fhe_bento{s}" for s in ("", "/protocol", "/core", "/client", "/service", "/runners", "/modelkit")
-    }
-    assert (wheel_site / "fhe_bento" / "core" / "settings.py").is_file()
+    assert packages == {"fhe_bento", *(f"fhe_bento/{folder}" for folder in PRODUCT_FOLDERS)}
+    assert {"protocol", "client", "service", "runners", "keys", "runtime"} <= set(PRODUCT_FOLDERS)
+    assert (wheel_site / "fhe_bento" / "runtime" / "settings.py").is_file()
     assert not any(p.is_symlink() for p in wheel_site.rglob("*"))
     assert (wheel_site / "fhe_bento" / "modelkit" / "bentofile.yaml").read_text() == (
         ROOT / "bentofile.yaml"
