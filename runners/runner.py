@@ -31,6 +31,7 @@ from fhe_bento.contract.runner_api import (
     Rows,
     ScopedKey,
 )
+from fhe_bento.keys.rules import check_key_id
 from fhe_bento.keys.service import KeyService
 from fhe_bento.models.repository import ModelSpec, served_spec
 from fhe_bento.runners.memory_plan import plan_memory
@@ -76,7 +77,12 @@ class Runner:
         (its caller went away), are dropped."""
         spec = self._spec(rows.model)
         scope = self.keys.scope(spec, rows.tenant)
-        key_id = await self.keys.usable(spec, scope, rows.key_id)
+        try:
+            key_id = await self.keys.usable(spec, scope, rows.key_id)
+        except FHEBentoError as exc:
+            if exc.code == "unknown_key" and rows.key_id:  # deleted elsewhere (another worker, a replica)
+                await self.engine.forget_if_sent(scope, check_key_id(rows.key_id))
+            raise
         meta = spec.meta
         for ciphertext in rows.ciphertexts:  # all of them before any row runs
             check_ciphertext(ciphertext, meta.ciphertext_bytes, meta.ciphertext_shape, spec.name)

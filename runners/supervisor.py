@@ -87,6 +87,8 @@ class Engine:
         self._give_up = give_up
         self._cond = threading.Condition()  # guards everything below
         self._queue: deque[tuple[Row, Future[RowResult]]] = deque()
+        # keys this worker's engines have run rows with, so may hold warm (`forget_if_sent`)
+        self._keys_sent: set[tuple[str, str]] = set()
         # per engine process: deleted keys to drop from its warm-key cache (`forget`)
         self._forgets: list[deque[tuple[Forget, Future[None]]]] = [deque() for _ in range(self.processes)]
         self._loaded = 0  # engine processes ready for rows
@@ -234,6 +236,8 @@ class Engine:
         futures: list[Future[RowResult]] = [Future() for _ in rows]
         await self._first_load(deadline)
         with self._cond:
+            if key_id is not None:
+                self._keys_sent.add((scope, key_id))
             if not self.ready():
                 raise runner_unavailable(
                     "the FHE engine is restarting" if self._started.is_set() else "the FHE engine is starting"
@@ -257,6 +261,7 @@ class Engine:
         computing a row does it after that row; one that dies or restarts has no cache left to clear)."""
         futures: list[Future[None]] = []
         with self._cond:
+            self._keys_sent.discard((scope, key_id))
             if self._stopping:
                 return
             for forgets in self._forgets:
@@ -264,6 +269,14 @@ class Engine:
                 forgets.append((Forget(scope, key_id), futures[-1]))
             self._cond.notify_all()
         await asyncio.gather(*(asyncio.wrap_future(future) for future in futures))
+
+    async def forget_if_sent(self, scope: str, key_id: str) -> None:
+        """`forget` a key found deleted, if this worker's engines may hold it warm: one deleted through
+        another worker or replica leaves this worker's caches at its next request."""
+        with self._cond:
+            sent = (scope, key_id) in self._keys_sent
+        if sent:
+            await self.forget(scope, key_id)
 
     def _settle_forgets(self, forgets: deque[tuple[Forget, Future[None]]]) -> None:
         """Forgets a process will never do: its cache died with it (or the engine stops)."""
