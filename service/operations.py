@@ -41,6 +41,7 @@ from fhe_bento.service.admission import Admission
 from fhe_bento.service.auth import Caller
 from fhe_bento.service.drain import Drain
 from fhe_bento.service.limits import request_deadline
+from fhe_bento.service.responses import registered_status
 from fhe_bento.service.settings import ServiceSettings
 from fhe_bento.service.versions import VersionBook
 
@@ -265,7 +266,7 @@ class Operations:
     async def register_key(self, spec: ModelSpec, caller: Caller, key: bytes) -> KeyFacts:
         with audited(Audit("key_upload", caller.tenant, spec.name, spec.version)) as entry:
             facts = await self.runner.register_key(KeyUpload(model=spec.tag, tenant=caller.tenant, key=key))
-            entry.key_id, entry.status = facts.key_id, _registered_status(facts)
+            entry.key_id, entry.status = facts.key_id, registered_status(facts)
             return facts
 
     async def put_key_part(
@@ -283,7 +284,7 @@ class Operations:
             key = self._key(spec, caller, key_id)
             entry.key_id = key.key_id
             facts = await self.runner.complete_key(KeyCompletion(**key.model_dump(), count=count))
-            entry.status = _registered_status(facts)
+            entry.status = registered_status(facts)
             return facts
 
     async def has_key(self, spec: ModelSpec, caller: Caller, key_id: str) -> bool:
@@ -309,10 +310,6 @@ class Operations:
     @staticmethod
     def _key(spec: ModelSpec, caller: Caller, key_id: str) -> KeyRef:
         return KeyRef(model=spec.tag, tenant=caller.tenant, key_id=check_key_id(key_id))
-
-
-def _registered_status(facts: KeyFacts) -> int:
-    return 201 if facts.created else 200  # as `service/responses.key_registered` answers
 
 
 async def current_operations() -> Operations:

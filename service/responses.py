@@ -31,8 +31,11 @@ def client_zip_response(spec: ModelSpec) -> FileResponse:
     )
 
 
+def registered_status(facts: KeyFacts) -> int:
+    """A key upload's status: 201 when the key is new, 200 when it was registered already."""
+    return 201 if facts.created else 200
+
+
 def key_registered(facts: KeyFacts) -> JSONResponse:
-    """A key upload's answer: 201 when the key is new, 200 when it was registered already."""
-    return JSONResponse(
-        {"key_id": facts.key_id, "bytes": facts.bytes}, status_code=201 if facts.created else 200
-    )
+    """A key upload's answer, with `registered_status`."""
+    return JSONResponse({"key_id": facts.key_id, "bytes": facts.bytes}, status_code=registered_status(facts))

@@ -20,6 +20,7 @@ from __future__ import annotations
 
 import logging
 import threading
+import time
 from collections.abc import Iterable
 
 from pydantic import BaseModel, ValidationError
@@ -59,7 +60,9 @@ class VersionBook:
         for spec in specs.values():
             self.configured.setdefault(spec.name, []).append(spec.version)
         self._states: dict[str, VersionState] = {}
-        self._lock = threading.Lock()  # one writer of a document at a time in this worker
+        # One reader or writer of the documents at a time in this worker: a refresh that read before a change
+        # here cannot overwrite it with the state it read.
+        self._lock = threading.RLock()
         self.refresh()
         if refresh_seconds > 0:
             threading.Thread(target=self._refreshing, name="fhe-bento-versions", daemon=True).start()
@@ -69,17 +72,18 @@ class VersionBook:
     def refresh(self, names: Iterable[str] | None = None) -> None:
         """Read the state documents again (all names, or `names`)."""
         for name in list(names or self.configured):
-            data = self.store.read_document(_document(name))
-            try:
-                state = VersionState.model_validate_json(data) if data else VersionState()
-            except ValidationError:
-                log.error("the versions document of %r is not valid: ignored", name)
-                state = VersionState()
-            self._states[name] = state  # a whole replace: readers see the old state or the new one
+            with self._lock:
+                data = self.store.read_document(_document(name))
+                try:
+                    state = VersionState.model_validate_json(data) if data else VersionState()
+                except ValidationError:
+                    log.error("the versions document of %r is not valid: ignored", name)
+                    state = VersionState()
+                self._states[name] = state  # a whole replace: readers see the old state or the new one
 
     def _refreshing(self) -> None:
-        stop = threading.Event()
-        while not stop.wait(self.refresh_seconds):
+        while True:
+            time.sleep(self.refresh_seconds)
             try:
                 self.refresh()
             except Exception:  # a store that does not answer: keep the last state, try again
@@ -94,10 +98,8 @@ class VersionBook:
     def resolve(self, text: str) -> ModelSpec:
         """The served version that `text` (`name` or `name:version`) names: 404 `unknown_model` for a name
         or version not served, 410 `version_retired` for a retired one."""
-        name, version = split_tag(text)
-        if name not in self.configured:
-            # a name holding a colon of its own: the whole text is the name
-            name, version = (text, None) if text in self.configured else (name, version)
+        # a served name holding a colon of its own is the whole text
+        name, version = (text, None) if text in self.configured else split_tag(text)
         if name not in self.configured:
             raise FHEBentoError("unknown_model", f"no model named {name[:128]!r} is served")
         default = self.default_version(name)
