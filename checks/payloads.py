@@ -16,9 +16,13 @@ import math
 import struct
 import zipfile
 from pathlib import Path
+from typing import TYPE_CHECKING
 
 from fhe_bento.checks.capnp_wire import MalformedMessage, Shape, first_difference, read_shape
 from fhe_bento.contract.errors import FHEBentoError
+
+if TYPE_CHECKING:  # models.repository imports this module
+    from fhe_bento.models.repository import TrainingFacts
 
 
 def _check(data: bytes | memoryview, size: int, shape: Shape, what: str, model: str) -> None:
@@ -44,6 +48,24 @@ def _check(data: bytes | memoryview, size: int, shape: Shape, what: str, model: 
 def check_ciphertext(data: bytes, size: int, shape: Shape, model: str) -> None:
     """Raise 400 invalid_ciphertext / 422 ciphertext_mismatch unless `data` has the model's exact shape."""
     _check(data, size, shape, "ciphertext", model)
+
+
+TRAINING_POSITIONS = ("x", "y", "weights", "bias")  # a training step's inputs, in concrete-ml's order
+
+
+def check_training_values(values: list[bytes], first: int, facts: TrainingFacts, model: str) -> None:
+    """Raise 400 invalid_ciphertext / 422 ciphertext_mismatch unless each of `values`, the training
+    step's inputs from position `first` on, has the exact layout of that position: the client's, or for
+    weights and bias also the layout a step returns. A batch where weights belong, or a batch of another
+    batch size, is refused here."""
+    for position, value in enumerate(values, start=first):
+        layouts = facts.accepts(position)
+        if any(len(value) == layout.bytes for layout in layouts[1:]):
+            layouts = layouts[1:]  # a step's weights: held by the server, the client's are smaller
+        try:
+            check_ciphertext(value, layouts[0].bytes, layouts[0].shape, model)
+        except FHEBentoError as exc:
+            raise FHEBentoError(exc.code, f"{TRAINING_POSITIONS[position]}: {exc.message}") from None
 
 
 def check_key(data: bytes | memoryview, size: int, shape: Shape, model: str) -> None:

@@ -11,9 +11,16 @@ import httpx
 from fhe_bento.client.answers import exchange_batch, raise_for_error
 from fhe_bento.client.uploads import upload_key
 from fhe_bento.protocol import wire
-from fhe_bento.protocol.names import CLIENT_SHA_HEADER, KEY_ID_HEADER, OCTET_STREAM, PART_BYTES
+from fhe_bento.protocol.names import (
+    CLIENT_SHA_HEADER,
+    KEY_ID_HEADER,
+    OCTET_STREAM,
+    PART_BYTES,
+    TRAINING_STEP_HEADER,
+)
 
 OCTET = {"Content-Type": OCTET_STREAM}
+BATCH = {"Content-Type": wire.CONTENT_TYPE}
 # An idle pooled connection is dropped after this long. It must stay well under the server's keep-alive
 # (uvicorn's default under `bentoml serve`: 5 s): at equal timeouts the server may close a connection just
 # as the client reuses it, and the request fails with "Server disconnected without sending a response".
@@ -104,3 +111,31 @@ class HTTPTransport:
             return raise_for_error(response).content
 
         return exchange_batch(rows, send)
+
+    # --- training sessions ------------------------------------------------------------------------------
+
+    def start_training(self, name: str, key_id: str | None, weights: list[bytes]) -> dict[str, Any]:
+        headers = {**BATCH, **({KEY_ID_HEADER: key_id} if key_id else {})}
+        response = self.http.post(
+            f"/v1/models/{name}/trainings", content=wire.encode_batch(weights), headers=headers
+        )
+        return raise_for_error(response).json()
+
+    def training_step(self, name: str, training_id: str, step: int, batch: list[bytes]) -> dict[str, Any]:
+        response = self.http.post(
+            f"/v1/models/{name}/trainings/{training_id}/steps",
+            params={"step": step},
+            content=wire.encode_batch(batch),
+            headers=BATCH,
+        )
+        return raise_for_error(response).json()
+
+    def training_status(self, name: str, training_id: str) -> dict[str, Any]:
+        return raise_for_error(self.http.get(f"/v1/models/{name}/trainings/{training_id}")).json()
+
+    def training_weights(self, name: str, training_id: str) -> tuple[list[bytes], int]:
+        response = raise_for_error(self.http.get(f"/v1/models/{name}/trainings/{training_id}/weights"))
+        return wire.decode_batch(response.content, 2), int(response.headers[TRAINING_STEP_HEADER])
+
+    def delete_training(self, name: str, training_id: str) -> None:
+        raise_for_error(self.http.delete(f"/v1/models/{name}/trainings/{training_id}"))

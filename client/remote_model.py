@@ -30,6 +30,8 @@ from fhe_bento.client.retry import RetryPolicy
 from fhe_bento.protocol import keys
 
 if TYPE_CHECKING:
+    from sklearn.linear_model import LogisticRegression
+
     from fhe_bento.client.api import Transport
 
 log = logging.getLogger("fhe_bento.client")
@@ -244,6 +246,17 @@ class RemoteModel:
 
     def predict(self, x: np.ndarray) -> np.ndarray:
         return self.labels(self.predict_proba(x))
+
+    def fit(
+        self, x: Any, y: Any, epochs: int = 1, seed: int = 0, reconnect_seconds: float = 300.0
+    ) -> LogisticRegression:
+        """Train this training circuit in FHE on the server (`client/training.py`): `epochs` passes over
+        the rows in batches of the circuit's size, with a progress bar; a session cut short (a dropped
+        connection, a restart, a new process) is carried on. Returns scikit-learn's `LogisticRegression`
+        with the decrypted weights."""
+        from fhe_bento.client.training import fit
+
+        return fit(self, x, y, epochs, seed, reconnect_seconds)
 
 
 def _batches(rows: Iterable[np.ndarray], size: int) -> Iterator[np.ndarray]:

@@ -172,6 +172,27 @@ class SageMakerTransport:
     def complete_key(self, name: str, key_id: str, count: int) -> dict[str, Any]:
         return self._json(op="complete_key", model=name, key=key_id, parts=count)
 
+    def start_training(self, name: str, key_id: str | None, weights: list[bytes]) -> dict[str, Any]:
+        attrs = attributes(op="start_training", model=name, key=key_id)
+        return json.loads(self.invoke(wire.encode_batch(weights), attrs, wire.CONTENT_TYPE).body)
+
+    def training_step(self, name: str, training_id: str, step: int, batch: list[bytes]) -> dict[str, Any]:
+        attrs = attributes(op="training_step", model=name, training=training_id, step=step)
+        return json.loads(self.invoke(wire.encode_batch(batch), attrs, wire.CONTENT_TYPE).body)
+
+    def training_status(self, name: str, training_id: str) -> dict[str, Any]:
+        return self._json(op="training_status", model=name, training=training_id)
+
+    def training_weights(self, name: str, training_id: str) -> tuple[list[bytes], int]:
+        attrs = attributes(op="training_weights", model=name, training=training_id)
+        values = wire.decode_batch(self.invoke(b"{}", attrs, "application/json").body, 3)
+        return values[1:], int(values[0])  # the step leads: SageMaker returns no custom response header
+
+    def delete_training(self, name: str, training_id: str) -> None:
+        self.invoke(
+            b"{}", attributes(op="delete_training", model=name, training=training_id), "application/json"
+        )
+
     def predict_batch(self, name: str, key_id: str | None, rows: list[bytes]) -> list[bytes]:
         attrs = attributes(op="predict_batch", model=name, key=key_id)
 
@@ -273,6 +294,28 @@ class FromArtifacts:
 
     def get_client_zip(self, name: str) -> tuple[bytes, str]:
         return self.models.files[name]["client.zip"], ""
+
+    # Training sessions answer step by step: they need a real-time endpoint (or the native API).
+    def start_training(self, name: str, key_id: str | None, weights: list[bytes]) -> dict[str, Any]:
+        raise _training_needs_realtime()
+
+    def training_step(self, name: str, training_id: str, step: int, batch: list[bytes]) -> dict[str, Any]:
+        raise _training_needs_realtime()
+
+    def training_status(self, name: str, training_id: str) -> dict[str, Any]:
+        raise _training_needs_realtime()
+
+    def training_weights(self, name: str, training_id: str) -> tuple[list[bytes], int]:
+        raise _training_needs_realtime()
+
+    def delete_training(self, name: str, training_id: str) -> None:
+        raise _training_needs_realtime()
+
+
+def _training_needs_realtime() -> FHEServiceError:
+    return FHEServiceError(
+        0, "not_supported", "training sessions run on a real-time endpoint: FHEClient.sagemaker(name)"
+    )
 
 
 class AsyncJob:

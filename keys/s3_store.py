@@ -13,9 +13,10 @@ from __future__ import annotations
 import time
 from collections.abc import Iterator
 from pathlib import Path
+from urllib.parse import quote
 
 from fhe_bento.contract.errors import FHEBentoError
-from fhe_bento.keys.store import Upload, check_scope, document_file
+from fhe_bento.keys.store import Upload, check_scope, document_file, document_name
 
 
 class S3KeyStore:
@@ -161,3 +162,28 @@ class S3KeyStore:
     def write_document(self, name: str, data: bytes) -> None:
         # One PUT: S3 replaces an object whole, and a reader gets the old or the new one.
         self.s3.put_object(Bucket=self.bucket, Key=self._path("documents", document_file(name)), Body=data)
+
+    def create_document(self, name: str, data: bytes) -> bool:
+        from botocore.exceptions import ClientError
+
+        # S3's conditional write: If-None-Match: * fails with 412 when the object exists.
+        try:
+            self.s3.put_object(
+                Bucket=self.bucket,
+                Key=self._path("documents", document_file(name)),
+                Body=data,
+                IfNoneMatch="*",
+            )
+            return True
+        except ClientError as exc:
+            if exc.response["Error"]["Code"] in ("PreconditionFailed", "412", "ConditionalRequestConflict"):
+                return False
+            raise
+
+    def list_documents(self, prefix: str) -> list[str]:
+        folder = self._path("documents") + "/"
+        objects = self._list(folder + quote(prefix, safe=""))
+        return sorted(document_name(obj["Key"].removeprefix(folder)) for obj in objects)
+
+    def delete_document(self, name: str) -> None:
+        self.s3.delete_object(Bucket=self.bucket, Key=self._path("documents", document_file(name)))

@@ -16,7 +16,7 @@ import uuid
 from collections.abc import Iterator
 from pathlib import Path
 from typing import NamedTuple, Protocol
-from urllib.parse import quote
+from urllib.parse import quote, unquote
 
 from fhe_bento.contract.errors import FHEBentoError
 from fhe_bento.keys.rules import check_key_id
@@ -92,10 +92,28 @@ class KeyStore(Protocol):
     def write_document(self, name: str, data: bytes) -> None:
         """Replace a state document whole: a reader sees the old one or the new one, never a mix."""
 
+    def create_document(self, name: str, data: bytes) -> bool:
+        """Write a state document whole unless one of that name exists (then False, and nothing changes):
+        of two writers racing for one name, exactly one wins, on one machine or across replicas."""
+
+    def list_documents(self, prefix: str) -> list[str]:
+        """The names of the state documents that start with `prefix`, sorted."""
+
+    def delete_document(self, name: str) -> None:
+        """Delete a state document (none of that name: nothing to do)."""
+
+
+DOCUMENT_SUFFIX = ".json"
+
 
 def document_file(name: str) -> str:
     """A state document's file name: its name quoted, so a model name's slashes stay in one segment."""
-    return f"{quote(name, safe='')}.json"
+    return f"{quote(name, safe='')}{DOCUMENT_SUFFIX}"
+
+
+def document_name(file: str) -> str:
+    """The name of the state document stored as `file` (`document_file`'s inverse)."""
+    return unquote(file.removesuffix(DOCUMENT_SUFFIX))
 
 
 class FileKeyStore:
@@ -221,6 +239,28 @@ class FileKeyStore:
         path = self._document(name)
         path.parent.mkdir(parents=True, exist_ok=True)
         _write_synced(path, data)
+
+    def create_document(self, name: str, data: bytes) -> bool:
+        path = self._document(name)
+        path.parent.mkdir(parents=True, exist_ok=True)
+        tmp = path.parent / f".tmp-{uuid.uuid4().hex}"
+        _write_synced(tmp, data)
+        try:
+            os.link(tmp, path)  # atomic, and refused if the name exists: the one winner of a race
+            return True
+        except FileExistsError:
+            return False
+        finally:
+            tmp.unlink()
+
+    def list_documents(self, prefix: str) -> list[str]:
+        folder = self.root / "documents"
+        start = quote(prefix, safe="")
+        files = folder.iterdir() if folder.is_dir() else iter(())
+        return sorted(document_name(f.name) for f in files if f.name.startswith(start))
+
+    def delete_document(self, name: str) -> None:
+        self._document(name).unlink(missing_ok=True)
 
 
 def _write_synced(path: Path, data: bytes) -> None:

@@ -40,12 +40,16 @@ def import_cmd(folder: Path, name: str, classes: str | None) -> None:
 
 
 @main.command("demo-models")
-def demo_models() -> None:
+@click.option(
+    "--training", is_flag=True, help="Also the training demo, breast-cancer-training (docs/training.md)."
+)
+def demo_models(training: bool) -> None:
     """Train, compile and import the demo models: breast-cancer logistic regression and XGBoost, and the
     hybrid tiny-gpt2."""
-    from fhe_bento.modelkit.demo import build_and_import, build_and_import_hybrid
+    from fhe_bento.modelkit.demo import build_and_import, build_and_import_hybrid, build_and_import_training
 
-    for tag in [*build_and_import(), build_and_import_hybrid()]:
+    tags = [*build_and_import(), build_and_import_hybrid()]
+    for tag in [*tags, *([build_and_import_training()] if training else [])]:
         click.echo(f"imported {tag}")
 
 

@@ -15,6 +15,7 @@ import shutil
 import tempfile
 import zipfile
 from pathlib import Path
+from typing import Any
 
 import bentoml
 import numpy as np
@@ -25,7 +26,9 @@ from fhe_bento.models.repository import (
     HYBRID_FILE,
     METADATA_FILE,
     HybridLayout,
+    Layout,
     ModelMetadata,
+    TrainingFacts,
     sha256_file,
     zip_versions,
 )
@@ -43,9 +46,10 @@ def _throwaway_keys(folder: Path, key_dir: Path, count: int):
     return client, keys
 
 
-def _measure(server_zip_dir: str, ciphertext: bytes, keys: list[bytes], queue) -> None:
+def _measure(server_zip_dir: str, inputs: bytes | tuple[bytes, ...], keys: list[bytes], queue) -> None:
     """In a fresh process: the resident bytes that one more warm key costs (RSS after a second key was
-    deserialized and used, minus RSS after the first one was), and the seconds of FHE for one row."""
+    deserialized and used, minus RSS after the first one was), the seconds of FHE for one row (or one
+    training step), and that run's serialized result."""
     import time
 
     import psutil
@@ -55,19 +59,21 @@ def _measure(server_zip_dir: str, ciphertext: bytes, keys: list[bytes], queue) -
     server = FHEModelServer(server_zip_dir)
     process = psutil.Process()
     warm = [fhe.EvaluationKeys.deserialize(keys[0])]
-    server.run(ciphertext, warm[0])  # pays the one-time costs (OpenMP pool, first expansion)
+    server.run(inputs, warm[0])  # pays the one-time costs (OpenMP pool, first expansion)
     before = process.memory_info().rss
     warm.append(fhe.EvaluationKeys.deserialize(keys[1]))
     started = time.perf_counter()
-    server.run(ciphertext, warm[1])
+    result = server.run(inputs, warm[1])
     seconds = time.perf_counter() - started
-    queue.put((max(0, process.memory_info().rss - before), seconds))
+    queue.put((max(0, process.memory_info().rss - before), seconds, result))
 
 
-def _measure_in_fresh_process(folder: Path, ciphertext: bytes, keys: list[bytes]) -> tuple[int, float]:
+def _measure_in_fresh_process(
+    folder: Path, inputs: bytes | tuple[bytes, ...], keys: list[bytes]
+) -> tuple[int, float, bytes | tuple[bytes, ...]]:
     context = multiprocessing.get_context("spawn")
     queue = context.Queue()
-    process = context.Process(target=_measure, args=(str(folder), ciphertext, keys, queue))
+    process = context.Process(target=_measure, args=(str(folder), inputs, keys, queue))
     process.start()
     try:
         return queue.get(timeout=600)
@@ -81,10 +87,16 @@ def describe(folder: Path, classes: list | None = None) -> ModelMetadata:
     with tempfile.TemporaryDirectory(prefix="fhe-bento-keygen-") as key_dir:
         client, keys = _throwaway_keys(folder, Path(key_dir), 2)
         circuit = _circuit_specs(folder)
-        (input_gate,) = circuit["inputs"]  # concrete-ml circuits take one encrypted tensor
-        dims = _dimensions(input_gate)
-        n_outputs = _dimensions(circuit["outputs"][0])[-1]
-        ciphertext = client.quantize_encrypt_serialize(np.zeros(dims))
+        dims = [_dimensions(gate) for gate in circuit["inputs"]]
+        if _is_training(folder):
+            inputs: bytes | tuple[bytes, ...] = _training_inputs(client, dims)
+        elif len(dims) == 1:  # an inference circuit of concrete-ml takes one encrypted tensor
+            inputs = client.quantize_encrypt_serialize(np.zeros(dims[0]))
+        else:
+            raise ValueError(
+                f"{folder} holds a circuit of {len(dims)} inputs that is not a training circuit: "
+                "fhe-bento serves concrete-ml's inference circuits (one input) and training circuits"
+            )
         key_shape = read_shape(keys[0])
         if first_difference(read_shape(keys[1]), key_shape) or len(keys[1]) != len(keys[0]):
             raise ValueError(
@@ -93,23 +105,55 @@ def describe(folder: Path, classes: list | None = None) -> ModelMetadata:
         check_keyset_params(key_shape, folder / "client.zip")
         keyset = client.client.specs.program_info.get_keyset_info()
         needs_key = bool(keyset.bootstrap_keys() or keyset.keyswitch_keys())
-        warm_key_bytes, row_seconds = _measure_in_fresh_process(folder, ciphertext, keys)
+        warm_key_bytes, row_seconds, result = _measure_in_fresh_process(folder, inputs, keys)
+    first = inputs[0] if isinstance(inputs, tuple) else inputs
+    training = _training_facts(client, dims, inputs, result) if isinstance(inputs, tuple) else None
     return ModelMetadata(
         model_class=type(client.model).__name__,
-        n_features=dims[-1],
-        classes=classes,
-        n_outputs=len(classes) if classes else n_outputs,
+        # a training circuit's features: its weights' rows; an inference circuit's: its input's last axis
+        n_features=dims[2][1] if training else dims[0][-1],
+        classes=[0, 1] if training else classes,
+        n_outputs=len(classes) if classes else _dimensions(circuit["outputs"][0])[-1],
         client_sha256=sha256_file(folder / "client.zip"),
         needs_key=needs_key,
         eval_key_bytes=len(keys[0]),
         key_shape=key_shape,
-        ciphertext_bytes=len(ciphertext),
-        ciphertext_shape=read_shape(ciphertext),
+        ciphertext_bytes=len(first),
+        ciphertext_shape=read_shape(first),
         builtin_key=None if needs_key else keys[0].hex(),
         warm_key_bytes=warm_key_bytes if needs_key else 0,
         row_seconds=row_seconds,
         versions=zip_versions(folder / "server.zip"),
         machine=platform.machine(),
+        training=training,
+    )
+
+
+def _is_training(folder: Path) -> bool:
+    """Whether `FHEModelDev(...).save(mode="training")` wrote this folder."""
+    with zipfile.ZipFile(folder / "client.zip") as archive:
+        return bool(json.loads(archive.read("serialized_processing.json")).get("is_training"))
+
+
+def _training_inputs(client: Any, dims: list[list[int]]) -> tuple[bytes, ...]:
+    """One step's inputs as the model's client encrypts them: a batch (x, y), then initial (weights, bias)."""
+    if len(dims) != 4:
+        raise ValueError(f"a training circuit takes (x, y, weights, bias), this one takes {len(dims)} inputs")
+    x, y, _, _ = client.quantize_encrypt_serialize(np.zeros(dims[0]), np.zeros(dims[1]), None, None)
+    _, _, weights, bias = client.quantize_encrypt_serialize(None, None, np.zeros(dims[2]), np.zeros(dims[3]))
+    return x, y, weights, bias
+
+
+def _training_facts(
+    client: Any, dims: list[list[int]], inputs: tuple[bytes, ...], result: bytes | tuple[bytes, ...]
+) -> TrainingFacts:
+    weights_quantizer = client.model.input_quantizers[2]
+    assert isinstance(result, tuple), "a training step returns (weights, bias)"
+    return TrainingFacts(
+        batch_size=dims[0][1],
+        parameters_range=(float(weights_quantizer.rmin), float(weights_quantizer.rmax)),
+        inputs=[Layout(bytes=len(value), shape=read_shape(value)) for value in inputs],
+        outputs=[Layout(bytes=len(value), shape=read_shape(value)) for value in result],
     )
 
 

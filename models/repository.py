@@ -25,6 +25,7 @@ from pydantic import BaseModel, ValidationError
 
 from fhe_bento.checks.payloads import check_keyset_params
 from fhe_bento.contract.errors import FHEBentoError
+from fhe_bento.protocol import wire
 from fhe_bento.runtime.settings import Settings
 
 METADATA_FILE = "fhe-bento.json"
@@ -55,6 +56,42 @@ class ModelMetadata(BaseModel):
     row_seconds: float
     versions: dict[str, str]
     machine: str
+    training: TrainingFacts | None = None  # set for a training circuit
+
+
+class Layout(BaseModel):
+    """The exact size and Cap'n Proto shape of one serialized value (`checks/payloads.py`)."""
+
+    bytes: int
+    shape: list
+
+
+class TrainingFacts(BaseModel):
+    """A training circuit (concrete-ml's `SGDClassifier(fit_encrypted=True)`, saved with
+    `FHEModelDev(...).save(mode="training")`): one SGD step, `(x, y, weights, bias) -> (weights, bias)`.
+    Every position's layout as the model's client encrypts it, and the weights' and bias' layouts as the
+    circuit returns them: a step's inputs must match one or the other, position by position."""
+
+    batch_size: int
+    parameters_range: tuple[float, float]
+    inputs: list[Layout]  # x (1, batch, features), y (1, batch, 1), weights (1, features, 1), bias (1, 1, 1)
+    outputs: list[Layout]  # weights, bias as a step returns them
+
+    def accepts(self, position: int) -> list[Layout]:
+        """The layouts a value at `position` may have: the client's, or (weights, bias) a step's."""
+        return [self.inputs[position]] + ([self.outputs[position - 2]] if position >= 2 else [])
+
+
+def training_inputs(row: bytes) -> list[bytes]:
+    """A training step's row: its four inputs (x, y, weights, bias), each a serialized value, in the
+    batch framing of `protocol/wire.py`; 400 invalid_batch unless it holds exactly four."""
+    try:
+        values = wire.decode_batch(row, 4)
+    except wire.FramingError as exc:
+        raise FHEBentoError("invalid_batch", str(exc)) from None
+    if len(values) != 4:
+        raise FHEBentoError("invalid_batch", f"a training step takes 4 values, got {len(values)}")
+    return values
 
 
 class HybridLayout(BaseModel):
@@ -100,7 +137,13 @@ class ModelSpec(BaseModel):
             "warm_key_bytes": self.meta.warm_key_bytes,
             "row_seconds": self.meta.row_seconds,
             **({"hybrid": self.circuit.model_dump()} if self.circuit else {}),
+            **(self._training() if self.meta.training else {}),
         }
+
+    def _training(self) -> dict:
+        facts = self.meta.training
+        assert facts is not None
+        return {"training": True, "batch_size": facts.batch_size, "parameters_range": facts.parameters_range}
 
     @property
     def key_scope(self) -> str:

@@ -7,6 +7,7 @@ KEY_ID_HEADER = "X-FHE-Key-Id"
 CLIENT_SHA_HEADER = "X-FHE-Client-SHA256"
 # On a 410 version_retired: the version that serves the model's name now.
 CURRENT_VERSION_HEADER = "X-FHE-Current-Version"
+TRAINING_STEP_HEADER = "X-FHE-Training-Step"  # the step of the weights a training session's route returns
 # SageMaker forwards nothing but /invocations: the operation, model and key id travel in this header.
 ATTRIBUTES_HEADER = "X-Amzn-SageMaker-Custom-Attributes"
 MAX_ATTRIBUTES = 1024  # SageMaker's own cap on that header

@@ -24,7 +24,8 @@ from fhe_bento.contract.errors import FHEBentoError
 from fhe_bento.keys.cache import KeyCache
 from fhe_bento.keys.registry import KeyRegistry
 from fhe_bento.keys.store_url import open_store
-from fhe_bento.models.repository import ModelSpec
+from fhe_bento.models.repository import ModelSpec, training_inputs
+from fhe_bento.protocol import wire
 from fhe_bento.runners.engine_pipe import LOADED, Forget, RowResult, send_row_answer
 from fhe_bento.runners.memory_plan import plan_memory
 from fhe_bento.runtime import metrics
@@ -143,12 +144,16 @@ def _run_row(
         metrics.ROWS.labels(**labels, outcome="dropped").inc()
         return None
     key = state.evaluation_key(loaded, scope, key_id)
+    training = loaded.spec.meta.training is not None
     started = time.perf_counter()
     try:
-        result = loaded.server.run(ciphertext, key)
+        # A training step's row frames its four inputs, and its result frames the new (weights, bias).
+        result = loaded.server.run(tuple(training_inputs(ciphertext)) if training else ciphertext, key)
     except (RuntimeError, ValueError, AssertionError) as exc:
         metrics.ROWS.labels(**labels, outcome="error").inc()
         raise _classify_run_error(exc) from None
+    if training:
+        result = wire.encode_batch(result)
     seconds = time.perf_counter() - started
     metrics.FHE_RUN_SECONDS.labels(**labels).observe(seconds)
     metrics.ROWS.labels(**labels, outcome="ok").inc()

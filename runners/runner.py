@@ -17,7 +17,7 @@ from collections.abc import Iterator
 from contextlib import contextmanager
 from typing import Any
 
-from fhe_bento.checks.payloads import check_ciphertext
+from fhe_bento.checks.payloads import check_ciphertext, check_training_values
 from fhe_bento.contract.errors import FHEBentoError
 from fhe_bento.contract.runner_api import (
     KeyCompletion,
@@ -33,7 +33,7 @@ from fhe_bento.contract.runner_api import (
 )
 from fhe_bento.keys.rules import check_key_id
 from fhe_bento.keys.service import KeyService
-from fhe_bento.models.repository import ModelSpec, served_spec
+from fhe_bento.models.repository import ModelSpec, served_spec, training_inputs
 from fhe_bento.runners.memory_plan import plan_memory
 from fhe_bento.runners.supervisor import Engine
 from fhe_bento.runners.verification import KeyVerifier
@@ -85,7 +85,10 @@ class Runner:
             raise
         meta = spec.meta
         for ciphertext in rows.ciphertexts:  # all of them before any row runs
-            check_ciphertext(ciphertext, meta.ciphertext_bytes, meta.ciphertext_shape, spec.name)
+            if meta.training:  # a training step: its four inputs in batch framing (`service/trainings.py`)
+                check_training_values(training_inputs(ciphertext), 0, meta.training, spec.name)
+            else:
+                check_ciphertext(ciphertext, meta.ciphertext_bytes, meta.ciphertext_shape, spec.name)
         done = await self.engine.run(spec.tag, scope, key_id, rows.ciphertexts, rows.deadline)
         if len(done) < len(rows.ciphertexts):
             raise FHEBentoError("request_timeout", "the request's time ran out before all its rows started")

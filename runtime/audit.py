@@ -1,6 +1,6 @@
 """Audit lines: one JSON object per line on the logger `bentoml.fhe_bento.audit` (stdout, as BentoML's own
-log), for every key upload, key delete and prediction batch that reaches the service's operations
-(`service/operations.py`), whether it succeeds or is refused.
+log), for every key upload, key delete, prediction batch, and training start, step and delete that reaches
+the service's operations (`service/operations.py`), whether it succeeds or is refused.
 
     {"time": "2026-01-02T03:04:05.678Z", "level": "INFO", "logger": "bentoml.fhe_bento.audit",
      "event": "predict_batch", "tenant": "5f0c...", "model": "breast-cancer-xgb", "version": "n3x...",
@@ -28,7 +28,19 @@ from fhe_bento.contract.errors import FHEBentoError
 from fhe_bento.protocol.errors import ERROR_CODES
 
 AUDIT_LOGGER = "bentoml.fhe_bento.audit"
-FIELDS = ("event", "tenant", "model", "version", "key_id", "rows", "status", "code", "duration_ms")
+FIELDS = (
+    "event",
+    "tenant",
+    "model",
+    "version",
+    "key_id",
+    "training_id",
+    "step",
+    "rows",
+    "status",
+    "code",
+    "duration_ms",
+)
 CLIENT_CLOSED = 499  # the caller went away (nginx's "client closed request"), as the access log says
 INTERNAL_ERROR = 500
 
@@ -39,11 +51,13 @@ log = logging.getLogger(AUDIT_LOGGER)
 class Audit:
     """One audited operation; `status` and `code` are set by `audited` when it ends."""
 
-    event: str  # key_upload, key_delete, predict_batch
+    event: str  # key_upload, key_delete, predict_batch, training_start, training_step, training_delete
     tenant: str | None
     model: str | None = None
     version: str | None = None
     key_id: str | None = None
+    training_id: str | None = None
+    step: int | None = None  # the step a training step asked for
     rows: int | None = None
     status: int = 200
     code: str | None = None

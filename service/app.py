@@ -51,6 +51,7 @@ from fhe_bento.service.routes import admin_router
 from fhe_bento.service.routes import router as native_router
 from fhe_bento.service.sagemaker import router as sagemaker_router
 from fhe_bento.service.settings import ServiceSettings
+from fhe_bento.service.training_routes import router as training_router
 
 log = logging.getLogger("bentoml.fhe_bento.service")
 
@@ -81,7 +82,8 @@ async def _validation_error(request: Request, exc: Exception) -> Response:
 
 
 # The FastAPI routers of the service, after the prediction routes.
-ROUTERS = (sagemaker_router, native_router, admin_router, compat_router)
+# The training routes come before the native ones, whose last route is the catch-all `GET /{name:path}`.
+ROUTERS = (sagemaker_router, training_router, native_router, admin_router, compat_router)
 
 
 def build_app(settings: ServiceSettings, routers: Sequence[APIRouter] = ROUTERS) -> FastAPI:

@@ -18,6 +18,7 @@ from typing import Any
 import bentoml
 from fastapi import FastAPI
 
+from fhe_bento.checks.payloads import check_training_values
 from fhe_bento.contract.errors import FHEBentoError
 from fhe_bento.contract.runner_api import (
     KeyCompletion,
@@ -32,8 +33,9 @@ from fhe_bento.contract.runner_api import (
     ScopedKey,
 )
 from fhe_bento.keys.rules import check_key_id, check_key_size
+from fhe_bento.keys.store import tenant_scope
 from fhe_bento.keys.store_url import open_store
-from fhe_bento.models.repository import ModelSpec
+from fhe_bento.models.repository import ModelSpec, TrainingFacts
 from fhe_bento.protocol import transform, wire
 from fhe_bento.runtime import metrics
 from fhe_bento.runtime.audit import Audit, audited
@@ -43,6 +45,7 @@ from fhe_bento.service.drain import Drain
 from fhe_bento.service.limits import request_deadline
 from fhe_bento.service.responses import registered_status
 from fhe_bento.service.settings import ServiceSettings
+from fhe_bento.service.trainings import Session, StepState, TrainingBook, batch_digest
 from fhe_bento.service.versions import VersionBook
 
 log = logging.getLogger("bentoml.fhe_bento.service")
@@ -73,9 +76,9 @@ class Operations:
         self.runner = runner
         self.specs = specs
         self.default_name = default_name
-        self.versions = VersionBook(
-            specs, open_store(settings.key_store_url()), settings.versions_refresh_seconds
-        )
+        store = open_store(settings.key_store_url())
+        self.versions = VersionBook(specs, store, settings.versions_refresh_seconds)
+        self.trainings = TrainingBook(store, settings.training_ttl_seconds)
         self.settings = settings
         self.admission = admission
         self.drain = drain or Drain(settings.drain_seconds)
@@ -160,24 +163,29 @@ class Operations:
         self, spec: ModelSpec, caller: Caller, key_id: str | None, rows: list[bytes]
     ) -> list[bytes]:
         """Every adapter's rows come here: a malformed key id is refused before any row is looked at."""
-        started = time.perf_counter()
         deadline = request_deadline(self.settings.request_timeout)
         entry = Audit("predict_batch", caller.tenant, spec.name, spec.version, rows=len(rows))
         with audited(entry, deadline):
-            call = Rows(
-                model=spec.tag,
-                tenant=caller.tenant,
-                key_id=None if key_id is None else check_key_id(key_id),
-                ciphertexts=rows,
-                deadline=deadline,
-            )
-            entry.key_id = call.key_id
-            async with self.admission.admit(spec, len(rows)):
-                done = await self.runner.predict(call)
-            self.admission.observe(spec.name, done.row_seconds)
-            overhead = time.perf_counter() - started - done.row_seconds * len(rows)
-            metrics.SERVING_OVERHEAD.labels(model=spec.name, version=spec.version).observe(max(0.0, overhead))
-            return done.results
+            if spec.meta.training:
+                raise FHEBentoError(
+                    "training_model", f"model {spec.name!r} is a training circuit: use its trainings routes"
+                )
+            entry.key_id = None if key_id is None else check_key_id(key_id)
+            return await self._run_rows(spec, caller, entry.key_id, rows, deadline)
+
+    async def _run_rows(
+        self, spec: ModelSpec, caller: Caller, key_id: str | None, rows: list[bytes], deadline: float
+    ) -> list[bytes]:
+        """Rows (or a training step's one row) through admission to the runner, with the serving overhead
+        measured."""
+        started = time.perf_counter()
+        call = Rows(model=spec.tag, tenant=caller.tenant, key_id=key_id, ciphertexts=rows, deadline=deadline)
+        async with self.admission.admit(spec, len(rows)):
+            done = await self.runner.predict(call)
+        self.admission.observe(spec.name, done.row_seconds)
+        overhead = time.perf_counter() - started - done.row_seconds * len(rows)
+        metrics.SERVING_OVERHEAD.labels(model=spec.name, version=spec.version).observe(max(0.0, overhead))
+        return done.results
 
     async def envelope(self, caller: Caller, path: Path, model: str | None, key_id: str | None) -> bytes:
         """Run a spooled async-inference envelope: its optional inline key (registered like an upload),
@@ -260,6 +268,90 @@ class Operations:
             if len(rows) == 1 or exc.code not in ROW_ERRORS:  # the same answer for every record of the run
                 return [transform.error_line(exc.code, exc.message)] * len(rows)
         return [line for row in rows for line in await self._transform_rows(spec, caller, key_id, [row])]
+
+    # --- training sessions (`service/trainings.py`) -----------------------------------------------------
+
+    @staticmethod
+    def _training_facts(spec: ModelSpec) -> TrainingFacts:
+        if spec.meta.training is None:
+            raise FHEBentoError(
+                "not_training_model", f"model {spec.name!r} is an inference circuit: it takes no training"
+            )
+        return spec.meta.training
+
+    @staticmethod
+    def _values(body: bytes, what: str) -> list[bytes]:
+        """The two values of a training body: [weights, bias] or a batch [x, y]."""
+        values = decode_rows(body, 2)
+        if len(values) != 2:
+            raise FHEBentoError("invalid_batch", f"the body holds {what}: 2 values, not {len(values)}")
+        return values
+
+    async def start_training(
+        self, spec: ModelSpec, caller: Caller, key_id: str | None, body: bytes
+    ) -> Session:
+        """A new session of `spec`'s training circuit from the body's encrypted [weights, bias], under a key
+        the caller registered for this model version."""
+        facts = self._training_facts(spec)
+        with audited(Audit("training_start", caller.tenant, spec.name, spec.version, status=201)) as entry:
+            weights, bias = self._values(body, "[weights, bias]")
+            check_training_values([weights, bias], 2, facts, spec.name)
+            if not key_id:
+                raise FHEBentoError(
+                    "missing_key_id", "a training session needs an evaluation key: send its id"
+                )
+            key = self._key(spec, caller, key_id)
+            entry.key_id = key.key_id
+            if not await self.runner.has_key(key):
+                raise FHEBentoError(
+                    "unknown_key", f"key {key.key_id} is not registered for model {spec.name!r}"
+                )
+            scope = tenant_scope(spec.key_scope, caller.tenant)
+            session = await self.trainings.create(spec.tag, scope, key.key_id, weights, bias)
+            entry.training_id = session.training_id
+            return session
+
+    async def training(self, spec: ModelSpec, caller: Caller, training_id: str) -> tuple[Session, StepState]:
+        """A session of the caller's, and its newest step; 404 unknown_training for any other."""
+        self._training_facts(spec)
+        return await self.trainings.session(
+            spec.tag, tenant_scope(spec.key_scope, caller.tenant), training_id
+        )
+
+    async def training_step(
+        self, spec: ModelSpec, caller: Caller, training_id: str, step: int, body: bytes
+    ) -> int:
+        """Step `step` of a session with the body's encrypted batch [x, y], exactly once: the session's
+        next step, or the same answer for a retry of the step just applied. Returns the session's step."""
+        deadline = request_deadline(self.settings.request_timeout)
+        session, _ = await self.training(spec, caller, training_id)
+        entry = Audit("training_step", caller.tenant, spec.name, spec.version, rows=1)
+        with audited(entry, deadline):
+            entry.key_id, entry.training_id, entry.step = session.key_id, training_id, step
+            x, y = self._values(body, "a batch [x, y]")
+            digest = batch_digest(body)
+            async with self.trainings.step(session, step, digest) as state:
+                if state is not None:  # else: a retry of the step just applied
+                    row = wire.encode_batch([x, y, state.weights, state.bias])
+                    (result,) = await self._run_rows(spec, caller, session.key_id, [row], deadline)
+                    weights, bias = wire.decode_batch(result, 2)
+                    await self.trainings.record(
+                        session,
+                        StepState(
+                            step=step + 1,
+                            weights=weights,
+                            bias=bias,
+                            batch_sha256=digest,
+                            updated=time.time(),
+                        ),
+                    )
+            return step + 1
+
+    async def delete_training(self, spec: ModelSpec, caller: Caller, training_id: str) -> None:
+        with audited(Audit("training_delete", caller.tenant, spec.name, spec.version, status=204)) as entry:
+            session, _ = await self.training(spec, caller, training_id)
+            entry.training_id = training_id
+            await self.trainings.delete(session)
 
     # --- keys: each a call to the runner's key service ------------------------------------------------
 

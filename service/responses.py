@@ -7,8 +7,10 @@ from fastapi.responses import FileResponse, JSONResponse, Response
 from fhe_bento.contract.errors import FHEBentoError
 from fhe_bento.contract.runner_api import KeyFacts
 from fhe_bento.models.repository import ModelSpec
-from fhe_bento.protocol.names import CLIENT_SHA_HEADER
+from fhe_bento.protocol import wire
+from fhe_bento.protocol.names import CLIENT_SHA_HEADER, TRAINING_STEP_HEADER
 from fhe_bento.runtime import metrics
+from fhe_bento.service.trainings import Session, StepState
 
 
 def error_response(exc: FHEBentoError, method: str, *, counted: bool = True) -> Response:
@@ -39,3 +41,21 @@ def registered_status(facts: KeyFacts) -> int:
 def key_registered(facts: KeyFacts) -> JSONResponse:
     """A key upload's answer, with `registered_status`."""
     return JSONResponse({"key_id": facts.key_id, "bytes": facts.bytes}, status_code=registered_status(facts))
+
+
+def training_started(session: Session) -> JSONResponse:
+    """A new training session's answer: 201, at step 0."""
+    return JSONResponse({"training_id": session.training_id, "step": 0}, status_code=201)
+
+
+def training_weights(state: StepState, step_in_body: bool = False) -> Response:
+    """A session's encrypted [weights, bias] in batch framing, its step in a header; or for SageMaker,
+    which passes no response header through, as the batch's first value: [step, weights, bias]."""
+    values = (
+        [str(state.step).encode(), state.weights, state.bias] if step_in_body else [state.weights, state.bias]
+    )
+    return Response(
+        wire.encode_batch(values),
+        media_type=wire.CONTENT_TYPE,
+        headers={TRAINING_STEP_HEADER: str(state.step)},
+    )

@@ -4,10 +4,11 @@ SageMaker forwards nothing but `/invocations`, so the operation, model and key i
 `X-Amzn-SageMaker-Custom-Attributes`, e.g. `op=predict; model=breast-cancer-xgb; key=<key_id>`.
 Operations (docs/sagemaker.md, "SageMaker operations"): list_models, get_model, get_client, predict,
 predict_batch, has_key, set_default and retire (admin: model versions, `service/versions.py`), put_key,
-put_key_part, key_parts, complete_key, envelope (asynchronous inference; also chosen when the body starts
-with the envelope magic and no op is given) and transform (Batch Transform's JSON Lines, chosen by
-their content type); `GET /execution-parameters` gives Batch Transform its defaults. A request that names a
-key may open or carry a stateful session (`service/sessions.py`).
+put_key_part, key_parts, complete_key, the training-session ops (start_training, training_step,
+training_status, training_weights, delete_training: docs/training.md), envelope (asynchronous inference;
+also chosen when the body starts with the envelope magic and no op is given) and transform (Batch
+Transform's JSON Lines, chosen by their content type); `GET /execution-parameters` gives Batch Transform
+its defaults. A request that names a key may open or carry a stateful session (`service/sessions.py`).
 """
 
 from __future__ import annotations
@@ -32,7 +33,13 @@ from fhe_bento.service.auth import Caller, predict_caller
 from fhe_bento.service.bodies import media_type
 from fhe_bento.service.drain import draining_error
 from fhe_bento.service.operations import Operations, current_operations, decode_rows
-from fhe_bento.service.responses import client_zip_response, error_response, key_registered
+from fhe_bento.service.responses import (
+    client_zip_response,
+    error_response,
+    key_registered,
+    training_started,
+    training_weights,
+)
 from fhe_bento.service.sessions import session_for
 
 router = APIRouter()
@@ -47,6 +54,8 @@ class Attributes(BaseModel):
     part: int | None = None
     parts: int | None = None
     version: str | None = None
+    training: str | None = None
+    step: int | None = None
 
     @field_validator("op")
     @classmethod
@@ -183,6 +192,32 @@ async def _predict_batch(ops: Operations, caller: Caller, attrs: Attributes, bod
     return Response(wire.encode_batch(results), media_type=wire.CONTENT_TYPE)
 
 
+async def _start_training(ops: Operations, caller: Caller, attrs: Attributes, body: bytes) -> Response:
+    return training_started(await ops.start_training(ops.spec(attrs.model), caller, attrs.key, body))
+
+
+async def _training_step(ops: Operations, caller: Caller, attrs: Attributes, body: bytes) -> Response:
+    training_id, step = require(attrs.training, "training"), require(attrs.step, "step")
+    return JSONResponse(
+        {"step": await ops.training_step(ops.spec(attrs.model), caller, training_id, step, body)}
+    )
+
+
+async def _training_status(ops: Operations, caller: Caller, attrs: Attributes, body: None) -> Response:
+    session, state = await ops.training(ops.spec(attrs.model), caller, require(attrs.training, "training"))
+    return JSONResponse(session.public(state))
+
+
+async def _training_weights(ops: Operations, caller: Caller, attrs: Attributes, body: None) -> Response:
+    _, state = await ops.training(ops.spec(attrs.model), caller, require(attrs.training, "training"))
+    return training_weights(state, step_in_body=True)
+
+
+async def _delete_training(ops: Operations, caller: Caller, attrs: Attributes, body: None) -> Response:
+    await ops.delete_training(ops.spec(attrs.model), caller, require(attrs.training, "training"))
+    return Response(status_code=204)
+
+
 async def _transform(ops: Operations, caller: Caller, attrs: Attributes, body: bytes) -> Response:
     return Response(await ops.transform(caller, body), media_type=transform.CONTENT_TYPE)
 
@@ -211,6 +246,11 @@ INVOCATIONS: dict[str, Invocation] = {
     "predict_batch": Invocation(bodies.BATCH, _predict_batch),
     "envelope": Invocation(bodies.ENVELOPE, _envelope),
     "transform": Invocation(bodies.TRANSFORM, _transform),
+    "start_training": Invocation(bodies.BATCH, _start_training),
+    "training_step": Invocation(bodies.BATCH, _training_step),
+    "training_status": Invocation(None, _training_status),
+    "training_weights": Invocation(None, _training_weights),
+    "delete_training": Invocation(None, _delete_training),
 }
 
 

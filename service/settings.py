@@ -34,6 +34,11 @@ class ServiceSettings(Settings):
         description="Seconds between two reads of the model versions' shared state (default, retired) from "
         "the key store; 0 reads it only at start.",
     )
+    training_ttl_seconds: int = Field(
+        default=7 * 86400,
+        ge=0,
+        description="Training sessions idle this long are removed with their weights; 0 keeps them.",
+    )
     session_seconds: int = Field(
         default=1200,
         ge=0,

@@ -184,6 +184,26 @@ def logreg_versions(demo: Demo) -> Versions:
     return versions
 
 
+@dataclass
+class Training:
+    name: str
+    estimator: Any  # the compiled SGDClassifier: its training circuit is the clear reference
+    dev_dir: Path  # its FHEModelDev folder, saved with mode="training"
+    data: Any  # the demo split on the training features (modelkit/demo.py, training_data)
+
+
+@pytest.fixture(scope="session")
+def training() -> Training:
+    """The training demo (an SGD step of concrete-ml's encrypted training), in the model store."""
+    from fhe_bento.modelkit.demo import TRAINING_NAME, compile_training, save_dev_folder, training_data
+    from fhe_bento.modelkit.importer import import_model
+
+    estimator = compile_training()
+    folder = save_dev_folder(estimator, _SESSION_DIR / "dev" / TRAINING_NAME, mode="training")
+    import_model(folder, TRAINING_NAME)
+    return Training(TRAINING_NAME, estimator, folder, training_data())
+
+
 @pytest.fixture(scope="session")
 def in_process(demo: Demo):
     """The operations a served worker builds, around a real `Runner` in this process (its engine processes
