@@ -1,9 +1,11 @@
-"""The data owner's commands of the `fhe-bento` command line: list a server's models, predict a CSV.
+"""The data owner's commands of the `fhe-bento` command line: list a server's models, predict a CSV, train
+a training circuit on a CSV.
 The model owner's commands (import, demo models, SageMaker) are in `modelkit.cli`."""
 
 from __future__ import annotations
 
 import csv
+import json
 from collections.abc import Iterator
 from pathlib import Path
 
@@ -50,8 +52,8 @@ def _version_options(command):
     return command
 
 
-def _admin_transport(url: str | None, token: str | None, endpoint_name: str | None):
-    """The server at `url`, or the SageMaker endpoint `endpoint_name` (exactly one of them)."""
+def _transport(url: str | None, token: str | None, endpoint_name: str | None):
+    """The server at `url`, or the real-time SageMaker endpoint `endpoint_name` (exactly one of them)."""
     if endpoint_name and not url:
         from fhe_bento.client.sagemaker_transport import RuntimeInvoker, SageMakerTransport
 
@@ -67,7 +69,7 @@ def _admin_transport(url: str | None, token: str | None, endpoint_name: str | No
 @_version_options
 def list_versions(url: str | None, token: str | None, endpoint_name: str | None, model_name: str) -> None:
     """The model's served versions: default, retired, client SHA-256."""
-    info = _admin_transport(url, token, endpoint_name).get_model(model_name)
+    info = _transport(url, token, endpoint_name).get_model(model_name)
     for version, facts in info["versions"].items():
         flags = "default" if facts["default"] else "retired" if facts["retired"] else "served"
         click.echo(f"{model_name}:{version}  {flags}  client_sha256={facts['client_sha256']}")
@@ -85,7 +87,7 @@ def default_version(
     url: str | None, token: str | None, endpoint_name: str | None, model_name: str, version: str
 ) -> None:
     """Make VERSION serve requests that name the model alone."""
-    _show(model_name, _admin_transport(url, token, endpoint_name).set_default_version(model_name, version))
+    _show(model_name, _transport(url, token, endpoint_name).set_default_version(model_name, version))
 
 
 @versions.command("retire")
@@ -95,7 +97,7 @@ def retire_version(
     url: str | None, token: str | None, endpoint_name: str | None, model_name: str, version: str
 ) -> None:
     """Retire VERSION: its clients move to the default (they make and upload new keys once)."""
-    _show(model_name, _admin_transport(url, token, endpoint_name).retire_version(model_name, version))
+    _show(model_name, _transport(url, token, endpoint_name).retire_version(model_name, version))
 
 
 @main.command("predict")
@@ -132,6 +134,45 @@ def predict(
 def _write_row(out, model, scores: np.ndarray, proba: bool) -> None:
     values = scores if proba else model.labels(scores.reshape(1, -1))
     out.write(",".join(f"{v:.10g}" if isinstance(v, float) else str(v) for v in np.ravel(values)) + "\n")
+
+
+@main.command("train")
+@click.option("--url", envvar="FHE_BENTO_URL", help="Server URL.")
+@click.option("--token", envvar="FHE_BENTO_TOKEN", help="Bearer token, if the server needs one.")
+@click.option("--endpoint-name", help="Or a real-time SageMaker endpoint (boto3's credentials and region).")
+@click.option("--model", "model_name", required=True, help="Served training model name.")
+@click.option("--label-column", default=-1, show_default=True, help="Column of the 0/1 label (-1: the last).")
+@click.option("--epochs", default=1, show_default=True, help="Passes over the rows.")
+@click.option("--seed", default=0, show_default=True, help="Seed of the batches and the initial weights.")
+@click.option(
+    "--output", "-o", type=click.Path(dir_okay=False, path_type=Path), help="JSON to write (default stdout)."
+)
+@click.argument("data", type=click.Path(exists=True, dir_okay=False, path_type=Path))
+def train(
+    url: str | None,
+    token: str | None,
+    endpoint_name: str | None,
+    model_name: str,
+    label_column: int,
+    epochs: int,
+    seed: int,
+    output: Path | None,
+    data: Path,
+) -> None:
+    """Train the training circuit MODEL in FHE on the CSV file DATA (features and a 0/1 label per row, scaled
+    as the model was compiled): the server sees only encrypted batches. Writes the decrypted weights as
+    JSON `{"coef": [...], "intercept": ...}`. Run it again with the same arguments to carry on a training
+    that was cut short."""
+    from fhe_bento.client.api import FHEClient
+
+    transport = _transport(url, token, endpoint_name)
+    table = np.vstack(list(_csv_rows(data)[1]))
+    labels = table[:, label_column]
+    features = np.delete(table, label_column % table.shape[1], axis=1)
+    model = FHEClient(transport=transport).model(model_name).fit(features, labels, epochs=epochs, seed=seed)
+    trained = {"coef": model.coef_.ravel().tolist(), "intercept": float(model.intercept_[0])}
+    with click.open_file(str(output) if output else "-", "w") as out:
+        out.write(json.dumps(trained) + "\n")
 
 
 @main.group()

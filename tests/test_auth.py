@@ -24,6 +24,7 @@ from fhe_bento.service.auth import TokenAuth
 
 ALICE, BOB, ADMIN = "alice-predict-token", "bob-predict-token", "the-admin-token"
 KEY_ID = "cd" * 32
+TRAINING_ID = "ab" * 16
 
 
 @pytest.fixture(scope="module")
@@ -60,6 +61,8 @@ def routes(logreg_ct: bytes) -> list[tuple[str, str, dict]]:
     octet = {"Content-Type": "application/octet-stream"}
     form = {"files": {"model_input": ("x.bin", b"x")}, "data": {"uid": KEY_ID}}
     keys = f"/v1/models/{XGB}/keys"
+    trainings = f"/v1/models/{LOGREG}/trainings"  # an inference model: 400 not_training_model past auth
+    batch = {"content": wire.encode_batch([logreg_ct]), "headers": {"Content-Type": wire.CONTENT_TYPE}}
     return [
         ("GET", "/v1/models", {}),
         ("GET", f"/v1/models/{XGB}", {}),
@@ -80,12 +83,38 @@ def routes(logreg_ct: bytes) -> list[tuple[str, str, dict]]:
         ("POST", "/add_key", {"files": {"key": ("k.bin", b"not a key")}}),
         ("POST", "/compute", form),
         ("POST", "/invocations", {"headers": {ATTRIBUTES_HEADER: "op=list_models"}}),
+        ("POST", f"{trainings}", batch),
+        ("POST", f"{trainings}/{TRAINING_ID}/steps?step=0", batch),
+        ("GET", f"{trainings}/{TRAINING_ID}/weights", {}),
+        ("GET", f"{trainings}/{TRAINING_ID}", {}),
+        ("DELETE", f"{trainings}/{TRAINING_ID}", {}),
     ]
 
 
 # What a predict token gets on each route above: the route's own answer, not an auth error (/compute's
 # key is looked up before its one-byte model_input is looked at: 404 unknown_key).
-PREDICT_ANSWERS = [200, 200, 200, 400, 404, 404, 200, 200, 400, 200, 200, 200, 400, 404, 200]
+PREDICT_ANSWERS = [
+    200,
+    200,
+    200,
+    400,
+    404,
+    404,
+    200,
+    200,
+    400,
+    200,
+    200,
+    200,
+    400,
+    404,
+    200,
+    400,
+    400,
+    400,
+    400,
+    400,
+]
 ADMIN_ROUTES = [("GET", "/v1/keys"), ("DELETE", f"/v1/keys/{'ef' * 32}/{KEY_ID}")]
 
 

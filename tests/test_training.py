@@ -333,3 +333,51 @@ def test_a_full_schedule_is_as_accurate_as_concrete_mls_simulation(training: Tra
     simulated = training_estimator(max_iter=schedule.steps).fit(data.x_train, data.y_train, fhe="simulate")
     assert abs(served - simulated.score(data.x_test, data.y_test)) <= 0.05
     assert served >= 0.85
+
+
+def test_trained_weights_become_a_served_inference_model(alice: Owner, training: Training, tmp_path) -> None:
+    """docs/training.md, "From trained weights to an FHE inference model": weights from served steps,
+    decrypted, compiled as concrete-ml's LogisticRegression, imported and served; its decrypted predictions
+    equal the compiled model's clear ones, row by row."""
+    from concrete.ml.sklearn import LogisticRegression
+
+    from fhe_bento.client.training import classifier
+    from fhe_bento.modelkit.demo import save_dev_folder
+    from fhe_bento.modelkit.importer import import_model
+    from fhe_bento.models.repository import default_model, load_specs
+    from fhe_bento.runners.runner import Runner
+    from fhe_bento.service.admission import Admission
+    from fhe_bento.service.app import build_app
+    from fhe_bento.service.operations import Operations
+    from fhe_bento.service.settings import ServiceSettings
+
+    data = training.data
+    training_id = alice.start().json()["training_id"]
+    assert alice.step(training_id, 0, alice.batch(data.x_train[:4], data.y_train[:4])).status_code == 200
+    trained = classifier(*alice.decrypt(alice.state(training_id)[1]))
+
+    inference = LogisticRegression.from_sklearn_model(trained, data.x_train, n_bits=8)
+    inference.compile(data.x_train)
+    import_model(save_dev_folder(inference, tmp_path / "trained"), "trained-logreg", classes=[0, 1])
+    settings = ServiceSettings(
+        models="trained-logreg:latest",
+        key_store=(tmp_path / "keys").as_uri(),
+        staging_dir=tmp_path / "staging",
+    )
+    specs = load_specs(settings)
+    runner = Runner(settings, specs)
+    admission = Admission(
+        settings.max_queue_rows, settings.request_timeout, parallelism=1, batch_parallelism=1
+    )
+    ops = Operations(runner, specs, default_model(settings, specs), settings, admission)
+    try:
+        with serve_in_process(build_app(settings), ops) as http:
+            client = FHEClient(
+                transport=HTTPTransport(str(http.base_url), client=http),
+                cache_dir=tmp_path / "c",
+                progress=False,
+            )
+            predicted = client.model("trained-logreg").predict(data.x_test[:8])
+    finally:
+        runner.shutdown()
+    np.testing.assert_array_equal(predicted, inference.predict(data.x_test[:8], fhe="disable"))

@@ -73,6 +73,8 @@ def test_a_success_logs_the_status_the_operation_set(lines):
         "model": "xgb",
         "version": "v1",
         "key_id": KEY_ID,
+        "training_id": None,
+        "step": None,
         "rows": None,
         "status": 201,
         "code": None,
