@@ -68,7 +68,7 @@ def save_dev_folder(model: Any, folder: Path, mode: str = "inference") -> Path:
 TRAINING_NAME = "breast-cancer-training"
 # Four of the breast-cancer features (worst radius, texture, smoothness, concave points), scaled to
 # [-1, 1]: a training circuit's cost and key grow with its features, batch and bits. With a batch of 4 and
-# 5-bit training values, a step takes about 6 s of FHE on these machines and the evaluation key is 141 MB.
+# 5-bit training values, a step takes about 2 s of FHE on these machines and the evaluation key is 141 MB.
 TRAINING_FEATURES = (20, 21, 24, 27)
 TRAINING_BATCH = 4
 TRAINING_BITS = 5

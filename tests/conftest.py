@@ -208,20 +208,26 @@ def training() -> Training:
 def in_process(demo: Demo):
     """The operations a served worker builds, around a real `Runner` in this process (its engine processes
     and concrete): what in-process route tests inject into an app."""
+    from fhe_bento.service.settings import ServiceSettings
+
+    ops = operations(ServiceSettings())
+    yield ops
+    ops.runner.shutdown()
+
+
+def operations(settings: Any) -> Any:
+    """The `Operations` a served worker builds from `settings`, around a real `Runner` in this process (shut
+    it down with `ops.runner.shutdown()`)."""
     from fhe_bento.models.repository import default_model, load_specs
     from fhe_bento.runners.runner import Runner
     from fhe_bento.service.admission import Admission
     from fhe_bento.service.operations import Operations
-    from fhe_bento.service.settings import ServiceSettings
 
-    settings = ServiceSettings()
     specs = load_specs(settings)
-    runner = Runner(settings, specs)
     admission = Admission(
         settings.max_queue_rows, settings.request_timeout, parallelism=2, batch_parallelism=1
     )
-    yield Operations(runner, specs, default_model(settings, specs), settings, admission)
-    runner.shutdown()
+    return Operations(Runner(settings, specs), specs, default_model(settings, specs), settings, admission)
 
 
 @contextmanager
@@ -242,6 +248,29 @@ def serve_in_process(app: Any, ops: Any) -> Iterator[Any]:
             yield client
     finally:
         app.dependency_overrides.clear()
+
+
+@contextmanager
+def served_app(settings: Any) -> Iterator[tuple[Any, Any]]:
+    """The models of `settings` served in process: the service's app around a real `Runner` (its engine
+    processes and concrete), through Starlette's TestClient. Yields the client and the operations."""
+    from fhe_bento.models.repository import default_model, load_specs
+    from fhe_bento.runners.runner import Runner
+    from fhe_bento.service.admission import Admission
+    from fhe_bento.service.app import build_app
+    from fhe_bento.service.operations import Operations
+
+    specs = load_specs(settings)
+    runner = Runner(settings, specs)
+    admission = Admission(
+        settings.max_queue_rows, settings.request_timeout, parallelism=2, batch_parallelism=1
+    )
+    ops = Operations(runner, specs, default_model(settings, specs), settings, admission)
+    try:
+        with serve_in_process(build_app(settings), ops) as http:
+            yield http, ops
+    finally:
+        runner.shutdown()
 
 
 @pytest.fixture(scope="session")

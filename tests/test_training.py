@@ -1,6 +1,6 @@
 """Training sessions in process (docs/training.md): the service's app around a real `Runner` serving the
 training demo (concrete-ml's encrypted SGD step), with two tenants' tokens and a key store of its own.
-Steps are real FHE (about 6 s each here), so each test takes few of them.
+Steps are real FHE (seconds each), so each test takes few of them.
 
 The app runs one engine process (FHE_BENTO_ROW_THREADS=1), so that every step is computed by one process:
 concrete's FFT plans are chosen by measuring, per process, and concrete-ml compiles training circuits with
@@ -15,7 +15,7 @@ from pathlib import Path
 
 import numpy as np
 import pytest
-from conftest import LOGREG, XGB, Training, assert_error, serve_in_process
+from conftest import LOGREG, XGB, Training, assert_error, served_app
 from fastapi.testclient import TestClient
 
 from fhe_bento.client import FHEClient
@@ -90,11 +90,6 @@ def served(training, demo, tmp_path_factory):
     """The app with the training demo, the logistic regression and the tiny XGB, tokens on."""
     from pydantic import SecretStr
 
-    from fhe_bento.models.repository import default_model, load_specs
-    from fhe_bento.runners.runner import Runner
-    from fhe_bento.service.admission import Admission
-    from fhe_bento.service.app import build_app
-    from fhe_bento.service.operations import Operations
     from fhe_bento.service.settings import ServiceSettings
 
     root = tmp_path_factory.mktemp("training-app")
@@ -106,15 +101,8 @@ def served(training, demo, tmp_path_factory):
         admin_tokens=SecretStr("training-admin-token"),
         row_threads=1,
     )
-    specs = load_specs(settings)
-    runner = Runner(settings, specs)
-    admission = Admission(
-        settings.max_queue_rows, settings.request_timeout, parallelism=2, batch_parallelism=1
-    )
-    ops = Operations(runner, specs, default_model(settings, specs), settings, admission)
-    with serve_in_process(build_app(settings), ops) as http:
+    with served_app(settings) as (http, _):
         yield http
-    runner.shutdown()
 
 
 def as_tenant(http: TestClient, token: str) -> TestClient:
@@ -344,11 +332,6 @@ def test_trained_weights_become_a_served_inference_model(alice: Owner, training:
     from fhe_bento.client.training import classifier
     from fhe_bento.modelkit.demo import save_dev_folder
     from fhe_bento.modelkit.importer import import_model
-    from fhe_bento.models.repository import default_model, load_specs
-    from fhe_bento.runners.runner import Runner
-    from fhe_bento.service.admission import Admission
-    from fhe_bento.service.app import build_app
-    from fhe_bento.service.operations import Operations
     from fhe_bento.service.settings import ServiceSettings
 
     data = training.data
@@ -364,20 +347,9 @@ def test_trained_weights_become_a_served_inference_model(alice: Owner, training:
         key_store=(tmp_path / "keys").as_uri(),
         staging_dir=tmp_path / "staging",
     )
-    specs = load_specs(settings)
-    runner = Runner(settings, specs)
-    admission = Admission(
-        settings.max_queue_rows, settings.request_timeout, parallelism=1, batch_parallelism=1
-    )
-    ops = Operations(runner, specs, default_model(settings, specs), settings, admission)
-    try:
-        with serve_in_process(build_app(settings), ops) as http:
-            client = FHEClient(
-                transport=HTTPTransport(str(http.base_url), client=http),
-                cache_dir=tmp_path / "c",
-                progress=False,
-            )
-            predicted = client.model("trained-logreg").predict(data.x_test[:8])
-    finally:
-        runner.shutdown()
+    with served_app(settings) as (http, _):
+        client = FHEClient(
+            transport=HTTPTransport(str(http.base_url), client=http), cache_dir=tmp_path / "c", progress=False
+        )
+        predicted = client.model("trained-logreg").predict(data.x_test[:8])
     np.testing.assert_array_equal(predicted, inference.predict(data.x_test[:8], fhe="disable"))

@@ -8,7 +8,7 @@ import logging
 
 import numpy as np
 import pytest
-from conftest import assert_error, serve_in_process
+from conftest import assert_error, served_app
 
 from fhe_bento.client import FHEClient
 from fhe_bento.client.http_transport import HTTPTransport
@@ -23,11 +23,6 @@ def served(logreg_versions, tmp_path_factory):
     own; yields (http client, settings)."""
     import os
 
-    from fhe_bento.models.repository import default_model, load_specs
-    from fhe_bento.runners.runner import Runner
-    from fhe_bento.service.admission import Admission
-    from fhe_bento.service.app import build_app
-    from fhe_bento.service.operations import Operations
     from fhe_bento.service.settings import ServiceSettings
 
     store = tmp_path_factory.mktemp("version-keys")
@@ -39,17 +34,8 @@ def served(logreg_versions, tmp_path_factory):
     finally:
         for k, v in saved.items():
             os.environ.pop(k) if v is None else os.environ.__setitem__(k, v)
-    specs = load_specs(settings)
-    runner = Runner(settings, specs)
-    admission = Admission(
-        settings.max_queue_rows, settings.request_timeout, parallelism=2, batch_parallelism=1
-    )
-    ops = Operations(runner, specs, default_model(settings, specs), settings, admission)
-    try:
-        with serve_in_process(build_app(settings), ops) as http:
-            yield http, settings, specs
-    finally:
-        runner.shutdown()
+    with served_app(settings) as (http, ops):
+        yield http, settings, ops.specs
 
 
 @pytest.fixture(autouse=True)
