@@ -32,11 +32,15 @@ def main() -> None:
 @click.option("--name", required=True, help="Model name in the BentoML store.")
 @click.option("--classes", default=None, help="Comma-separated class labels, for a classifier.")
 def import_cmd(folder: Path, name: str, classes: str | None) -> None:
-    """Import a concrete-ml FHEModelDev FOLDER (client.zip + server.zip) into the BentoML model store."""
+    """Import a concrete-ml FHEModelDev FOLDER (client.zip + server.zip; inference or training mode), or a
+    HybridFHEModel folder saved by save_and_clear_private_info, into the BentoML model store."""
     from fhe_bento.modelkit.importer import import_model
 
     labels = [_label(c) for c in classes.split(",")] if classes else None
-    click.echo(f"imported {import_model(folder, name, labels)}")
+    try:
+        click.echo(f"imported {import_model(folder, name, labels)}")
+    except (ValueError, FileNotFoundError) as exc:  # a folder fhe-bento cannot serve: say why, no traceback
+        raise click.ClickException(str(exc)) from None
 
 
 @main.command("demo-models")

@@ -190,9 +190,20 @@ def write_model_folder(source: Path, target: Path, meta: ModelMetadata) -> None:
     (target / METADATA_FILE).write_text(meta.model_dump_json(indent=2))
 
 
+GLWE_ONLY = (
+    "{source} is a HybridFHEModel folder with no FHE circuit: concrete-ml 1.9 saves none when every remote "
+    "layer is a linear layer of 512x512 or more, which it runs on its GLWE executor (concrete-ml-extensions), "
+    "and that executor has no remote path in concrete-ml 1.9. fhe-bento serves a hybrid model's Concrete "
+    "circuits: compile the model with layers under 512 inputs or outputs, or without the GLWE backend"
+)
+
+
 def import_model(source: Path, name: str, classes: list | None = None) -> bentoml.Tag:
-    if not (source / "client.zip").is_file() and (circuits := hybrid_circuits(source)):
-        return import_hybrid(circuits, name)
+    if not (source / "client.zip").is_file():
+        if circuits := hybrid_circuits(source):
+            return import_hybrid(circuits, name)
+        if (source / "model.pth").is_file():  # save_and_clear_private_info wrote it, and no circuit
+            raise ValueError(GLWE_ONLY.format(source=source))
     for name_ in ("client.zip", "server.zip"):
         if not (source / name_).is_file():
             raise FileNotFoundError(f"{source / name_} is missing: pass a concrete-ml FHEModelDev folder")
