@@ -50,6 +50,7 @@ ERROR_CODES: dict[str, int] = {
     "ciphertext_mismatch": 422,
     "key_mismatch": 422,
     "too_many_uploads": 429,
+    "too_many_trainings": 429,
     "headers_too_large": 431,
     "not_ready": 503,
     "runner_unavailable": 503,

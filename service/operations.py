@@ -78,7 +78,7 @@ class Operations:
         self.default_name = default_name
         store = open_store(settings.key_store_url())
         self.versions = VersionBook(specs, store, settings.versions_refresh_seconds)
-        self.trainings = TrainingBook(store, settings.training_ttl_seconds)
+        self.trainings = TrainingBook(store, settings.training_ttl_seconds, settings.max_trainings_per_scope)
         self.settings = settings
         self.admission = admission
         self.drain = drain or Drain(settings.drain_seconds)

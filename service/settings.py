@@ -39,6 +39,11 @@ class ServiceSettings(Settings):
         ge=0,
         description="Training sessions idle this long are removed with their weights; 0 keeps them.",
     )
+    max_trainings_per_scope: int = Field(
+        default=16,
+        gt=0,
+        description="Training sessions one token may hold at once per model version; past it: 429.",
+    )
     session_seconds: int = Field(
         default=1200,
         ge=0,

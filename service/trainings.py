@@ -1,10 +1,11 @@
 """Training sessions: the encrypted weights of a training circuit, held by the server between steps.
 
 A session is state documents in the key store (`keys/store.py`), so that it survives a restart and any
-replica on the same store carries it on:
-    trainings/<id>/session        who owns it: the model version, the owner's key scope, the key id
-    trainings/<id>/step-<N>       the encrypted (weights, bias) after step N, and the digest of the batch
-                                  that made it (none for step 0, the client's initial weights)
+replica on the same store carries it on, under its owner's key scope (model version and tenant: another
+tenant's request looks under another scope, and finds nothing):
+    trainings/<scope>/<id>/session    the model version, the key id, when it started
+    trainings/<scope>/<id>/step-<N>   the encrypted (weights, bias) after step N, and the digest of the
+                                      batch that made it (none for step 0, the client's initial weights)
 A step document is created once and never rewritten (`KeyStore.create_document`): of two steps racing
 from step N, on one worker or on two replicas, exactly one creates step N + 1. The session's step is its
 newest step document; older ones are deleted once a newer one exists. A step that fails, or whose process
@@ -69,12 +70,16 @@ def batch_digest(body: bytes) -> str:
     return hashlib.sha256(body).hexdigest()
 
 
-def _session_document(training_id: str) -> str:
-    return f"{PREFIX}{training_id}/session"
+def _folder(scope: str, training_id: str) -> str:
+    return f"{PREFIX}{scope}/{training_id}/"
 
 
-def _step_document(training_id: str, step: int) -> str:
-    return f"{PREFIX}{training_id}/step-{step:0{STEP_DIGITS}d}"
+def _session_document(scope: str, training_id: str) -> str:
+    return f"{_folder(scope, training_id)}session"
+
+
+def _step_document(scope: str, training_id: str, step: int) -> str:
+    return f"{_folder(scope, training_id)}step-{step:0{STEP_DIGITS}d}"
 
 
 def step_conflict(step: int, why: str) -> FHEBentoError:
@@ -82,11 +87,13 @@ def step_conflict(step: int, why: str) -> FHEBentoError:
 
 
 class TrainingBook:
-    """The training sessions of one key store. `ttl_seconds`: sessions idle longer are removed (0: kept)."""
+    """The training sessions of one key store. `ttl_seconds`: sessions idle longer are removed (0: kept);
+    `max_per_scope`: sessions one owner may hold at once."""
 
-    def __init__(self, store: KeyStore, ttl_seconds: int) -> None:
+    def __init__(self, store: KeyStore, ttl_seconds: int, max_per_scope: int) -> None:
         self.store = store
         self.ttl_seconds = ttl_seconds
+        self.max_per_scope = max_per_scope
         self._running: set[str] = set()  # sessions with a step under way in this worker
         self._lock = threading.Lock()
 
@@ -96,12 +103,23 @@ class TrainingBook:
 
     def _create(self, model: str, scope: str, key_id: str, weights: bytes, bias: bytes) -> Session:
         self.sweep()
+        held = [name for name in self.store.list_documents(f"{PREFIX}{scope}/") if name.endswith("/session")]
+        if len(held) >= self.max_per_scope:
+            raise FHEBentoError(
+                "too_many_trainings",
+                f"this token holds {len(held)} training sessions of this model, the most it may: "
+                "delete one (FHE_BENTO_MAX_TRAININGS_PER_SCOPE)",
+            )
         now = time.time()
         session = Session(training_id=uuid.uuid4().hex, model=model, scope=scope, key_id=key_id, created=now)
         first = StepState(step=0, weights=weights, bias=bias, batch_sha256=None, updated=now)
         # The step document first: a session document is visible only with a step to read.
-        self.store.create_document(_step_document(session.training_id, 0), first.model_dump_json().encode())
-        self.store.create_document(_session_document(session.training_id), session.model_dump_json().encode())
+        self.store.create_document(
+            _step_document(scope, session.training_id, 0), first.model_dump_json().encode()
+        )
+        self.store.create_document(
+            _session_document(scope, session.training_id), session.model_dump_json().encode()
+        )
         return session
 
     async def session(self, model: str, scope: str, training_id: str) -> tuple[Session, StepState]:
@@ -115,11 +133,11 @@ class TrainingBook:
         )
         if not TRAINING_ID.fullmatch(training_id):
             raise unknown
-        data = self.store.read_document(_session_document(training_id))
+        data = self.store.read_document(_session_document(scope, training_id))
         if data is None:
             raise unknown
         session = Session.model_validate_json(data)
-        if (session.model, session.scope) != (model, scope):
+        if session.model != model:
             raise unknown
         state = self._current(session)
         if self._expired(state):
@@ -131,7 +149,7 @@ class TrainingBook:
         """The session's newest step. A step deleted under the reader (a newer one was just recorded) is
         looked up again."""
         for _ in range(3):
-            steps = self.store.list_documents(f"{PREFIX}{session.training_id}/step-")
+            steps = self.store.list_documents(f"{_folder(session.scope, session.training_id)}step-")
             if steps and (data := self.store.read_document(steps[-1])) is not None:
                 return StepState.model_validate_json(data)
         raise FHEBentoError("unknown_training", f"training session {session.training_id} was deleted")
@@ -165,21 +183,21 @@ class TrainingBook:
         first, this one is the same step only if it came from the same batch (then nothing changes),
         else 409 step_conflict."""
         if not self.store.create_document(
-            _step_document(session.training_id, state.step), state.model_dump_json().encode()
+            _step_document(session.scope, session.training_id, state.step), state.model_dump_json().encode()
         ):
             winner = self._current(session)
             if winner.step != state.step or winner.batch_sha256 != state.batch_sha256:
                 raise step_conflict(winner.step, f"another step {state.step} was recorded first")
             return
-        self.store.delete_document(_step_document(session.training_id, state.step - 1))
+        self.store.delete_document(_step_document(session.scope, session.training_id, state.step - 1))
 
     async def delete(self, session: Session) -> None:
         await asyncio.to_thread(self._delete, session)
 
     def _delete(self, session: Session) -> None:
         """End a session: its documents, session first (the session is gone at once), then its steps."""
-        self.store.delete_document(_session_document(session.training_id))
-        for name in self.store.list_documents(f"{PREFIX}{session.training_id}/"):
+        self.store.delete_document(_session_document(session.scope, session.training_id))
+        for name in self.store.list_documents(_folder(session.scope, session.training_id)):
             self.store.delete_document(name)
 
     def _expired(self, state: StepState, now: float | None = None) -> bool:
@@ -191,10 +209,11 @@ class TrainingBook:
         if not self.ttl_seconds:
             return 0
         removed, now = 0, time.time()
-        by_session: dict[str, list[str]] = {}
+        by_session: dict[tuple[str, str], list[str]] = {}
         for name in self.store.list_documents(PREFIX):
-            by_session.setdefault(name[len(PREFIX) :].split("/", 1)[0], []).append(name)
-        for training_id, names in by_session.items():
+            scope, training_id, _ = name[len(PREFIX) :].split("/", 2)
+            by_session.setdefault((scope, training_id), []).append(name)
+        for (scope, training_id), names in by_session.items():
             steps = [name for name in names if "/step-" in name]
             data = self.store.read_document(steps[-1]) if steps else b""
             if data is None:  # a newer step was recorded meanwhile: the session is in use
@@ -204,7 +223,7 @@ class TrainingBook:
             except ValidationError:  # no step left: a deletion cut short
                 idle = True
             if idle:
-                self.store.delete_document(_session_document(training_id))
+                self.store.delete_document(_session_document(scope, training_id))
                 for name in names:
                     self.store.delete_document(name)
                 removed += 1

@@ -24,7 +24,7 @@ def run(coroutine):
 
 @pytest.fixture
 def book(tmp_path) -> TrainingBook:
-    return TrainingBook(FileKeyStore(tmp_path), ttl_seconds=3600)
+    return TrainingBook(FileKeyStore(tmp_path), ttl_seconds=3600, max_per_scope=3)
 
 
 def test_a_session_starts_at_step_zero_and_belongs_to_its_model_and_scope(book: TrainingBook) -> None:
@@ -65,8 +65,8 @@ def test_steps_go_in_order_and_a_retry_applies_nothing(book: TrainingBook) -> No
             run(_take_step(book, session, step, digest, b"x"))
         assert (caught.value.code, "at step 1" in caught.value.message) == ("step_conflict", True)
     assert run(book.session(MODEL, SCOPE, session.training_id))[1].weights == b"w1"
-    assert book.store.list_documents(f"trainings/{session.training_id}/step-") == [
-        f"trainings/{session.training_id}/step-0000000001"
+    assert book.store.list_documents(f"trainings/{SCOPE}/{session.training_id}/step-") == [
+        f"trainings/{SCOPE}/{session.training_id}/step-0000000001"
     ]  # the older step is deleted once the newer one exists
 
 
@@ -74,7 +74,7 @@ def test_of_two_steps_racing_one_wins_and_the_other_gets_409(tmp_path) -> None:
     """Two books on one store, as two replicas: both enter step 0, both compute, one records."""
     from fhe_bento.service.trainings import StepState
 
-    first, second = TrainingBook(FileKeyStore(tmp_path), 0), TrainingBook(FileKeyStore(tmp_path), 0)
+    first, second = (TrainingBook(FileKeyStore(tmp_path), 0, 3) for _ in range(2))
     session = run(first.create(MODEL, SCOPE, KEY, b"w0", b"b0"))
 
     async def race() -> list[BaseException | None]:
@@ -111,7 +111,7 @@ def test_a_step_under_way_in_this_worker_refuses_another(book: TrainingBook) -> 
 
 
 def test_delete_and_the_idle_ttl_free_the_storage(tmp_path, monkeypatch) -> None:
-    book = TrainingBook(FileKeyStore(tmp_path), ttl_seconds=60)
+    book = TrainingBook(FileKeyStore(tmp_path), ttl_seconds=60, max_per_scope=3)
     now = time.time()
     monkeypatch.setattr(time, "time", lambda: now - 120)  # two sessions last used two minutes ago
     idle = [run(book.create(MODEL, SCOPE, KEY, b"w", b"b")) for _ in range(2)]
@@ -121,7 +121,17 @@ def test_delete_and_the_idle_ttl_free_the_storage(tmp_path, monkeypatch) -> None
     kept = run(book.create(MODEL, SCOPE, KEY, b"w", b"b"))  # a start sweeps the other idle one
     deleted = run(book.create(MODEL, SCOPE, KEY, b"w", b"b"))
     run(book.delete(run(book.session(MODEL, SCOPE, deleted.training_id))[0]))
-    assert {name.split("/")[1] for name in book.store.list_documents("trainings/")} == {kept.training_id}
+    assert {name.split("/")[2] for name in book.store.list_documents("trainings/")} == {kept.training_id}
+
+
+def test_a_scope_holds_at_most_its_sessions_and_a_deletion_frees_one(book: TrainingBook) -> None:
+    held = [run(book.create(MODEL, SCOPE, KEY, b"w", b"b")) for _ in range(3)]
+    with pytest.raises(FHEBentoError) as caught:
+        run(book.create(MODEL, SCOPE, KEY, b"w", b"b"))
+    assert caught.value.code == "too_many_trainings"
+    run(book.create(MODEL, "c" * 64, KEY, b"w", b"b"))  # another owner is not counted
+    run(book.delete(held[0]))
+    run(book.create(MODEL, SCOPE, KEY, b"w", b"b"))
 
 
 def test_each_epoch_takes_every_row_once_in_full_batches_and_is_repeatable() -> None:
