@@ -48,7 +48,8 @@ class KeyService:
 
     @staticmethod
     def scope(spec: ModelSpec, tenant: str) -> str:
-        """Where one tenant's keys for one model live (the only place a scope is computed)."""
+        """Where one tenant's keys and training sessions of one model version live (the only place a scope is
+        computed)."""
         return tenant_scope(spec.key_scope, tenant)
 
     # --- whole keys -----------------------------------------------------------------------------------

@@ -33,7 +33,7 @@ from fhe_bento.contract.runner_api import (
     ScopedKey,
 )
 from fhe_bento.keys.rules import check_key_id, check_key_size
-from fhe_bento.keys.store import tenant_scope
+from fhe_bento.keys.service import KeyService
 from fhe_bento.keys.store_url import open_store
 from fhe_bento.models.repository import ModelSpec, TrainingFacts
 from fhe_bento.protocol import transform, wire
@@ -306,17 +306,16 @@ class Operations:
                 raise FHEBentoError(
                     "unknown_key", f"key {key.key_id} is not registered for model {spec.name!r}"
                 )
-            scope = tenant_scope(spec.key_scope, caller.tenant)
-            session = await self.trainings.create(spec.tag, scope, key.key_id, weights, bias)
+            session = await self.trainings.create(
+                spec.tag, KeyService.scope(spec, caller.tenant), key.key_id, weights, bias
+            )
             entry.training_id = session.training_id
             return session
 
     async def training(self, spec: ModelSpec, caller: Caller, training_id: str) -> tuple[Session, StepState]:
         """A session of the caller's, and its newest step; 404 unknown_training for any other."""
         self._training_facts(spec)
-        return await self.trainings.session(
-            spec.tag, tenant_scope(spec.key_scope, caller.tenant), training_id
-        )
+        return await self.trainings.session(spec.tag, KeyService.scope(spec, caller.tenant), training_id)
 
     async def training_step(
         self, spec: ModelSpec, caller: Caller, training_id: str, step: int, body: bytes
@@ -324,10 +323,10 @@ class Operations:
         """Step `step` of a session with the body's encrypted batch [x, y], exactly once: the session's
         next step, or the same answer for a retry of the step just applied. Returns the session's step."""
         deadline = request_deadline(self.settings.request_timeout)
-        session, _ = await self.training(spec, caller, training_id)
-        entry = Audit("training_step", caller.tenant, spec.name, spec.version, rows=1)
-        with audited(entry, deadline):
-            entry.key_id, entry.training_id, entry.step = session.key_id, training_id, step
+        entry = Audit("training_step", caller.tenant, spec.name, spec.version, rows=1, step=step)
+        with audited(entry, deadline):  # a refused step (another tenant's session, say) is audited too
+            session, _ = await self.training(spec, caller, training_id)
+            entry.key_id, entry.training_id = session.key_id, training_id
             x, y = self._values(body, "a batch [x, y]")
             digest = batch_digest(body)
             async with self.trainings.step(session, step, digest) as state:
