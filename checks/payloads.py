@@ -18,6 +18,7 @@ import zipfile
 from pathlib import Path
 from typing import TYPE_CHECKING
 
+from fhe_bento.checks import radix_wire
 from fhe_bento.checks.capnp_wire import MalformedMessage, Shape, first_difference, read_shape
 from fhe_bento.contract.errors import FHEBentoError
 
@@ -48,6 +49,26 @@ def _check(data: bytes | memoryview, size: int, shape: Shape, what: str, model: 
 def check_ciphertext(data: bytes, size: int, shape: Shape, model: str) -> None:
     """Raise 400 invalid_ciphertext / 422 ciphertext_mismatch unless `data` has the model's exact shape."""
     _check(data, size, shape, "ciphertext", model)
+
+
+def check_radix(data: bytes, layout: radix_wire.RadixLayout, model: str) -> None:
+    """The same rule for a TFHE-rs radix ciphertext (`checks/radix_wire.py`): 400 invalid_ciphertext unless
+    it is a well-formed radix array, 422 ciphertext_mismatch unless its size and layout are the model's."""
+    try:
+        got = radix_wire.read_radix(data)
+    except radix_wire.MalformedRadix as exc:
+        raise FHEBentoError(
+            "invalid_ciphertext", f"the body is not a serialized TFHE-rs radix ciphertext: {exc}"
+        ) from None
+    difference = (
+        f"it has {len(data)} bytes, the model's have {layout.bytes}"
+        if len(data) != layout.bytes
+        else radix_wire.first_difference(got, layout)
+    )
+    if difference:
+        raise FHEBentoError(
+            "ciphertext_mismatch", f"this ciphertext was not made for model {model!r}: {difference}"
+        )
 
 
 TRAINING_POSITIONS = ("x", "y", "weights", "bias")  # a training step's inputs, in concrete-ml's order

@@ -1,6 +1,13 @@
 """One model's private folder in the client's key cache: its client.zip (checked against its SHA-256) and
 the keys concrete generates from it, once.
 
+A model compiled with `ciphertext_format="tfhe-rs"` has a second private key, the TFHE-rs radix key that
+encrypts its rows and decrypts its results, and its Concrete keyset is made from that key's LWE part.
+concrete-ml 1.9 keeps the radix key in memory only and makes a new one at every key generation, and
+concrete's key cache does not give back a keyset made from an initial key: a second process, or a second
+call, would encrypt with a radix key the server's evaluation key was not made from, and decrypt garbage.
+So this folder makes the two together, once, and keeps both: `tfhe-rs-secret-key` and `tfhe-rs-keyset`.
+
 Private keys live only under the client's cache directory (default `~/.cache/fhe-bento`, or
 `FHE_BENTO_CLIENT_CACHE`), one folder per model `client_sha256`. The folders the client creates there are
 mode 0700 and every file in a model's folder 0600, whatever the umask.
@@ -10,11 +17,16 @@ from __future__ import annotations
 
 import hashlib
 import os
+import shutil
 import threading
 from collections.abc import Callable
 from pathlib import Path
+from typing import TYPE_CHECKING
 
 from fhe_bento.client.answers import FHEServiceError
+
+if TYPE_CHECKING:
+    import numpy as np
 
 
 def default_cache_dir() -> Path:
@@ -29,6 +41,14 @@ def _private_dir(path: Path) -> None:
             folder.mkdir(mode=0o700, exist_ok=True)
             folder.chmod(0o700)  # mkdir's mode is masked by the umask
     path.chmod(0o700)
+
+
+def _write_private(target: Path, data: bytes) -> None:
+    """`target` holds `data`, mode 0600, whole or not at all."""
+    tmp = target.with_name(target.name + ".tmp")
+    tmp.write_bytes(data)
+    tmp.chmod(0o600)
+    tmp.replace(target)
 
 
 def _make_private(root: Path) -> None:
@@ -65,6 +85,9 @@ class KeyFolder:
         _private_dir(self.keys)
         self._ensure_client_zip(client_sha256, get_client_zip)
         self.fhe = FHEModelClient(str(self.path), key_dir=str(self.keys))
+        self.radix_key = self.path / "tfhe-rs-secret-key"
+        self.tfhe_rs_keyset = self.path / "tfhe-rs-keyset"
+        self.tfhe_rs = self.fhe.model.ciphertext_format == "tfhe-rs"  # a str enum in concrete-ml
         # A lock of its own: RemoteModel.ensure_key holds the model's key lock while keys are generated.
         self._keygen_lock = threading.Lock()
         self._keys_private = False
@@ -81,29 +104,62 @@ class KeyFolder:
             raise FHEServiceError(
                 0, "client_zip_mismatch", f"client.zip hashes to {actual}, expected {expected}"
             )
-        tmp = self.path / "client.zip.tmp"
-        tmp.write_bytes(data)
-        tmp.chmod(0o600)
-        tmp.replace(target)
+        _write_private(target, data)
 
     def generate_keys(self) -> None:
         """Generate (or load from the key folder) the private and evaluation keys once, then make every
         file concrete wrote in the model's folder private."""
         with self._keygen_lock:
             if not self._keys_private:
-                self.fhe.generate_private_and_evaluation_keys(force=False)
+                if self.tfhe_rs:
+                    self._tfhe_rs_keys()
+                else:
+                    self.fhe.generate_private_and_evaluation_keys(force=False)
                 _make_private(self.path)
                 self._keys_private = True
 
+    def _tfhe_rs_keys(self) -> None:
+        """The radix key and the keyset made from it: both from this folder, or both made now. (concrete's
+        key cache cannot give the keyset back: it files a keyset made from an initial key under another
+        name than the one it looks up.)"""
+        if self.radix_key.is_file():
+            self.fhe.client.keys.load(self.tfhe_rs_keyset)
+            radix_key = self.radix_key.read_bytes()
+        else:
+            import concrete_ml_extensions as fhext
+            from concrete.fhe import tfhers
+
+            radix_key, _, lwe_key = fhext.keygen_radix()
+            tfhers.new_bridge(self.fhe.client).keygen_with_initial_keys({0: lwe_key}, force=True)
+            saved = self.tfhe_rs_keyset.with_name(self.tfhe_rs_keyset.name + ".tmp")
+            saved.unlink(missing_ok=True)
+            self.fhe.client.keys.save(saved)
+            saved.chmod(0o600)
+            saved.replace(self.tfhe_rs_keyset)
+            _write_private(self.radix_key, radix_key)  # last: a keyset without it is made again
+            shutil.rmtree(self.keys)  # the key cache's copy of the keyset, never read back
+            _private_dir(self.keys)
+        self.fhe._tfhers_sk = radix_key  # what concrete-ml's client encrypts and decrypts rows with
+
     def evaluation_key(self) -> bytes:
-        """The serialized evaluation key, generated on first use and kept in the key cache folder."""
+        """The serialized evaluation key, generated on first use and kept in the key cache folder. (Not
+        concrete-ml's get_serialized_evaluation_keys: for a TFHE-rs model it would make a new radix key.)"""
         self.generate_keys()
-        return self.fhe.get_serialized_evaluation_keys()
+        return bytes(self.fhe.client.evaluation_keys.serialize())
+
+    def encrypt(self, x: np.ndarray) -> bytes:
+        """One row, quantized and encrypted: Concrete's serialized value, or a TFHE-rs model's radix array
+        (concrete-ml's client returns it as a 1-tuple). A model without an evaluation key gets its private
+        key here."""
+        self.generate_keys()
+        encrypted = self.fhe.quantize_encrypt_serialize(x)
+        return encrypted[0] if isinstance(encrypted, tuple) else encrypted
 
     def load_private_key(self) -> None:
         """The private key that encrypted, for decryption: loaded from this folder (when another process
         encrypted), never made afresh."""
-        if not self._keys_private and not any(self.keys.iterdir()):
+        held = self.radix_key.is_file() if self.tfhe_rs else any(self.keys.iterdir())
+        if not self._keys_private and not held:
             # Fresh keys here would decrypt to garbage: the answer needs the key its rows were encrypted with.
             raise FHEServiceError(
                 0,

@@ -152,8 +152,7 @@ class RemoteModel:
         """One ciphertext per row of `x`, each a batch of one of the circuit's input shape: a row of
         features, or a hybrid module's (1, *rest) input; under `pin`'s keys (the current one's)."""
         folder = (pin or self.pin).key_folder
-        folder.generate_keys()  # a model without an evaluation key gets its private key here
-        return [folder.fhe.quantize_encrypt_serialize(np.asarray(row)[np.newaxis]) for row in x]
+        return [folder.encrypt(np.asarray(row)[np.newaxis]) for row in x]
 
     def _run_batch(self, rows: list[bytes], pin: Pin | None = None) -> list[bytes]:
         """One batch under `pin` (the current one by default), with the two recoveries: a lost key is

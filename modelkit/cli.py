@@ -47,13 +47,21 @@ def import_cmd(folder: Path, name: str, classes: str | None) -> None:
 @click.option(
     "--training", is_flag=True, help="Also the training demo, breast-cancer-training (docs/training.md)."
 )
-def demo_models(training: bool) -> None:
+@click.option(
+    "--tfhe-rs",
+    "tfhe_rs",
+    is_flag=True,
+    help="Also the TFHE-rs demo, breast-cancer-xgb-tfhe-rs (docs/models.md, TFHE-rs ciphertexts).",
+)
+def demo_models(training: bool, tfhe_rs: bool) -> None:
     """Train, compile and import the demo models: breast-cancer logistic regression and XGBoost, and the
     hybrid tiny-gpt2."""
-    from fhe_bento.modelkit.demo import build_and_import, build_and_import_hybrid, build_and_import_training
+    from fhe_bento.modelkit import demo
 
-    tags = [*build_and_import(), build_and_import_hybrid()]
-    for tag in [*tags, *([build_and_import_training()] if training else [])]:
+    tags = [*demo.build_and_import(), demo.build_and_import_hybrid()]
+    tags += [demo.build_and_import_training()] if training else []
+    tags += [demo.build_and_import_tfhe_rs()] if tfhe_rs else []
+    for tag in tags:
         click.echo(f"imported {tag}")
 
 

@@ -64,12 +64,23 @@ def save_dev_folder(model: Any, folder: Path, mode: str = "inference") -> Path:
     return folder
 
 
+# Four of the breast-cancer features (worst radius, texture, smoothness, concave points): the demos whose
+# cost grows with every feature (training steps, TFHE-rs radix rows) keep to these.
+FOUR_FEATURES = (20, 21, 24, 27)
+
+
+def four_features() -> DemoData:
+    """The demo split on FOUR_FEATURES."""
+    data = load_data()
+    columns = list(FOUR_FEATURES)
+    return DemoData(data.x_train[:, columns], data.x_test[:, columns], data.y_train, data.y_test)
+
+
 # --- the training demo ------------------------------------------------------------------------------
 TRAINING_NAME = "breast-cancer-training"
-# Four of the breast-cancer features (worst radius, texture, smoothness, concave points), scaled to
-# [-1, 1]: a training circuit's cost and key grow with its features, batch and bits. With a batch of 4 and
-# 5-bit training values, a step takes about 2 s of FHE on these machines and the evaluation key is 141 MB.
-TRAINING_FEATURES = (20, 21, 24, 27)
+# FOUR_FEATURES scaled to [-1, 1]: a training circuit's cost and key grow with its features, batch and
+# bits. With a batch of 4 and 5-bit training values, a step takes about 2 s of FHE on these machines and
+# the evaluation key is 141 MB.
 TRAINING_BATCH = 4
 TRAINING_BITS = 5
 PARAMETERS_RANGE = (-1.0, 1.0)
@@ -77,12 +88,11 @@ PARAMETERS_RANGE = (-1.0, 1.0)
 
 def training_data() -> DemoData:
     """The demo split, on the training demo's features scaled to [-1, 1] by the training part's range."""
-    data = load_data()
-    columns = list(TRAINING_FEATURES)
-    low, high = data.x_train[:, columns].min(axis=0), data.x_train[:, columns].max(axis=0)
+    data = four_features()
+    low, high = data.x_train.min(axis=0), data.x_train.max(axis=0)
 
     def scale(x: np.ndarray) -> np.ndarray:
-        return np.clip((x[:, columns] - low) / (high - low) * 2 - 1, -1, 1)
+        return np.clip((x - low) / (high - low) * 2 - 1, -1, 1)
 
     return DemoData(scale(data.x_train), scale(data.x_test), data.y_train, data.y_test)
 
@@ -115,6 +125,33 @@ def build_and_import_training() -> str:
     with tempfile.TemporaryDirectory(prefix="fhe-bento-demo-") as tmp:
         folder = save_dev_folder(compile_training(), Path(tmp) / TRAINING_NAME, mode="training")
         return str(import_model(folder, TRAINING_NAME))
+
+
+# --- the TFHE-rs demo -------------------------------------------------------------------------------
+TFHE_RS_NAME = "breast-cancer-xgb-tfhe-rs"
+
+
+def compile_tfhe_rs() -> tuple[Any, DemoData]:
+    """An XGBoost classifier compiled for TFHE-rs radix inputs and outputs (concrete-ml does that for 8-bit
+    tree classifiers), on FOUR_FEATURES: a radix row costs 65,856 bytes a feature (263 KB here). A row takes
+    about 2 s of FHE on these machines; the evaluation key is 126 MB."""
+    from concrete.ml.sklearn import XGBClassifier
+
+    data = four_features()
+    model = XGBClassifier(n_bits=8, n_estimators=3, max_depth=2, random_state=SEED)
+    model.fit(data.x_train, data.y_train)
+    model.compile(data.x_train, ciphertext_format="tfhe-rs")
+    return model, data
+
+
+def build_and_import_tfhe_rs() -> str:
+    """Compile the TFHE-rs demo, save and import it; returns its tag."""
+    from fhe_bento.modelkit.importer import import_model
+
+    model, _ = compile_tfhe_rs()
+    with tempfile.TemporaryDirectory(prefix="fhe-bento-demo-") as tmp:
+        folder = save_dev_folder(model, Path(tmp) / TFHE_RS_NAME)
+        return str(import_model(folder, TFHE_RS_NAME, classes=[int(c) for c in model.classes_]))
 
 
 def build_and_import(names: list[str] | None = None) -> list[str]:

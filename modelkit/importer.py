@@ -20,6 +20,7 @@ from typing import Any
 import bentoml
 import numpy as np
 
+from fhe_bento.checks import radix_wire
 from fhe_bento.checks.capnp_wire import first_difference, read_shape
 from fhe_bento.checks.payloads import check_keyset_params
 from fhe_bento.models.repository import (
@@ -32,6 +33,7 @@ from fhe_bento.models.repository import (
     sha256_file,
     zip_versions,
 )
+from fhe_bento.runners import fhe_server
 
 
 def _throwaway_keys(folder: Path, key_dir: Path, count: int):
@@ -42,11 +44,15 @@ def _throwaway_keys(folder: Path, key_dir: Path, count: int):
     for index in range(count):
         client = FHEModelClient(str(folder), key_dir=str(key_dir / str(index)))
         client.generate_private_and_evaluation_keys(force=True)
-        keys.append(client.get_serialized_evaluation_keys())
+        # Not get_serialized_evaluation_keys(): for a TFHE-rs model it generates again, and replaces the
+        # radix secret key with one the Concrete keyset was not made from.
+        keys.append(client.client.evaluation_keys.serialize())
     return client, keys
 
 
-def _measure(server_zip_dir: str, inputs: bytes | tuple[bytes, ...], keys: list[bytes], queue) -> None:
+def _measure(
+    server_zip_dir: str, tfhe_rs: bool, inputs: bytes | tuple[bytes, ...], keys: list[bytes], queue
+) -> None:
     """In a fresh process: the resident bytes that one more warm key costs (RSS after a second key was
     deserialized and used, minus RSS after the first one was), the seconds of FHE for one row (or one
     training step), and that run's serialized result."""
@@ -54,26 +60,25 @@ def _measure(server_zip_dir: str, inputs: bytes | tuple[bytes, ...], keys: list[
 
     import psutil
     from concrete import fhe
-    from concrete.ml.deployment import FHEModelServer
 
-    server = FHEModelServer(server_zip_dir)
+    server = fhe_server.load_server(Path(server_zip_dir), tfhe_rs)
     process = psutil.Process()
     warm = [fhe.EvaluationKeys.deserialize(keys[0])]
-    server.run(inputs, warm[0])  # pays the one-time costs (OpenMP pool, first expansion)
+    fhe_server.run(server, inputs, warm[0])  # pays the one-time costs (OpenMP pool, first expansion)
     before = process.memory_info().rss
     warm.append(fhe.EvaluationKeys.deserialize(keys[1]))
     started = time.perf_counter()
-    result = server.run(inputs, warm[1])
+    result = fhe_server.run(server, inputs, warm[1])
     seconds = time.perf_counter() - started
     queue.put((max(0, process.memory_info().rss - before), seconds, result))
 
 
 def _measure_in_fresh_process(
-    folder: Path, inputs: bytes | tuple[bytes, ...], keys: list[bytes]
+    folder: Path, tfhe_rs: bool, inputs: bytes | tuple[bytes, ...], keys: list[bytes]
 ) -> tuple[int, float, bytes | tuple[bytes, ...]]:
     context = multiprocessing.get_context("spawn")
     queue = context.Queue()
-    process = context.Process(target=_measure, args=(str(folder), inputs, keys, queue))
+    process = context.Process(target=_measure, args=(str(folder), tfhe_rs, inputs, keys, queue))
     process.start()
     try:
         return queue.get(timeout=600)
@@ -86,12 +91,16 @@ def describe(folder: Path, classes: list | None = None) -> ModelMetadata:
     deleted right away: the shapes every ciphertext and key must have, and the cost of a warm key."""
     with tempfile.TemporaryDirectory(prefix="fhe-bento-keygen-") as key_dir:
         client, keys = _throwaway_keys(folder, Path(key_dir), 2)
-        circuit = _circuit_specs(folder)
-        dims = [_dimensions(gate) for gate in circuit["inputs"]]
-        if _is_training(folder):
+        processing = _processing(folder)
+        tfhe_rs = processing.get("ciphertext_format") == "tfhe-rs"
+        dims, output_dims = _io_dimensions(folder, tfhe_rs)
+        radix = None
+        if processing.get("is_training"):
             inputs: bytes | tuple[bytes, ...] = _training_inputs(client, dims)
         elif len(dims) == 1:  # an inference circuit of concrete-ml takes one encrypted tensor
-            inputs = client.quantize_encrypt_serialize(np.zeros(dims[0]))
+            inputs = _inference_input(client, np.zeros(dims[0]))
+            if tfhe_rs:
+                radix = _radix_layout(inputs, _inference_input(client, np.ones(dims[0])))
         else:
             raise ValueError(
                 f"{folder} holds a circuit of {len(dims)} inputs that is not a training circuit: "
@@ -105,7 +114,7 @@ def describe(folder: Path, classes: list | None = None) -> ModelMetadata:
         check_keyset_params(key_shape, folder / "client.zip")
         keyset = client.client.specs.program_info.get_keyset_info()
         needs_key = bool(keyset.bootstrap_keys() or keyset.keyswitch_keys())
-        warm_key_bytes, row_seconds, result = _measure_in_fresh_process(folder, inputs, keys)
+        warm_key_bytes, row_seconds, result = _measure_in_fresh_process(folder, tfhe_rs, inputs, keys)
     first = inputs[0] if isinstance(inputs, tuple) else inputs
     training = _training_facts(client, dims, inputs, result) if isinstance(inputs, tuple) else None
     return ModelMetadata(
@@ -113,13 +122,14 @@ def describe(folder: Path, classes: list | None = None) -> ModelMetadata:
         # a training circuit's features: its weights' rows; an inference circuit's: its input's last axis
         n_features=dims[2][1] if training else dims[0][-1],
         classes=[0, 1] if training else classes,
-        n_outputs=len(classes) if classes else _dimensions(circuit["outputs"][0])[-1],
+        n_outputs=len(classes) if classes else output_dims[-1],
         client_sha256=sha256_file(folder / "client.zip"),
         needs_key=needs_key,
         eval_key_bytes=len(keys[0]),
         key_shape=key_shape,
         ciphertext_bytes=len(first),
-        ciphertext_shape=read_shape(first),
+        ciphertext_shape=[] if radix else read_shape(first),
+        radix=radix,
         builtin_key=None if needs_key else keys[0].hex(),
         warm_key_bytes=warm_key_bytes if needs_key else 0,
         row_seconds=row_seconds,
@@ -129,10 +139,28 @@ def describe(folder: Path, classes: list | None = None) -> ModelMetadata:
     )
 
 
-def _is_training(folder: Path) -> bool:
-    """Whether `FHEModelDev(...).save(mode="training")` wrote this folder."""
+def _processing(folder: Path) -> dict[str, Any]:
+    """client.zip's serialized_processing.json: `is_training` is set when `FHEModelDev(...).save(mode=
+    "training")` wrote the folder, `ciphertext_format` is "tfhe-rs" for a model compiled for radix inputs."""
     with zipfile.ZipFile(folder / "client.zip") as archive:
-        return bool(json.loads(archive.read("serialized_processing.json")).get("is_training"))
+        return dict(json.loads(archive.read("serialized_processing.json")))
+
+
+def _inference_input(client: Any, x: np.ndarray) -> bytes:
+    """One row as the model's client encrypts it: Concrete's serialized value, or for a TFHE-rs model the
+    one radix array of its 1-tuple."""
+    encrypted = client.quantize_encrypt_serialize(x)
+    return encrypted[0] if isinstance(encrypted, tuple) else encrypted
+
+
+def _radix_layout(first: bytes, second: bytes) -> radix_wire.RadixLayout:
+    """The radix layout every row of a TFHE-rs model must have, from two rows of its client."""
+    layout = radix_wire.read_radix(first)
+    if radix_wire.read_radix(second) != layout or layout.bytes != len(first):
+        raise ValueError(
+            "two rows of this TFHE-rs circuit serialize to different layouts: it cannot be checked"
+        )
+    return layout
 
 
 def _training_inputs(client: Any, dims: list[list[int]]) -> tuple[bytes, ...]:
@@ -161,10 +189,27 @@ def _dimensions(gate: dict) -> list[int]:
     return gate["typeInfo"]["lweCiphertext"]["abstractShape"]["dimensions"]
 
 
-def _circuit_specs(folder: Path) -> dict:
-    """The circuit's entry in its client.zip's `client.specs.json` (concrete-ml models have one circuit)."""
+def _io_dimensions(folder: Path, tfhe_rs: bool) -> tuple[list[list[int]], list[int]]:
+    """The shapes of the circuit's inputs, and of its first output, as the model's client sees them: a
+    TFHE-rs circuit's Concrete gates carry one more axis (the radix blocks), its TFHE-rs specs the tensors'."""
+    specs = _client_specs(folder)
+    if tfhe_rs:
+        (inputs,) = specs["tfhers_specs"]["input_shapes_per_func"].values()
+        (outputs,) = specs["tfhers_specs"]["output_shapes_per_func"].values()
+        return [list(dims) for dims in inputs], list(outputs[0])
+    circuit = specs["circuits"][0]
+    return [_dimensions(gate) for gate in circuit["inputs"]], _dimensions(circuit["outputs"][0])
+
+
+def _client_specs(folder: Path) -> dict:
+    """client.zip's `client.specs.json`."""
     with zipfile.ZipFile(folder / "client.zip") as archive:
-        return json.loads(archive.read("client.specs.json"))["circuits"][0]
+        return dict(json.loads(archive.read("client.specs.json")))
+
+
+def _circuit_specs(folder: Path) -> dict:
+    """The circuit's entry in the client specs (concrete-ml models have one circuit)."""
+    return dict(_client_specs(folder)["circuits"][0])
 
 
 def circuit_shape(folder: Path) -> str:
@@ -209,7 +254,9 @@ def import_model(source: Path, name: str, classes: list | None = None) -> bentom
             raise FileNotFoundError(f"{source / name_} is missing: pass a concrete-ml FHEModelDev folder")
     meta = describe(source, classes)
     labels = {"framework": "concrete-ml", "fhe-bento": "1"}
-    metadata = meta.model_dump(exclude={"key_shape", "ciphertext_shape", "builtin_key"}, exclude_none=True)
+    metadata = meta.model_dump(
+        exclude={"key_shape", "ciphertext_shape", "radix", "builtin_key"}, exclude_none=True
+    )
     with bentoml.models.create(name, labels=labels, metadata=metadata) as ref:
         write_model_folder(source, Path(ref.path), meta)
     return ref.tag

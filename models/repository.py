@@ -24,6 +24,7 @@ from pathlib import Path
 from pydantic import BaseModel, ValidationError
 
 from fhe_bento.checks.payloads import check_keyset_params
+from fhe_bento.checks.radix_wire import RadixLayout
 from fhe_bento.contract.errors import FHEBentoError
 from fhe_bento.protocol import wire
 from fhe_bento.runtime.settings import Settings
@@ -47,7 +48,9 @@ class ModelMetadata(BaseModel):
     eval_key_bytes: int
     key_shape: list
     ciphertext_bytes: int
-    ciphertext_shape: list
+    ciphertext_shape: list  # [] for a TFHE-rs model: its ciphertexts have the layout `radix` instead
+    # A model compiled with `ciphertext_format="tfhe-rs"`: its rows are TFHE-rs radix ciphertexts.
+    radix: RadixLayout | None = None
     # The whole evaluation key of a model that needs none (no bootstrapping, an empty keyset).
     builtin_key: str | None = None
     # Measured at import in a fresh process (modelkit/importer.py): resident bytes one more warm key
@@ -132,6 +135,7 @@ class ModelSpec(BaseModel):
             "n_outputs": self.meta.n_outputs,
             "classes": self.meta.classes,
             "client_sha256": self.meta.client_sha256,
+            "ciphertext_format": "tfhe-rs" if self.meta.radix else "concrete",
             "needs_key": self.meta.needs_key,
             "eval_key_bytes": self.meta.eval_key_bytes,
             "warm_key_bytes": self.meta.warm_key_bytes,

@@ -26,6 +26,7 @@ from fhe_bento.keys.registry import KeyRegistry
 from fhe_bento.keys.store_url import open_store
 from fhe_bento.models.repository import ModelSpec, training_inputs
 from fhe_bento.protocol import wire
+from fhe_bento.runners import fhe_server
 from fhe_bento.runners.engine_pipe import LOADED, Forget, RowResult, send_row_answer
 from fhe_bento.runners.memory_plan import plan_memory
 from fhe_bento.runtime import metrics
@@ -43,10 +44,8 @@ def _fhe() -> Any:
 
 class _LoadedModel:
     def __init__(self, spec: ModelSpec) -> None:
-        from concrete.ml.deployment import FHEModelServer
-
         self.spec = spec
-        self.server = FHEModelServer(str(spec.path))
+        self.server = fhe_server.load_server(spec.path, tfhe_rs=spec.meta.radix is not None)
         self.builtin_key = (
             _fhe().EvaluationKeys.deserialize(bytes.fromhex(spec.meta.builtin_key))
             if spec.meta.builtin_key
@@ -148,16 +147,17 @@ def _run_row(
     started = time.perf_counter()
     try:
         # A training step's row frames its four inputs, and its result frames the new (weights, bias).
-        result = loaded.server.run(tuple(training_inputs(ciphertext)) if training else ciphertext, key)
+        result = fhe_server.run(
+            loaded.server, tuple(training_inputs(ciphertext)) if training else ciphertext, key
+        )
     except (RuntimeError, ValueError, AssertionError) as exc:
         metrics.ROWS.labels(**labels, outcome="error").inc()
         raise _classify_run_error(exc) from None
-    if training:
-        result = wire.encode_batch(result)
+    answer = wire.encode_batch(result) if isinstance(result, tuple) else result
     seconds = time.perf_counter() - started
     metrics.FHE_RUN_SECONDS.labels(**labels).observe(seconds)
     metrics.ROWS.labels(**labels, outcome="ok").inc()
-    return result, seconds
+    return answer, seconds
 
 
 def _deserialize_key(path: str) -> int:

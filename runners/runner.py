@@ -17,7 +17,7 @@ from collections.abc import Iterator
 from contextlib import contextmanager
 from typing import Any
 
-from fhe_bento.checks.payloads import check_ciphertext, check_training_values
+from fhe_bento.checks.payloads import check_ciphertext, check_radix, check_training_values
 from fhe_bento.contract.errors import FHEBentoError
 from fhe_bento.contract.runner_api import (
     KeyCompletion,
@@ -87,6 +87,8 @@ class Runner:
         for ciphertext in rows.ciphertexts:  # all of them before any row runs
             if meta.training:  # a training step: its four inputs in batch framing (`service/trainings.py`)
                 check_training_values(training_inputs(ciphertext), 0, meta.training, spec.name)
+            elif meta.radix:  # a TFHE-rs model's row: one radix ciphertext array
+                check_radix(ciphertext, meta.radix, spec.name)
             else:
                 check_ciphertext(ciphertext, meta.ciphertext_bytes, meta.ciphertext_shape, spec.name)
         done = await self.engine.run(spec.tag, scope, key_id, rows.ciphertexts, rows.deadline)

@@ -204,6 +204,26 @@ def training() -> Training:
     return Training(TRAINING_NAME, estimator, folder, training_data())
 
 
+@dataclass
+class TfheRs:
+    name: str
+    model: Any  # the compiled XGBClassifier (ciphertext_format="tfhe-rs"): the clear reference
+    dev_dir: Path  # its FHEModelDev folder
+    x_test: np.ndarray  # held-out rows on its four features
+
+
+@pytest.fixture(scope="session")
+def tfhe_rs() -> TfheRs:
+    """The TFHE-rs demo (an 8-bit XGB whose rows are TFHE-rs radix ciphertexts), in the model store."""
+    from fhe_bento.modelkit.demo import TFHE_RS_NAME, compile_tfhe_rs, save_dev_folder
+    from fhe_bento.modelkit.importer import import_model
+
+    model, data = compile_tfhe_rs()
+    folder = save_dev_folder(model, _SESSION_DIR / "dev" / TFHE_RS_NAME)
+    import_model(folder, TFHE_RS_NAME, classes=[int(c) for c in model.classes_])
+    return TfheRs(TFHE_RS_NAME, model, folder, data.x_test)
+
+
 @pytest.fixture(scope="session")
 def in_process(demo: Demo):
     """The operations a served worker builds, around a real `Runner` in this process (its engine processes
