@@ -45,7 +45,7 @@ from fhe_bento.service.drain import Drain
 from fhe_bento.service.limits import request_deadline
 from fhe_bento.service.responses import registered_status
 from fhe_bento.service.settings import ServiceSettings
-from fhe_bento.service.trainings import Session, StepState, TrainingBook, batch_digest
+from fhe_bento.service.trainings import Session, StepState, TrainingBook, batch_digest, step_conflict
 from fhe_bento.service.versions import VersionBook
 
 log = logging.getLogger("bentoml.fhe_bento.service")
@@ -345,6 +345,26 @@ class Operations:
                         ),
                     )
             return step + 1
+
+    async def training_epoch(
+        self, spec: ModelSpec, caller: Caller, training_id: str, step: int, body: bytes
+    ) -> int:
+        """Steps `step`, `step + 1`, ... of a session, one per batch of the body ([x1, y1, x2, y2, ...]), in
+        order, each exactly once as `training_step` runs it: for the SageMaker asynchronous and Batch
+        Transform paths, where one request may take minutes. A retry of the epoch after some of its steps
+        were applied (the session is past `step`, and its last step came from this epoch's batch at that
+        place) goes on from there. Returns the session's step."""
+        values = decode_rows(body, 2 * self.settings.max_batch_rows)
+        if not values or len(values) % 2:
+            raise FHEBentoError("invalid_batch", f"an epoch holds batches [x, y, ...]: {len(values)} values")
+        batches = [wire.encode_batch(values[i : i + 2]) for i in range(0, len(values), 2)]
+        _, state = await self.training(spec, caller, training_id)
+        done = state.step - step  # batches an earlier attempt of this epoch applied
+        if done > 0 and (done > len(batches) or state.batch_sha256 != batch_digest(batches[done - 1])):
+            raise step_conflict(state.step, f"an epoch from step {step} was asked")
+        for index in range(max(done, 0), len(batches)):
+            await self.training_step(spec, caller, training_id, step + index, batches[index])
+        return step + len(batches)
 
     async def delete_training(self, spec: ModelSpec, caller: Caller, training_id: str) -> None:
         with audited(Audit("training_delete", caller.tenant, spec.name, spec.version, status=204)) as entry:

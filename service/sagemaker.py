@@ -5,7 +5,7 @@ SageMaker forwards nothing but `/invocations`, so the operation, model and key i
 Operations (docs/sagemaker.md, "SageMaker operations"): list_models, get_model, get_client, predict,
 predict_batch, has_key, set_default and retire (admin: model versions, `service/versions.py`), put_key,
 put_key_part, key_parts, complete_key, the training-session ops (start_training, training_step,
-training_status, training_weights, delete_training: docs/training.md), envelope (asynchronous inference;
+training_epoch, training_status, training_weights, delete_training: docs/training.md), envelope (asynchronous inference;
 also chosen when the body starts with the envelope magic and no op is given) and transform (Batch
 Transform's JSON Lines, chosen by their content type); `GET /execution-parameters` gives Batch Transform
 its defaults. A request that names a key may open or carry a stateful session (`service/sessions.py`).
@@ -203,6 +203,13 @@ async def _training_step(ops: Operations, caller: Caller, attrs: Attributes, bod
     )
 
 
+async def _training_epoch(ops: Operations, caller: Caller, attrs: Attributes, body: bytes) -> Response:
+    training_id, step = require(attrs.training, "training"), require(attrs.step, "step")
+    return JSONResponse(
+        {"step": await ops.training_epoch(ops.spec(attrs.model), caller, training_id, step, body)}
+    )
+
+
 async def _training_status(ops: Operations, caller: Caller, attrs: Attributes, body: None) -> Response:
     session, state = await ops.training(ops.spec(attrs.model), caller, require(attrs.training, "training"))
     return JSONResponse(session.public(state))
@@ -248,6 +255,7 @@ INVOCATIONS: dict[str, Invocation] = {
     "transform": Invocation(bodies.TRANSFORM, _transform),
     "start_training": Invocation(bodies.BATCH, _start_training),
     "training_step": Invocation(bodies.BATCH, _training_step),
+    "training_epoch": Invocation(bodies.BATCH, _training_epoch),
     "training_status": Invocation(None, _training_status),
     "training_weights": Invocation(None, _training_weights),
     "delete_training": Invocation(None, _delete_training),

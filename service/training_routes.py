@@ -4,6 +4,7 @@ declaration (`service/bodies.py`), and sessions that belong to the caller's toke
 
     POST   /v1/models/{name}/trainings                     [weights, bias] -> 201 {training_id, step: 0}
     POST   /v1/models/{name}/trainings/{id}/steps?step=N   [x, y]          -> 200 {step: N + 1}
+    POST   /v1/models/{name}/trainings/{id}/epochs?step=N  [x1, y1, ...]   -> 200 {step: N + batches}
     GET    /v1/models/{name}/trainings/{id}/weights        -> [weights, bias], the step in a header
     GET    /v1/models/{name}/trainings/{id}                -> the session's status
     DELETE /v1/models/{name}/trainings/{id}                -> 204
@@ -49,6 +50,20 @@ async def training_step(
     spec = ops.spec(name)
     body = await bodies.BATCH.read_bytes(request)
     return {"step": await ops.training_step(spec, caller, training_id, step, body)}
+
+
+@router.post("/{name:path}/trainings/{training_id}/epochs")
+async def training_epoch(
+    name: str,
+    training_id: str,
+    request: Request,
+    step: int = Query(ge=0),
+    caller: Caller = PREDICT,
+    ops: Operations = OPS,
+) -> dict[str, int]:
+    spec = ops.spec(name)
+    body = await bodies.BATCH.read_bytes(request)
+    return {"step": await ops.training_epoch(spec, caller, training_id, step, body)}
 
 
 @router.get("/{name:path}/trainings/{training_id}/weights")

@@ -22,7 +22,7 @@ from fhe_bento.client import FHEClient
 from fhe_bento.client.http_transport import HTTPTransport
 from fhe_bento.client.training import Schedule, initial_weights
 from fhe_bento.protocol import wire
-from fhe_bento.protocol.names import KEY_ID_HEADER, TRAINING_STEP_HEADER
+from fhe_bento.protocol.names import ATTRIBUTES_HEADER, KEY_ID_HEADER, TRAINING_STEP_HEADER
 from harness.simulated_training import simulated_weights
 
 ALICE, BOB = "alice-predict-token", "bob-predict-token"
@@ -170,6 +170,52 @@ def test_steps_are_applied_exactly_once_to_the_held_weights(alice: Owner, traini
     assert_error(
         alice.http.get(f"/v1/models/{training.name}/trainings/{training_id}"), 404, "unknown_training"
     )
+
+
+def test_an_epoch_runs_its_batches_in_order_exactly_once(alice: Owner, training: Training) -> None:
+    """An epoch (docs/training.md) gives the weights of its batches stepped one by one, byte for byte; sent
+    again it applies nothing; after its first batch was applied alone (an attempt cut short), it goes on
+    from there; an epoch that does not hold the applied batch at that place gets 409. The last one goes
+    through `/invocations` as SageMaker's asynchronous endpoints forward it (`op=training_epoch`)."""
+    x, y = training.data.x_train, training.data.y_train
+    initial = alice.weights(seed=5)
+    batches = [alice.batch(x[4 * k : 4 * k + 4], y[4 * k : 4 * k + 4]) for k in (2, 3)]
+    epoch = wire.encode_batch([value for batch in batches for value in batch])
+
+    def run_epoch(training_id: str, body: bytes = epoch):
+        return alice.http.post(
+            f"/v1/models/{alice.name}/trainings/{training_id}/epochs",
+            params={"step": 0},
+            content=body,
+            headers=BATCH,
+        )
+
+    one_by_one = alice.start(initial).json()["training_id"]
+    for step, batch in enumerate(batches):
+        assert alice.step(one_by_one, step, batch).status_code == 200
+    reference = alice.state(one_by_one)
+
+    whole = alice.start(initial).json()["training_id"]
+    answer = run_epoch(whole)
+    assert (answer.status_code, answer.json()) == (200, {"step": 2})
+    assert alice.state(whole) == reference
+    assert run_epoch(whole).json() == {"step": 2} and alice.state(whole) == reference
+
+    cut_short = alice.start(initial).json()["training_id"]
+    assert alice.step(cut_short, 0, batches[0]).status_code == 200
+    reordered = wire.encode_batch([*batches[1], *batches[0]])
+    assert_error(run_epoch(cut_short, reordered), 409, "step_conflict")
+    via_sagemaker = alice.http.post(
+        "/invocations",
+        content=epoch,
+        headers={
+            **BATCH,
+            ATTRIBUTES_HEADER: f"op=training_epoch; model={alice.name}; training={cut_short}; step=0",
+        },
+    )
+    assert (via_sagemaker.status_code, via_sagemaker.json()) == (200, {"step": 2})
+    assert alice.state(cut_short) == reference
+    assert_error(run_epoch(cut_short, wire.encode_batch(batches[0][:1])), 400, "invalid_batch")
 
 
 @pytest.fixture(scope="module")
