@@ -46,12 +46,12 @@ def start_server(workdir: Path, store_url: str, **env: str):
     return server
 
 
-def post_predict(url: str, key_id: str, ciphertext: bytes) -> tuple[float, bytes]:
+def post_predict(url: str, key_id: str, ciphertext: bytes, model: str = MODEL) -> tuple[float, bytes]:
     import httpx
 
     started = time.perf_counter()
     response = httpx.post(
-        f"{url}/v1/models/{MODEL}/predict",
+        f"{url}/v1/models/{model}/predict",
         content=ciphertext,
         timeout=600,
         headers={"Content-Type": "application/octet-stream", "X-FHE-Key-Id": key_id},
