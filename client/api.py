@@ -39,7 +39,14 @@ class Transport(Protocol):
 
     def predict_batch(self, name: str, key_id: str | None, rows: list[bytes]) -> list[bytes]: ...
 
-    # Training sessions (`client/training.py`): bodies are lists of serialized values.
+    # Training sessions (`client/training.py`): bodies are lists of serialized values. With `whole_epochs`,
+    # `fit` sends an epoch a request (`training_epoch`: asynchronous endpoints), else a step a request.
+    whole_epochs: bool
+
+    def training_epoch(
+        self, name: str, training_id: str, step: int, batches: list[list[bytes]]
+    ) -> dict[str, Any]: ...
+
     def start_training(self, name: str, key_id: str | None, weights: list[bytes]) -> dict[str, Any]: ...
 
     def training_step(self, name: str, training_id: str, step: int, batch: list[bytes]) -> dict[str, Any]: ...

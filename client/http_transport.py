@@ -40,6 +40,8 @@ def http_client(url: str, timeout: float, headers: dict[str, str] | None = None)
 class HTTPTransport:
     """The `Transport` of a server's native API: one request per operation, never retried here."""
 
+    whole_epochs = False  # `fit` sends a step a request: each answers in seconds
+
     def __init__(
         self,
         url: str,
@@ -126,6 +128,17 @@ class HTTPTransport:
             f"/v1/models/{name}/trainings/{training_id}/steps",
             params={"step": step},
             content=wire.encode_batch(batch),
+            headers=BATCH,
+        )
+        return raise_for_error(response).json()
+
+    def training_epoch(
+        self, name: str, training_id: str, step: int, batches: list[list[bytes]]
+    ) -> dict[str, Any]:
+        response = self.http.post(
+            f"/v1/models/{name}/trainings/{training_id}/epochs",
+            params={"step": step},
+            content=wire.encode_batch([value for batch in batches for value in batch]),
             headers=BATCH,
         )
         return raise_for_error(response).json()

@@ -23,6 +23,7 @@ import tarfile
 import threading
 import time
 import uuid
+from abc import ABC, abstractmethod
 from collections.abc import Callable
 from pathlib import Path
 from typing import Any, NamedTuple, Protocol
@@ -121,7 +122,46 @@ class LocalInvoker:
 OPENING_LOCKS = 16
 
 
-class SageMakerTransport:
+class TrainingOps(ABC):
+    """The training-session ops of `/invocations` (docs/sagemaker.md), over a transport's `exchange`: one
+    invocation, its answer's body."""
+
+    whole_epochs = False  # whether `fit` sends an epoch a request (`training_epoch`) rather than a step
+
+    @abstractmethod
+    def exchange(self, body: bytes, attrs: str, content_type: str) -> bytes: ...
+
+    def start_training(self, name: str, key_id: str | None, weights: list[bytes]) -> dict[str, Any]:
+        attrs = attributes(op="start_training", model=name, key=key_id)
+        return dict(json.loads(self.exchange(wire.encode_batch(weights), attrs, wire.CONTENT_TYPE)))
+
+    def training_step(self, name: str, training_id: str, step: int, batch: list[bytes]) -> dict[str, Any]:
+        attrs = attributes(op="training_step", model=name, training=training_id, step=step)
+        return dict(json.loads(self.exchange(wire.encode_batch(batch), attrs, wire.CONTENT_TYPE)))
+
+    def training_epoch(
+        self, name: str, training_id: str, step: int, batches: list[list[bytes]]
+    ) -> dict[str, Any]:
+        attrs = attributes(op="training_epoch", model=name, training=training_id, step=step)
+        body = wire.encode_batch([value for batch in batches for value in batch])
+        return dict(json.loads(self.exchange(body, attrs, wire.CONTENT_TYPE)))
+
+    def training_status(self, name: str, training_id: str) -> dict[str, Any]:
+        attrs = attributes(op="training_status", model=name, training=training_id)
+        return dict(json.loads(self.exchange(b"{}", attrs, "application/json")))
+
+    def training_weights(self, name: str, training_id: str) -> tuple[list[bytes], int]:
+        attrs = attributes(op="training_weights", model=name, training=training_id)
+        values = wire.decode_batch(self.exchange(b"{}", attrs, "application/json"), 3)
+        return values[1:], int(values[0])  # the step leads: SageMaker returns no custom response header
+
+    def delete_training(self, name: str, training_id: str) -> None:
+        self.exchange(
+            b"{}", attributes(op="delete_training", model=name, training=training_id), "application/json"
+        )
+
+
+class SageMakerTransport(TrainingOps):
     """Real-time endpoint transport. `key_affinity=False` sends no session ids: SageMaker then routes
     every request to any instance."""
 
@@ -172,26 +212,8 @@ class SageMakerTransport:
     def complete_key(self, name: str, key_id: str, count: int) -> dict[str, Any]:
         return self._json(op="complete_key", model=name, key=key_id, parts=count)
 
-    def start_training(self, name: str, key_id: str | None, weights: list[bytes]) -> dict[str, Any]:
-        attrs = attributes(op="start_training", model=name, key=key_id)
-        return json.loads(self.invoke(wire.encode_batch(weights), attrs, wire.CONTENT_TYPE).body)
-
-    def training_step(self, name: str, training_id: str, step: int, batch: list[bytes]) -> dict[str, Any]:
-        attrs = attributes(op="training_step", model=name, training=training_id, step=step)
-        return json.loads(self.invoke(wire.encode_batch(batch), attrs, wire.CONTENT_TYPE).body)
-
-    def training_status(self, name: str, training_id: str) -> dict[str, Any]:
-        return self._json(op="training_status", model=name, training=training_id)
-
-    def training_weights(self, name: str, training_id: str) -> tuple[list[bytes], int]:
-        attrs = attributes(op="training_weights", model=name, training=training_id)
-        values = wire.decode_batch(self.invoke(b"{}", attrs, "application/json").body, 3)
-        return values[1:], int(values[0])  # the step leads: SageMaker returns no custom response header
-
-    def delete_training(self, name: str, training_id: str) -> None:
-        self.invoke(
-            b"{}", attributes(op="delete_training", model=name, training=training_id), "application/json"
-        )
+    def exchange(self, body: bytes, attrs: str, content_type: str) -> bytes:
+        return self.invoke(body, attrs, content_type).body
 
     def predict_batch(self, name: str, key_id: str | None, rows: list[bytes]) -> list[bytes]:
         attrs = attributes(op="predict_batch", model=name, key=key_id)
@@ -281,6 +303,13 @@ class ModelFolders:
         if name not in self.files:
             raise FHEServiceError(404, "unknown_model", f"no model named {name!r} in the deployed artifacts")
         meta = json.loads(self.files[name]["fhe-bento.json"])
+        # A training circuit's facts, as the server's listing gives them (`fit` reads them there).
+        if training := meta.pop("training", None):
+            meta |= {
+                "training": True,
+                "batch_size": training["batch_size"],
+                "parameters_range": training["parameters_range"],
+            }
         return {"name": name, **meta}
 
 
@@ -295,31 +324,41 @@ class FromArtifacts:
     def get_client_zip(self, name: str) -> tuple[bytes, str]:
         return self.models.files[name]["client.zip"], ""
 
-    # Training sessions answer step by step: they need a real-time endpoint (or the native API).
+    # Training sessions need an endpoint that answers: real time, or asynchronous (not Batch Transform).
+    whole_epochs = False
+
     def start_training(self, name: str, key_id: str | None, weights: list[bytes]) -> dict[str, Any]:
-        raise _training_needs_realtime()
+        raise _training_not_served()
+
+    def training_epoch(
+        self, name: str, training_id: str, step: int, batches: list[list[bytes]]
+    ) -> dict[str, Any]:
+        raise _training_not_served()
 
     def training_step(self, name: str, training_id: str, step: int, batch: list[bytes]) -> dict[str, Any]:
-        raise _training_needs_realtime()
+        raise _training_not_served()
 
     def training_status(self, name: str, training_id: str) -> dict[str, Any]:
-        raise _training_needs_realtime()
+        raise _training_not_served()
 
     def training_weights(self, name: str, training_id: str) -> tuple[list[bytes], int]:
-        raise _training_needs_realtime()
+        raise _training_not_served()
 
     def delete_training(self, name: str, training_id: str) -> None:
-        raise _training_needs_realtime()
+        raise _training_not_served()
 
 
-def _training_needs_realtime() -> FHEServiceError:
+def _training_not_served() -> FHEServiceError:
     return FHEServiceError(
-        0, "not_supported", "training sessions run on a real-time endpoint: FHEClient.sagemaker(name)"
+        0,
+        "not_supported",
+        "training sessions run on a real-time or an asynchronous endpoint: FHEClient.sagemaker(name, mode=...)",
     )
 
 
 class AsyncJob:
-    """One asynchronous invocation: where its answer (or failure) will appear in S3."""
+    """One asynchronous invocation: where its answer (or failure) will appear in S3, and how many rows it
+    answers (0: an op that answers JSON)."""
 
     def __init__(self, s3: Any, output_location: str, failure_location: str | None, rows: int) -> None:
         self.s3 = s3
@@ -337,14 +376,18 @@ class AsyncJob:
             return None
 
     def result(self, timeout: float = 3600.0, poll: float = 2.0, progress: bool = True) -> list[bytes]:
-        """The job's answers, polled for every `poll` seconds until they (or its failure) appear: waiting
+        """The job's answers to its rows."""
+        return batch_answer(self.answer(timeout, poll, progress), self.rows)
+
+    def answer(self, timeout: float = 3600.0, poll: float = 2.0, progress: bool = True) -> bytes:
+        """The job's answer, polled for every `poll` seconds until it (or its failure) appears: waiting
         for one answer, not retrying a failed one."""
         deadline = time.monotonic() + timeout
         with tqdm(desc="async inference", unit="poll", disable=not progress) as bar:
             while time.monotonic() < deadline:
                 answer = self._fetch(self.output_location)
                 if answer is not None:
-                    return batch_answer(answer, self.rows)
+                    return answer
                 failure = self._fetch(self.failure_location)
                 if failure is not None:
                     raise _model_error(424, failure)
@@ -353,8 +396,11 @@ class AsyncJob:
         raise TimeoutError(f"no answer at {self.output_location} after {timeout:.0f} s")
 
 
-class AsyncSageMakerTransport(FromArtifacts):
-    """Asynchronous endpoint transport: envelopes in, framed answers out, through S3."""
+class AsyncSageMakerTransport(TrainingOps, FromArtifacts):
+    """Asynchronous endpoint transport: envelopes in, framed answers out, through S3. Training sends an
+    epoch a request (`training_epoch`): one asynchronous invocation may take minutes."""
+
+    whole_epochs = True
 
     def __init__(
         self,
@@ -385,19 +431,36 @@ class AsyncSageMakerTransport(FromArtifacts):
         on_progress(len(key))
         return {"key_id": key_id, "bytes": len(key)}
 
-    def submit(self, name: str, key_id: str | None, rows: list[bytes]) -> AsyncJob:
-        inline = self._pending_keys.get(key_id, b"") if key_id else b""
-        envelope = wire.encode_envelope(rows, name, key_id, inline)
+    def _invoke(self, body: bytes, attrs: str, content_type: str, rows: int) -> AsyncJob:
+        """One asynchronous invocation: the body put in S3 under the input prefix, the endpoint told."""
         bucket, prefix = split_s3(self.input_prefix)
         key = f"{prefix}/{uuid.uuid4().hex}.fhe".lstrip("/")
-        self.s3.put_object(Bucket=bucket, Key=key, Body=envelope, ContentType=wire.ENVELOPE_CONTENT_TYPE)
+        self.s3.put_object(Bucket=bucket, Key=key, Body=body, ContentType=content_type)
         response = self.runtime.invoke_endpoint_async(
             EndpointName=self.endpoint_name,
             InputLocation=f"s3://{bucket}/{key}",
-            ContentType=wire.ENVELOPE_CONTENT_TYPE,
-            CustomAttributes=attributes(op="envelope", model=name),
+            ContentType=content_type,
+            CustomAttributes=attrs,
         )
-        return AsyncJob(self.s3, response["OutputLocation"], response.get("FailureLocation"), len(rows))
+        return AsyncJob(self.s3, response["OutputLocation"], response.get("FailureLocation"), rows)
+
+    def submit(self, name: str, key_id: str | None, rows: list[bytes]) -> AsyncJob:
+        inline = self._pending_keys.get(key_id, b"") if key_id else b""
+        envelope = wire.encode_envelope(rows, name, key_id, inline)
+        return self._invoke(
+            envelope, attributes(op="envelope", model=name), wire.ENVELOPE_CONTENT_TYPE, len(rows)
+        )
+
+    def exchange(self, body: bytes, attrs: str, content_type: str) -> bytes:
+        return self._invoke(body, attrs, content_type, 0).answer(progress=self.progress)
+
+    def start_training(self, name: str, key_id: str | None, weights: list[bytes]) -> dict[str, Any]:
+        """A session needs its key registered first: a key held back for an envelope is sent on its own."""
+        if key_id in self._pending_keys:
+            self.exchange(self._pending_keys[key_id], attributes(op="put_key", model=name), OCTET_STREAM)
+            self._registered.add(key_id)
+            self._pending_keys.pop(key_id)
+        return super().start_training(name, key_id, weights)
 
     def predict_batch(self, name: str, key_id: str | None, rows: list[bytes]) -> list[bytes]:
         answers = self.submit(name, key_id, rows).result(progress=self.progress)

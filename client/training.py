@@ -10,7 +10,8 @@ decrypted and dequantized here, and returned as a scikit-learn `LogisticRegressi
 Exactly once: the batches are a function of (X, y, seed, epochs) alone, step by step, so a step can be sent
 again after a dropped connection, a restart or a new process, and the server applies it once. A session
 in progress is recorded in the model's key folder (`trainings/<digest>.json`): `fit` with the same data,
-seed and epochs carries it on from the server's step.
+seed and epochs carries it on from the server's step. Over an asynchronous SageMaker endpoint, whose
+invocations may take minutes, a request carries the rest of an epoch instead of one step.
 """
 
 from __future__ import annotations
@@ -103,7 +104,7 @@ class Trainer:
         schedule = Schedule(len(x), self.info["batch_size"], epochs, seed)
         record = self._record_path(x, y, epochs, seed)
         training_id, step = self._resume_or_start(record, seed)
-        fhe = self.model.fhe
+        whole_epochs = self.model.transport.whole_epochs
         with tqdm(
             total=schedule.steps,
             initial=step,
@@ -112,11 +113,12 @@ class Trainer:
             disable=not self.model.progress,
         ) as bar:
             while step < schedule.steps:
-                rows = schedule.rows(step)
-                batch_x = x[rows].reshape(1, schedule.batch_size, -1)
-                batch_y = y[rows].reshape(1, schedule.batch_size, 1)
-                encrypted_x, encrypted_y, _, _ = fhe.quantize_encrypt_serialize(batch_x, batch_y, None, None)
-                step = self._step(training_id, step, [encrypted_x, encrypted_y])
+                if whole_epochs:  # the rest of this epoch, in one request
+                    end = (step // schedule.per_epoch + 1) * schedule.per_epoch
+                    batches = [self._batch(x, y, schedule, s) for s in range(step, end)]
+                    step = self._epoch(training_id, step, batches)
+                else:
+                    step = self._step(training_id, step, self._batch(x, y, schedule, step))
                 bar.n = step
                 bar.refresh()
         weights, bias = self._final_weights(training_id, schedule.steps)
@@ -153,6 +155,23 @@ class Trainer:
         )
         record.write_text(json.dumps({"training_id": answer["training_id"], "model": name}))
         return answer["training_id"], 0
+
+    def _batch(self, x: np.ndarray, y: np.ndarray, schedule: Schedule, step: int) -> list[bytes]:
+        """Step `step`'s rows, encrypted: [x, y]."""
+        rows = schedule.rows(step)
+        batch_x = x[rows].reshape(1, schedule.batch_size, -1)
+        batch_y = y[rows].reshape(1, schedule.batch_size, 1)
+        encrypted_x, encrypted_y, _, _ = self.model.fhe.quantize_encrypt_serialize(
+            batch_x, batch_y, None, None
+        )
+        return [encrypted_x, encrypted_y]
+
+    def _epoch(self, training_id: str, step: int, batches: list[list[bytes]]) -> int:
+        """Send steps `step`, `step + 1`, ... as one epoch request; the session's step after it. The server
+        applies each once, and a resent epoch goes on from where an earlier attempt stopped."""
+        name = self.model.pin.tag
+        answer = self._call(lambda: self.model.transport.training_epoch(name, training_id, step, batches))
+        return int(answer["step"])
 
     def _step(self, training_id: str, step: int, batch: list[bytes]) -> int:
         """Send step `step`; the session's step after it. A 409 whose session is already past this step

@@ -8,13 +8,20 @@ sessions:
 - a request with a bound session id goes to that instance;
 - a session id it never handed out, or whose instance is gone (`remove`), is refused (ValidationError).
 A container error comes back as ModelError (424) with the container's status and body, as SageMaker's does.
+
+With `output_path` (s3://bucket/prefix) it answers `InvokeEndpointAsync` too, as SageMaker's asynchronous
+inference does: 202 at once with where the answer will be, then, in the background, the input is read
+from S3, sent to a random instance's `/invocations` with its custom attributes, and the answer written
+to the output location (an error answer to the failure location).
 """
 
 from __future__ import annotations
 
+import asyncio
 import random
 import threading
 import time
+import uuid
 from collections import Counter
 from dataclasses import dataclass, field
 
@@ -25,6 +32,7 @@ from starlette.requests import Request
 from starlette.responses import JSONResponse, Response
 from starlette.routing import Route
 
+from fhe_bento.client.sagemaker_transport import split_s3
 from fhe_bento.protocol.names import ATTRIBUTES_HEADER
 from fhe_bento.protocol.sessions import NEW_SESSION, NEW_SESSION_HEADER, SESSION_HEADER, parse_session
 from harness.devserver import free_port
@@ -41,6 +49,7 @@ class Routed:
 class Balancer:
     instances: list[str]
     seed: int = 0
+    output_path: str | None = None  # where asynchronous answers go: the endpoint's S3OutputPath
     routed: list[Routed] = field(default_factory=list)
 
     def __post_init__(self) -> None:
@@ -49,7 +58,13 @@ class Balancer:
         self._random = random.Random(self.seed)
         self._sessions: dict[str, str] = {}  # session id -> instance
         self._gone: set[str] = set()
-        app = Starlette(routes=[Route("/endpoints/{name}/invocations", self._invoke, methods=["POST"])])
+        self._deliveries: set[asyncio.Task] = set()
+        app = Starlette(
+            routes=[
+                Route("/endpoints/{name}/invocations", self._invoke, methods=["POST"]),
+                Route("/endpoints/{name}/async-invocations", self._invoke_async, methods=["POST"]),
+            ]
+        )
         self._server = uvicorn.Server(
             uvicorn.Config(app, host="127.0.0.1", port=self.port, log_level="warning")
         )
@@ -123,3 +138,54 @@ class Balancer:
             self._sessions[parse_session(opened).id] = instance
             out[NEW_SESSION_HEADER] = opened
         return Response(answer.content, headers=out)
+
+    async def _invoke_async(self, request: Request) -> Response:
+        assert self.output_path, "asynchronous invocations need the balancer's output_path"
+        inference = uuid.uuid4().hex
+        output = f"{self.output_path.rstrip('/')}/{inference}.out"
+        failure = f"{self.output_path.rstrip('/')}/failures/{inference}.out"
+        delivery = asyncio.create_task(
+            self._deliver(
+                request.headers["X-Amzn-SageMaker-InputLocation"],
+                request.headers.get("X-Amzn-SageMaker-Custom-Attributes", ""),
+                request.headers.get("X-Amzn-SageMaker-Content-Type", "application/octet-stream"),
+                output,
+                failure,
+            )
+        )
+        self._deliveries.add(delivery)  # held until done: the event loop keeps only weak references
+        delivery.add_done_callback(self._deliveries.discard)
+        return JSONResponse(
+            {"InferenceId": inference},
+            status_code=202,
+            headers={"X-Amzn-SageMaker-OutputLocation": output, "X-Amzn-SageMaker-FailureLocation": failure},
+        )
+
+    async def _deliver(
+        self, source: str, attributes: str, content_type: str, output: str, failure: str
+    ) -> None:
+        body = await asyncio.to_thread(_s3_read, source)
+        instance = self._pick(None)
+        assert instance is not None, "no instance left on the endpoint"
+        self.routed.append(Routed(instance, attributes, None))
+        async with httpx.AsyncClient(timeout=3600) as http:
+            answer = await http.post(
+                f"{instance}/invocations",
+                content=body,
+                headers={"Content-Type": content_type, ATTRIBUTES_HEADER: attributes},
+            )
+        await asyncio.to_thread(_s3_write, output if answer.status_code < 400 else failure, answer.content)
+
+
+def _s3_read(url: str) -> bytes:
+    import boto3
+
+    bucket, key = split_s3(url)
+    return bytes(boto3.client("s3").get_object(Bucket=bucket, Key=key)["Body"].read())
+
+
+def _s3_write(url: str, data: bytes) -> None:
+    import boto3
+
+    bucket, key = split_s3(url)
+    boto3.client("s3").put_object(Bucket=bucket, Key=key, Body=data)

@@ -199,6 +199,42 @@ def test_fit_through_the_sagemaker_transport(server: Server, training: Training,
     assert [s["status"] for s in steps[-2:]] == [200, 200]
 
 
+def test_fit_through_an_asynchronous_endpoint_sends_whole_epochs(
+    server: Server, training: Training, client_cache: Path, moto_url: str, tmp_path: Path
+) -> None:
+    """`fit` over a SageMaker asynchronous endpoint: real boto3 (`invoke_endpoint_async`), bodies and
+    answers through S3 (moto's server mode), delivered to the server's `/invocations` by the stand-in for
+    SageMaker's asynchronous inference (`harness.sagemaker_balancer`). The key goes once, on its own; then
+    each epoch is one request (`training_epoch`), and the server applies its steps."""
+    import boto3
+
+    from fhe_bento.modelkit.sagemaker_deploy import model_folders_from_store, write_model_dir
+    from harness.sagemaker_balancer import Balancer
+
+    s3 = boto3.client("s3")
+    s3.create_bucket(Bucket="fhe-bento-async-training")
+    models = write_model_dir(model_folders_from_store([f"{training.name}:latest"]), tmp_path / "model")
+    with Balancer([server.url], output_path="s3://fhe-bento-async-training/out") as endpoint:
+        client = FHEClient.sagemaker(
+            "fhe-async",
+            mode="async",
+            input_prefix="s3://fhe-bento-async-training/in",
+            models=models,
+            runtime_client=boto3.client("sagemaker-runtime", endpoint_url=endpoint.url),
+            cache_dir=client_cache,
+            progress=False,
+        )
+        model = client.model(training.name).fit(
+            training.data.x_train[:8], training.data.y_train[:8], epochs=2, seed=4
+        )
+    assert model.coef_.shape == (1, 4)
+    assert endpoint.counts("training_epoch") == {server.url: 2}  # two epochs, one request each
+    assert endpoint.counts("training_step") == {}
+    assert endpoint.counts("put_key") == {server.url: 1}
+    session = [json.loads(line) for line in server.log().splitlines() if '"event":"training_step"' in line]
+    assert [(s["step"], s["status"]) for s in session[-4:]] == [(0, 200), (1, 200), (2, 200), (3, 200)]
+
+
 def test_the_train_command_trains_from_a_csv(
     server: Server, training: Training, client_cache: Path, tmp_path, monkeypatch
 ) -> None:
