@@ -43,10 +43,11 @@ def _private_dir(path: Path) -> None:
     path.chmod(0o700)
 
 
-def _write_private(target: Path, data: bytes) -> None:
-    """`target` holds `data`, mode 0600, whole or not at all."""
+def _write_private(target: Path, write: Callable[[Path], object]) -> None:
+    """`target` as `write` writes a file, mode 0600, whole or not at all (written beside it, then renamed)."""
     tmp = target.with_name(target.name + ".tmp")
-    tmp.write_bytes(data)
+    tmp.unlink(missing_ok=True)  # a leftover of a process that stopped mid-write
+    write(tmp)
     tmp.chmod(0o600)
     tmp.replace(target)
 
@@ -104,7 +105,7 @@ class KeyFolder:
             raise FHEServiceError(
                 0, "client_zip_mismatch", f"client.zip hashes to {actual}, expected {expected}"
             )
-        _write_private(target, data)
+        _write_private(target, lambda path: path.write_bytes(data))
 
     def generate_keys(self) -> None:
         """Generate (or load from the key folder) the private and evaluation keys once, then make every
@@ -131,12 +132,9 @@ class KeyFolder:
 
             radix_key, _, lwe_key = fhext.keygen_radix()
             tfhers.new_bridge(self.fhe.client).keygen_with_initial_keys({0: lwe_key}, force=True)
-            saved = self.tfhe_rs_keyset.with_name(self.tfhe_rs_keyset.name + ".tmp")
-            saved.unlink(missing_ok=True)
-            self.fhe.client.keys.save(saved)
-            saved.chmod(0o600)
-            saved.replace(self.tfhe_rs_keyset)
-            _write_private(self.radix_key, radix_key)  # last: a keyset without it is made again
+            _write_private(self.tfhe_rs_keyset, self.fhe.client.keys.save)  # concrete writes the file itself
+            # Last: a keyset whose radix key was never written is made again.
+            _write_private(self.radix_key, lambda path: path.write_bytes(radix_key))
             shutil.rmtree(self.keys)  # the key cache's copy of the keyset, never read back
             _private_dir(self.keys)
         self.fhe._tfhers_sk = radix_key  # what concrete-ml's client encrypts and decrypts rows with
